@@ -1,0 +1,175 @@
+"""The events that travel on imgstream's topics (SPEC §2, §3)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, ClassVar, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+MAX_TASKS = 64
+MAX_METADATA_BYTES = 16 * 1024
+URL_SCHEMES = ("http://", "https://")
+
+Status = Literal["success", "skipped", "error"]
+
+
+class ImageRef(BaseModel):
+    """Where the image lives: exactly one of an http(s) URL or a blob-store reference."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str | None = Field(default=None, max_length=8192, description="http or https URL of the image.")
+    blob: str | None = Field(
+        default=None,
+        max_length=8192,
+        description="Blob-store reference such as file:///shared/a.jpg or s3://bucket/key.",
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ImageRef:
+        if (self.url is None) == (self.blob is None):
+            raise ValueError("image must hold exactly one of 'url' or 'blob'")
+        if self.url is not None and not self.url.lower().startswith(URL_SCHEMES):
+            raise ValueError("image.url must be an http:// or https:// URL")
+        if self.blob is not None:
+            scheme, sep, rest = self.blob.partition("://")
+            if not sep or not scheme or not rest:
+                raise ValueError("image.blob must be a reference with a scheme, such as file:///path")
+        return self
+
+    @property
+    def location(self) -> str:
+        return self.url if self.url is not None else self.blob  # type: ignore[return-value]
+
+
+class Task(BaseModel):
+    """One operation to run on the request's image."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    operation_id: str = Field(min_length=1, max_length=256)
+    type: str = Field(min_length=1, max_length=128)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+
+class AnalysisRequest(BaseModel):
+    """An image plus the tasks to run on it (SPEC §2)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    request_id: str = Field(min_length=1, max_length=512)
+    image: ImageRef
+    tasks: list[Task] = Field(min_length=1, max_length=MAX_TASKS)
+    metadata: dict[str, Any] | None = None
+    submitted_at: datetime | None = None
+    replay_of: str | None = Field(
+        default=None,
+        description="Set by `imgstream replay`: where the original request was read (topic/partition/offset).",
+    )
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_operation_ids(cls, tasks: list[Task]) -> list[Task]:
+        seen: set[str] = set()
+        for task in tasks:
+            if task.operation_id in seen:
+                raise ValueError(f"duplicate operation_id {task.operation_id!r}")
+            seen.add(task.operation_id)
+        return tasks
+
+    @field_validator("metadata")
+    @classmethod
+    def _small_metadata(cls, metadata: dict[str, Any] | None) -> dict[str, Any] | None:
+        if metadata is not None and len(orjson.dumps(metadata)) > MAX_METADATA_BYTES:
+            raise ValueError(f"metadata is larger than {MAX_METADATA_BYTES} bytes")
+        return metadata
+
+
+class ImageInfo(BaseModel):
+    """What the worker saw of the image: where it came from and its displayed size."""
+
+    url: str | None = None
+    blob: str | None = None
+    width: int | None = None
+    height: int | None = None
+    sha256: str | None = None
+
+
+class ModelInfo(BaseModel):
+    """Which model and which weights produced a result."""
+
+    name: str
+    weights: str
+    dim: int | None = None
+
+
+def make_event_id(request_id: str, operation_id: str) -> str:
+    """The deterministic id of the one result for (request_id, operation_id)."""
+    return f"{request_id}/{operation_id}"
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class ResultEvent(BaseModel):
+    """One result per (request_id, operation_id) (SPEC §3)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: str
+    request_id: str
+    operation_id: str
+    type: str
+    status: Status
+    data: Any = None
+    region: str | None = Field(default=None, description="The image region actually used (after fallbacks).")
+    cropped_image_bbox: list[int] | None = None
+    cropped_image_base64: str | None = None
+    cropped_image_ref: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    image: ImageInfo | None = None
+    model: ModelInfo | None = None
+    metadata: dict[str, Any] | None = None
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+    replayed: bool = False
+    completed_at: datetime = Field(default_factory=utc_now)
+
+
+class DeadLetter(BaseModel):
+    """Why an event went to the DLQ; travels as headers beside the original bytes."""
+
+    reason: str
+    error_code: Literal["not_json", "schema_violation", "not_utf8"] | str
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    failed_at: datetime = Field(default_factory=utc_now)
+
+    HEADER_PREFIX: ClassVar[str] = "imgstream."
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        p = self.HEADER_PREFIX
+        return [
+            (p + "reason", self.reason.encode()),
+            (p + "error_code", self.error_code.encode()),
+            (p + "source_topic", self.source_topic.encode()),
+            (p + "source_partition", str(self.source_partition).encode()),
+            (p + "source_offset", str(self.source_offset).encode()),
+            (p + "failed_at", self.failed_at.isoformat().encode()),
+        ]
+
+    @classmethod
+    def from_headers(cls, headers: list[tuple[str, bytes]] | tuple) -> DeadLetter:
+        p = cls.HEADER_PREFIX
+        values = {k[len(p):]: v.decode() for k, v in headers if k.startswith(p)}
+        return cls.model_validate(values)
