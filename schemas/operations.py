@@ -180,6 +180,9 @@ def resolve_params(op_type: str, params: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(params) - set(spec.params))
     if unknown:
         raise InvalidParams(f"unknown param(s) {unknown} for '{op_type}'; allowed: {sorted(spec.params)}")
+    target = params.get("target")
+    if target is not None and target not in spec.allowed_targets:
+        raise InvalidParams(f"Unsupported target {target!r} for '{op_type}'. Allowed: {spec.allowed_targets}")
     resolved: dict[str, Any] = {}
     for name, pspec in spec.params.items():
         value = params.get(name)
@@ -191,10 +194,6 @@ def resolve_params(op_type: str, params: dict[str, Any]) -> dict[str, Any]:
             resolved[name] = _coerce(name, pspec, value)
     if op_type != "classify" and resolved["target"] is None:
         resolved["target"] = spec.default_target
-    if resolved.get("target") is not None and resolved["target"] not in spec.allowed_targets:
-        raise InvalidParams(
-            f"Unsupported target '{resolved['target']}' for '{op_type}'. Allowed: {spec.allowed_targets}"
-        )
     return resolved
 
 

@@ -1,0 +1,36 @@
+# The README's two commands: `make demo` and `make test`. Both create or update .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.imgstream-installed
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: demo test venv schemas clean bench
+
+venv: $(STAMP)
+
+# torch/torchvision are pinned to the builds these machines carry; facenet-pytorch pins an old
+# torch, so it goes in without its dependencies (requests is what it needs besides torch).
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q --no-deps facenet-pytorch
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+schemas: $(STAMP)
+	$(PY) -m schemas.export
+
+bench: $(STAMP)
+	$(PY) scripts/bench_engine.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .imgstream

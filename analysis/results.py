@@ -1,0 +1,62 @@
+"""Building ResultEvents: one per (request_id, operation_id)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from schemas.events import AnalysisRequest, ImageInfo, ModelInfo, ResultEvent, Status, Task, make_event_id
+
+
+def image_info(request: AnalysisRequest, width: int | None = None, height: int | None = None,
+               sha256: str | None = None) -> ImageInfo:
+    return ImageInfo(url=request.image.url, blob=request.image.blob, width=width, height=height, sha256=sha256)
+
+
+def task_result(
+    request: AnalysisRequest,
+    task: Task,
+    status: Status,
+    *,
+    data: Any = None,
+    region: str | None = None,
+    bbox: list[int] | None = None,
+    crop_base64: str | None = None,
+    error_code: str | None = None,
+    error_message: str | None = None,
+    image: ImageInfo | None = None,
+    model: ModelInfo | None = None,
+    timings_ms: dict[str, float] | None = None,
+) -> ResultEvent:
+    return ResultEvent(
+        event_id=make_event_id(request.request_id, task.operation_id),
+        request_id=request.request_id,
+        operation_id=task.operation_id,
+        type=task.type,
+        status=status,
+        data=data,
+        region=region,
+        cropped_image_bbox=bbox,
+        cropped_image_base64=crop_base64,
+        error_code=error_code,
+        error_message=error_message,
+        image=image or image_info(request),
+        model=model,
+        metadata=request.metadata,
+        timings_ms={k: round(v, 3) for k, v in (timings_ms or {}).items()},
+        replayed=request.replay_of is not None,
+    )
+
+
+def error_results(
+    request: AnalysisRequest,
+    code: str,
+    message: str,
+    *,
+    image: ImageInfo | None = None,
+    timings_ms: dict[str, float] | None = None,
+) -> list[ResultEvent]:
+    """An `error` result for every task, e.g. when the image could not be fetched or decoded."""
+    return [
+        task_result(request, task, "error", error_code=code, error_message=message, image=image, timings_ms=timings_ms)
+        for task in request.tasks
+    ]

@@ -1,0 +1,147 @@
+"""A small Prometheus text-format registry for the worker's /metrics."""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Callable, Iterable
+
+LabelKey = tuple[tuple[str, str], ...]
+
+
+def _key(labels: dict[str, str] | None) -> LabelKey:
+    return tuple(sorted((labels or {}).items()))
+
+
+def _fmt_labels(key: LabelKey, extra: tuple[tuple[str, str], ...] = ()) -> str:
+    items = key + extra
+    if not items:
+        return ""
+    escaped = (f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34)).replace(chr(10), " ")}"'
+               for k, v in items)
+    return "{" + ",".join(escaped) + "}"
+
+
+def _fmt_value(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value)) if not float(value).is_integer() else str(int(value))
+
+
+class _Metric:
+    kind = "untyped"
+
+    def __init__(self, name: str, help_text: str) -> None:
+        self.name = name
+        self.help = help_text
+        self._lock = threading.Lock()
+
+    def header(self) -> list[str]:
+        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
+
+
+class Counter(_Metric):
+    kind = "counter"
+
+    def __init__(self, name: str, help_text: str) -> None:
+        super().__init__(name, help_text)
+        self._values: dict[LabelKey, float] = {}
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        key = _key(labels)
+        with self._lock:
+            self._values[key] = self._values.get(key, 0.0) + amount
+
+    def value(self, **labels: str) -> float:
+        return self._values.get(_key(labels), 0.0)
+
+    def lines(self) -> list[str]:
+        with self._lock:
+            return [f"{self.name}{_fmt_labels(k)} {_fmt_value(v)}" for k, v in sorted(self._values.items())]
+
+
+class Gauge(_Metric):
+    """A gauge whose samples are read from a callback at scrape time."""
+
+    kind = "gauge"
+
+    def __init__(self, name: str, help_text: str,
+                 read: Callable[[], Iterable[tuple[dict[str, str], float]]]) -> None:
+        super().__init__(name, help_text)
+        self._read = read
+
+    def lines(self) -> list[str]:
+        return [f"{self.name}{_fmt_labels(_key(labels))} {_fmt_value(v)}" for labels, v in self._read()]
+
+
+class Histogram(_Metric):
+    kind = "histogram"
+
+    def __init__(self, name: str, help_text: str, buckets: Iterable[float]) -> None:
+        super().__init__(name, help_text)
+        self.buckets = tuple(sorted(buckets)) + (math.inf,)
+        self._counts: dict[LabelKey, list[int]] = {}
+        self._sums: dict[LabelKey, float] = {}
+
+    def observe(self, value: float, **labels: str) -> None:
+        key = _key(labels)
+        with self._lock:
+            counts = self._counts.setdefault(key, [0] * len(self.buckets))
+            for i, bound in enumerate(self.buckets):
+                if value <= bound:
+                    counts[i] += 1
+            self._sums[key] = self._sums.get(key, 0.0) + value
+
+    def lines(self) -> list[str]:
+        out = []
+        with self._lock:
+            for key, counts in sorted(self._counts.items()):
+                for bound, count in zip(self.buckets, counts):
+                    out.append(f"{self.name}_bucket{_fmt_labels(key, (('le', _fmt_value(bound)),))} {count}")
+                out.append(f"{self.name}_sum{_fmt_labels(key)} {_fmt_value(self._sums[key])}")
+                out.append(f"{self.name}_count{_fmt_labels(key)} {counts[-1]}")
+        return out
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._metrics: list[_Metric] = []
+
+    def add(self, metric: _Metric) -> _Metric:
+        self._metrics.append(metric)
+        return metric
+
+    def render(self) -> str:
+        lines: list[str] = []
+        for metric in self._metrics:
+            lines.extend(metric.header())
+            lines.extend(metric.lines())
+        return "\n".join(lines) + "\n"
+
+
+LATENCY_BUCKETS_MS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class WorkerMetrics:
+    """The worker's metrics; gauges read live state through callbacks set by the worker."""
+
+    def __init__(self) -> None:
+        self.registry = Registry()
+        r = self.registry
+        self.requests = r.add(Counter("imgstream_requests_consumed_total", "Request events consumed, by topic."))
+        self.results = r.add(Counter("imgstream_results_total", "Results published, by status and error code."))
+        self.dlq = r.add(Counter("imgstream_dlq_records_total", "Events sent to the DLQ, by reason code."))
+        self.fetch_ms = r.add(Histogram("imgstream_fetch_latency_ms", "Image fetch latency.", LATENCY_BUCKETS_MS))
+        self.request_ms = r.add(Histogram("imgstream_request_latency_ms", "Consume-to-ack latency per request.",
+                                          LATENCY_BUCKETS_MS))
+        self.commits = r.add(Counter("imgstream_commits_total", "Offset commits, by outcome."))
+        self.crops_offloaded = r.add(Counter("imgstream_crops_offloaded_total",
+                                             "Crops written to the blob store because the result was too large."))
+
+    def add_gauge(self, name: str, help_text: str,
+                  read: Callable[[], Iterable[tuple[dict[str, str], float]]]) -> None:
+        self.registry.add(Gauge(name, help_text, read))
+
+    def render(self) -> str:
+        return self.registry.render()

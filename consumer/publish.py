@@ -1,0 +1,89 @@
+"""Publishing results and dead letters, acknowledged by the broker before a commit."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from pathlib import Path
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from schemas.codec import encode
+from schemas.events import DeadLetter, ResultEvent
+
+log = logging.getLogger(__name__)
+
+# Room left for the record's key, headers and framing under the topic's message limit.
+RECORD_OVERHEAD_BYTES = 4096
+
+
+class CropStore:
+    """Writes crops that are too large to inline into the blob store (file:// for now)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = Path(directory).resolve() / "crops"
+
+    def put(self, event_id: str, png_base64: str) -> str:
+        import base64
+
+        data = base64.b64decode(png_base64)
+        digest = hashlib.sha256(event_id.encode()).hexdigest()
+        path = self.directory / digest[:2] / f"{digest}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+        return path.as_uri()
+
+
+def fit_result(result: ResultEvent, limit: int, crops: CropStore) -> tuple[bytes, bool]:
+    """Encode `result` under `limit` bytes, moving an inline crop to the blob store if needed."""
+    payload = encode(result)
+    budget = limit - RECORD_OVERHEAD_BYTES
+    if len(payload) <= budget:
+        return payload, False
+    if result.cropped_image_base64 is not None:
+        ref = crops.put(result.event_id, result.cropped_image_base64)
+        result = result.model_copy(update={"cropped_image_base64": None, "cropped_image_ref": ref})
+        payload = encode(result)
+        if len(payload) <= budget:
+            return payload, True
+    too_big = result.model_copy(update={
+        "status": "error", "data": None, "cropped_image_base64": None, "error_code": "result_too_large",
+        "error_message": f"result of {len(payload)} bytes does not fit the {limit}-byte message limit",
+    })
+    return encode(too_big), False
+
+
+class Publisher:
+    """Sends results and DLQ records; each call returns once the broker acknowledged."""
+
+    def __init__(self, producer: AIOKafkaProducer, results_topic: str, dlq_topic: str) -> None:
+        self.producer = producer
+        self.results_topic = results_topic
+        self.dlq_topic = dlq_topic
+
+    async def _send(self, topic: str, key: bytes | None, value: bytes,
+                    headers: list[tuple[str, bytes]] | None = None, stop: asyncio.Event | None = None) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await self.producer.send_and_wait(topic, value=value, key=key, headers=headers)
+                return
+            except KafkaError as exc:
+                # Keep trying: the request's offset is not committed until this succeeds.
+                if stop is not None and stop.is_set():
+                    raise
+                log.warning("publish to %s failed (%s); retrying in %.1fs", topic, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def results(self, request_id: str, payloads: list[bytes], stop: asyncio.Event | None = None) -> None:
+        key = request_id.encode()
+        await asyncio.gather(*(self._send(self.results_topic, key, p, stop=stop) for p in payloads))
+
+    async def dead_letter(self, key: bytes | None, value: bytes | None, letter: DeadLetter,
+                          stop: asyncio.Event | None = None) -> None:
+        await self._send(self.dlq_topic, key, value or b"", letter.headers(), stop=stop)

@@ -1,0 +1,179 @@
+"""The `imgstream` command line. Only `worker` imports torch (lazily)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Any, Sequence
+
+import orjson
+
+from schemas.config import Topics, load_config
+
+EXIT_OK, EXIT_RESULT_ERRORS, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
+
+
+def _add_bootstrap(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bootstrap", help="Kafka bootstrap servers host:port (env IMGSTREAM_KAFKA__BOOTSTRAP).")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """CLI flags as a nested config override; unset flags leave env/defaults alone."""
+    kafka: dict[str, Any] = {"bootstrap": getattr(args, "bootstrap", None), "group": getattr(args, "group", None)}
+    models: dict[str, Any] = {"weights": getattr(args, "weights", None), "device": getattr(args, "device", None)}
+    if getattr(args, "require_gpu", False):
+        models["require_gpu"] = True
+    fetch: dict[str, Any] = {}
+    if getattr(args, "allow_private_addresses", False):
+        fetch["allow_private_addresses"] = True
+    return {
+        "kafka": kafka,
+        "models": models,
+        "fetch": fetch,
+        "http_port": getattr(args, "http_port", None),
+        "max_in_flight": getattr(args, "max_in_flight", None),
+        "log_level": getattr(args, "log_level", None),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imgstream",
+        description="Streaming image analysis on Kafka: requests in, one result event per task out.",
+        epilog="Configuration: flags override IMGSTREAM_* environment variables "
+        "(nested with '__', e.g. IMGSTREAM_KAFKA__BOOTSTRAP, IMGSTREAM_MODELS__WEIGHTS).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("broker", help="Run the embedded Kafka-compatible broker (Tansu) on loopback.",
+                       description="Run the embedded broker in the foreground; prints its bootstrap address.")
+    p.add_argument("--port", type=int, default=None, help="Port to listen on (default: a free port).")
+
+    p = sub.add_parser("topics", help="Manage imgstream's topics.")
+    tsub = p.add_subparsers(dest="topics_command", required=True, metavar="ACTION")
+    tc = tsub.add_parser("create", help="Create the requests, replay, results and DLQ topics (idempotent).")
+    _add_bootstrap(tc)
+    tc.add_argument("--partitions", type=int, default=4, help="Partitions per topic (default 4).")
+    tc.add_argument("--replication", type=int, default=1, help="Replication factor (default 1).")
+
+    p = sub.add_parser("worker", help="Consume requests, run the task engine, publish results.",
+                       description="Run a worker of the consumer group until SIGTERM/SIGINT (drains, then exits 0).")
+    _add_bootstrap(p)
+    p.add_argument("--group", help="Consumer group (default imgstream-workers).")
+    p.add_argument("--weights", choices=["pretrained", "random"],
+                   help="pretrained: the real weights; random: same architectures, seeded random weights.")
+    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N.")
+    p.add_argument("--require-gpu", action="store_true", help="Refuse to start without a GPU.")
+    p.add_argument("--http-port", type=int, help="Serve /healthz /readyz /operations /metrics on this port.")
+    p.add_argument("--max-in-flight", type=int, help="Requests processed at once (default 64).")
+    p.add_argument("--allow-private-addresses", action="store_true",
+                   help="Allow image URLs on loopback/private networks (tests, on-premises stores).")
+    p.add_argument("--log-level", help="DEBUG, INFO (default), WARNING.")
+
+    sub.add_parser("operations", help="Print the operation registry as JSON.")
+
+    p = sub.add_parser("submit", help="Submit images (files, folders, URLs) for analysis.",
+                       description="Publish one request per image; local files travel as file:// references.")
+    p.add_argument("inputs", nargs="+", metavar="PATH_OR_URL", help="Image files, folders or http(s) URLs.")
+    p.add_argument("--task", action="append", default=[], metavar="TYPE[:TARGET]",
+                   help="A task, e.g. detect_bounding_box:prominent_face (repeatable).")
+    p.add_argument("--tasks-json", help="Tasks as a JSON list of {operation_id, type, params}.")
+    p.add_argument("--metadata-json", help="A JSON object echoed on every result.")
+    p.add_argument("--wait", action="store_true", help="Wait for every result and print them.")
+    p.add_argument("--json", action="store_true", help="With --wait: one result event per line on stdout.")
+    p.add_argument("--timeout", type=float, default=300.0, help="Seconds to wait for results (default 300).")
+    p.add_argument("--no-progress", action="store_true", help="No progress display on stderr.")
+    _add_bootstrap(p)
+    return parser
+
+
+def _cmd_broker(args: argparse.Namespace) -> int:
+    from producer.embedded_broker import run_foreground
+
+    return run_foreground(args.port)
+
+
+def _cmd_topics(args: argparse.Namespace) -> int:
+    from producer.topics import create_topics
+
+    config = load_config(_overrides(args))
+    created = asyncio.run(create_topics(config.kafka.bootstrap, config.kafka.topics, args.partitions,
+                                        args.replication))
+    for name in _topic_names(config.kafka.topics):
+        print(f"{name}: {'created' if name in created else 'exists'}")
+    return EXIT_OK
+
+
+def _topic_names(topics: Topics) -> list[str]:
+    return [topics.requests, topics.replay, topics.results, topics.dlq]
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from consumer.run import main as worker_main  # torch is imported only here
+
+    return worker_main(load_config(_overrides(args)))
+
+
+def _cmd_operations(_: argparse.Namespace) -> int:
+    from schemas.operations import describe_operations
+
+    sys.stdout.write(orjson.dumps(describe_operations(), option=orjson.OPT_INDENT_2).decode() + "\n")
+    return EXIT_OK
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from producer.submit import build_requests, expand_inputs, parse_task_spec, parse_tasks_json, submit, summarise
+
+    config = load_config(_overrides(args))
+    try:
+        tasks = [parse_task_spec(s) for s in args.task]
+        if args.tasks_json:
+            tasks += parse_tasks_json(args.tasks_json)
+        if not tasks:
+            raise ValueError("give at least one --task TYPE[:TARGET] or --tasks-json")
+        metadata = orjson.loads(args.metadata_json) if args.metadata_json else None
+        refs = expand_inputs(args.inputs)
+        if not refs:
+            raise ValueError("no images found in the given inputs")
+        requests = build_requests(refs, tasks, metadata)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"imgstream submit: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    topics = config.kafka.topics
+    results, missing = asyncio.run(submit(config.kafka.bootstrap, topics.requests, topics.results, requests,
+                                          wait=args.wait, timeout_s=args.timeout, progress=not args.no_progress))
+    if not args.wait:
+        for r in requests:
+            print(r.request_id)
+        return EXIT_OK
+    for result in results:
+        if args.json:
+            sys.stdout.write(result.model_dump_json() + "\n")
+        else:
+            print(summarise(result))
+    if missing:
+        print(f"imgstream submit: timed out with {missing} results missing", file=sys.stderr)
+        return EXIT_TIMEOUT
+    return EXIT_RESULT_ERRORS if any(r.status == "error" for r in results) else EXIT_OK
+
+
+COMMANDS = {
+    "broker": _cmd_broker,
+    "topics": _cmd_topics,
+    "worker": _cmd_worker,
+    "operations": _cmd_operations,
+    "submit": _cmd_submit,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

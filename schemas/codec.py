@@ -1,0 +1,57 @@
+"""orjson encoding and decoding of imgstream's events."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from schemas.events import AnalysisRequest, ResultEvent
+
+
+class InvalidEvent(Exception):
+    """Bytes that are not a valid event; `code` says why (for the DLQ)."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def encode(event: BaseModel) -> bytes:
+    """Serialise an event to compact JSON bytes."""
+    return orjson.dumps(event.model_dump(mode="json", exclude_none=False))
+
+
+def encode_json(value: Any) -> bytes:
+    return orjson.dumps(value)
+
+
+def _summarise(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors()[:5]:
+        where = ".".join(str(p) for p in item["loc"]) or "<root>"
+        parts.append(f"{where}: {item['msg']}")
+    more = error.error_count() - len(parts)
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def decode_request(data: bytes | None) -> AnalysisRequest:
+    """Parse an AnalysisRequest, raising InvalidEvent(code, reason) for anything else."""
+    if data is None:
+        raise InvalidEvent("empty", "event has no value (tombstone)")
+    try:
+        raw = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEvent("not_json", f"value is not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise InvalidEvent("schema_violation", f"value is JSON {type(raw).__name__}, not an object")
+    try:
+        return AnalysisRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise InvalidEvent("schema_violation", _summarise(exc)) from None
+
+
+def decode_result(data: bytes) -> ResultEvent:
+    return ResultEvent.model_validate_json(data)

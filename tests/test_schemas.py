@@ -1,0 +1,140 @@
+"""The event contract (SPEC §2, §3) and the generated JSON Schema files."""
+
+import subprocess
+import sys
+
+import orjson
+import pytest
+
+from schemas.codec import InvalidEvent, decode_request, encode
+from schemas.events import AnalysisRequest, DeadLetter, ResultEvent, make_event_id
+from schemas.export import SCHEMA_DIR, render
+from schemas.operations import InvalidParams, UnsupportedOperation, describe_operations, resolve_params
+
+GOOD = {
+    "schema_version": 1,
+    "request_id": "crawler-7:photo-123",
+    "image": {"url": "https://example.org/a.jpg"},
+    "tasks": [
+        {"operation_id": "clip_whole", "type": "embed_clip_vit_b_32", "params": {"target": "whole_image"}},
+        {"operation_id": "face_box", "type": "detect_bounding_box", "params": {"target": "prominent_face"}},
+    ],
+    "metadata": {"photo_id": 123},
+    "submitted_at": "2026-11-25T18:00:00Z",
+}
+
+
+def _with(**changes):
+    return orjson.dumps({**GOOD, **changes})
+
+
+def test_spec_example_request_decodes():
+    request = decode_request(orjson.dumps(GOOD))
+    assert request.request_id == "crawler-7:photo-123"
+    assert [t.operation_id for t in request.tasks] == ["clip_whole", "face_box"]
+
+
+@pytest.mark.parametrize(
+    ("value", "code"),
+    [
+        (b"not json at all", "not_json"),
+        (b"[1, 2]", "schema_violation"),
+        (_with(tasks=[]), "schema_violation"),
+        (_with(image={}), "schema_violation"),
+        (_with(image={"url": "https://a/b.jpg", "blob": "file:///x.jpg"}), "schema_violation"),
+        (_with(image={"url": "ftp://a/b.jpg"}), "schema_violation"),
+        (_with(image={"blob": "no-scheme"}), "schema_violation"),
+        (_with(schema_version=2), "schema_violation"),
+        (_with(request_id=""), "schema_violation"),
+        (_with(tasks=[{"operation_id": "a", "type": "x"}, {"operation_id": "a", "type": "y"}]), "schema_violation"),
+        (_with(tasks=[{"operation_id": str(i), "type": "x"} for i in range(65)]), "schema_violation"),
+        (_with(metadata={"blob": "x" * 20000}), "schema_violation"),
+        (None, "empty"),
+    ],
+)
+def test_structurally_invalid_events_are_refused_with_a_reason(value, code):
+    with pytest.raises(InvalidEvent) as info:
+        decode_request(value)
+    assert info.value.code == code
+    assert info.value.reason
+
+
+def test_duplicate_operation_id_reason_names_it():
+    bad = _with(tasks=[{"operation_id": "dup", "type": "x"}, {"operation_id": "dup", "type": "y"}])
+    with pytest.raises(InvalidEvent, match="duplicate operation_id 'dup'"):
+        decode_request(bad)
+
+
+def test_unknown_operation_is_structurally_valid():
+    request = decode_request(_with(tasks=[{"operation_id": "a", "type": "no_such_op", "params": None}]))
+    assert request.tasks[0].params == {}
+
+
+def test_event_id_is_deterministic():
+    assert make_event_id("r1", "op") == make_event_id("r1", "op") == "r1/op"
+
+
+def test_result_event_round_trips_through_the_codec():
+    event = ResultEvent(event_id="r/o", request_id="r", operation_id="o", type="embed_clip_vit_b_32",
+                        status="success", data=[0.5, -0.25])
+    assert ResultEvent.model_validate_json(encode(event)) == event
+
+
+def test_dead_letter_headers_round_trip():
+    letter = DeadLetter(reason="value is not JSON", error_code="not_json", source_topic="t", source_partition=3,
+                        source_offset=42)
+    assert DeadLetter.from_headers(letter.headers()) == letter
+
+
+def test_json_schema_files_are_up_to_date():
+    for name, text in render().items():
+        path = SCHEMA_DIR / name
+        assert path.exists(), f"{path} missing: run `make schemas`"
+        assert path.read_text() == text, f"{path} is stale: run `make schemas`"
+
+
+def test_schemas_and_producer_import_without_torch():
+    code = (
+        "import sys, schemas, schemas.codec, schemas.operations, schemas.config, producer.cli, producer.submit; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_registry_lists_every_operation_with_targets_and_params():
+    ops = describe_operations()
+    assert set(ops) == {"detect_bounding_box", "embed_clip_vit_b_32", "embed_dino_v2", "classify", "describe_image"}
+    assert ops["detect_bounding_box"]["default_target"] == "prominent_person"
+    assert ops["embed_clip_vit_b_32"]["allowed_targets"] == ["whole_image", "prominent_person", "prominent_face"]
+    assert ops["describe_image"]["params"]["max_length"]["default"] == 50
+
+
+@pytest.mark.parametrize(
+    ("op", "params", "message"),
+    [
+        ("embed_clip_vit_b_32", {"target": "prominent_cat"}, "Unsupported target"),
+        ("detect_bounding_box", {"target": "whole_image"}, "Unsupported target"),
+        ("embed_clip_vit_b_32", {"face_context": "elsewhere"}, "face_context"),
+        ("embed_clip_vit_b_32", {"min_score": 1.5}, "min_score"),
+        ("embed_clip_vit_b_32", {"normalize": "yes"}, "normalize"),
+        ("describe_image", {"max_length": 0}, "max_length"),
+        ("describe_image", {"max_length": 513}, "max_length"),
+        ("classify", {}, "collection_id"),
+        ("classify", {"collection_id": "abc"}, "collection_id"),
+        ("embed_clip_vit_b_32", {"colour": "red"}, "unknown param"),
+    ],
+)
+def test_bad_params_are_invalid(op, params, message):
+    with pytest.raises(InvalidParams, match=message):
+        resolve_params(op, params)
+
+
+def test_unknown_operation_is_unsupported():
+    with pytest.raises(UnsupportedOperation):
+        resolve_params("embed_dino_v9", {})
+
+
+def test_defaults_are_filled():
+    params = resolve_params("embed_dino_v2", {})
+    assert params["target"] == "whole_image" and params["normalize"] is False and params["return_crop"] is True
+    assert resolve_params("classify", {"collection_id": "7"})["collection_id"] == 7
