@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import orjson
 
-from schemas.config import Topics, load_config
+from schemas.config import load_config
 
 EXIT_OK, EXIT_RESULT_ERRORS, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
 
@@ -95,18 +95,14 @@ def _cmd_broker(args: argparse.Namespace) -> int:
 
 
 def _cmd_topics(args: argparse.Namespace) -> int:
-    from producer.topics import create_topics
+    from producer.topics import create_topics, topic_names
 
     config = load_config(_overrides(args))
     created = asyncio.run(create_topics(config.kafka.bootstrap, config.kafka.topics, args.partitions,
-                                        args.replication))
-    for name in _topic_names(config.kafka.topics):
+                                        args.replication, max_message_bytes=config.kafka.max_message_bytes))
+    for name in topic_names(config.kafka.topics):
         print(f"{name}: {'created' if name in created else 'exists'}")
     return EXIT_OK
-
-
-def _topic_names(topics: Topics) -> list[str]:
-    return [topics.requests, topics.replay, topics.results, topics.dlq]
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
