@@ -1,0 +1,211 @@
+"""Image bytes -> a safe, upright RGB picture, plus crop and PNG helpers (SPEC §5).
+
+No network and no Kafka here: `consumer.fetch` gets the bytes, this module judges them.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import math
+from dataclasses import dataclass
+from typing import Final, Literal, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from schemas.config import DecodeConfig
+
+ImageErrorCode = Literal["image_fetch_failed", "image_too_large", "image_undecodable"]
+
+FETCH_FAILED: Final = "image_fetch_failed"
+TOO_LARGE: Final = "image_too_large"
+UNDECODABLE: Final = "image_undecodable"
+
+# Our format name -> the one Pillow plugin allowed to open it. Restricting Pillow to the
+# sniffed plugin keeps it from trying every decoder it has (EPS would run Ghostscript).
+_PIL_FORMATS: Final[dict[str, str]] = {
+    "jpeg": "JPEG",
+    "png": "PNG",
+    "webp": "WEBP",
+    "gif": "GIF",
+    "bmp": "BMP",
+    "tiff": "TIFF",
+}
+
+# BITMAPINFOHEADER and its variants: "BM" alone is too weak a signature (text can start with it).
+_BMP_DIB_HEADER_SIZES: Final = frozenset({12, 16, 40, 52, 56, 64, 108, 124})
+
+_HTML_MARKERS: Final = (b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml", b"<svg")
+
+_ALPHA_MODES: Final = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+
+
+class ImageError(Exception):
+    """An image that could not be fetched or decoded; `code` is SPEC §3's error_code."""
+
+    def __init__(self, code: ImageErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code: ImageErrorCode = code
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"ImageError({self.code!r}, {self.message!r})"
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An upright RGB image and what we know of the bytes it came from."""
+
+    image: Image.Image
+    width: int
+    height: int
+    sha256: str
+    format: str
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The image format named by the leading magic bytes, or None."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "tiff"
+    if len(data) >= 18 and data[:2] == b"BM" and int.from_bytes(data[14:18], "little") in _BMP_DIB_HEADER_SIZES:
+        return "bmp"
+    return None
+
+
+def _describe_unknown(data: bytes) -> str:
+    """Why bytes without a known signature are not an image, for people."""
+    head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if any(marker in head for marker in _HTML_MARKERS):
+        return "content is HTML/XML, not an image (JPEG, PNG, WebP, GIF, BMP or TIFF)"
+    try:
+        data[:256].decode("utf-8")
+    except UnicodeDecodeError:
+        return f"unrecognised image format (first bytes {data[:8].hex(' ')})"
+    return "content is text, not an image (JPEG, PNG, WebP, GIF, BMP or TIFF)"
+
+
+def decode_image(data: bytes, config: DecodeConfig) -> DecodedImage:
+    """Decode `data` into an upright RGB image, refusing bombs, truncation and non-images."""
+    if not data:
+        raise ImageError(UNDECODABLE, "image is empty (0 bytes)")
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise ImageError(UNDECODABLE, _describe_unknown(data))
+    image = _open_checked(data, fmt, config.max_pixels)
+    try:
+        rgb = _decode_pixels(image, fmt)
+    finally:
+        image.close()
+    return DecodedImage(rgb, rgb.width, rgb.height, hashlib.sha256(data).hexdigest(), fmt)
+
+
+def _open_checked(data: bytes, fmt: str, max_pixels: int) -> Image.Image:
+    """Open (header only) with the sniffed plugin and enforce the pixel limit before any decoding."""
+    try:
+        image = Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[fmt]])
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own guard (global MAX_IMAGE_PIXELS) may fire first for huge headers.
+        raise ImageError(TOO_LARGE, f"{fmt} image is too large: {exc}") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageError(UNDECODABLE, f"{fmt} image header could not be read: {exc}") from exc
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        image.close()
+        raise ImageError(UNDECODABLE, f"{fmt} image has an empty size {width}x{height}")
+    if width * height > max_pixels:
+        image.close()
+        raise ImageError(
+            TOO_LARGE, f"{fmt} image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
+        )
+    return image
+
+
+def _decode_pixels(image: Image.Image, fmt: str) -> Image.Image:
+    """Decode the (first frame's) pixels into a new upright RGB image."""
+    try:
+        image.load()
+        # exif_transpose always returns a new image, so closing `image` afterwards is safe.
+        return _to_rgb(_exif_upright(image))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(TOO_LARGE, f"{fmt} image is too large to decode: {exc}") from exc
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
+        # Pillow reports truncated and corrupt data as OSError (e.g. "image file is truncated"),
+        # SyntaxError or ValueError; LOAD_TRUNCATED_IMAGES stays off so truncation is an error.
+        raise ImageError(UNDECODABLE, f"{fmt} image could not be decoded: {exc}") from exc
+
+
+def _exif_upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; unreadable EXIF leaves the image as stored."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except (SyntaxError, ValueError, TypeError, KeyError, IndexError, OSError):
+        # Broken EXIF is common in the wild and says nothing about the pixels.
+        return image.copy()
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB of any mode: alpha composited onto white, high bit depths scaled, not clipped."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        return _wide_gray_to_rgb(image)
+    return image.convert("RGB")
+
+
+def _wide_gray_to_rgb(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit or float grayscale to RGB; Pillow's own convert clips at 255."""
+    values = np.asarray(image).astype(np.float64)
+    if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
+        values = values / 257.0
+    elif image.mode == "F" and values.max(initial=0) <= 1.0:
+        values = values * 255.0
+    gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray, "L").convert("RGB")
+
+
+def clamp_box(box: Sequence[float], width: int, height: int) -> list[int] | None:
+    """[xmin, ymin, xmax, ymax] rounded to ints and clamped to the image; None if empty or NaN."""
+    if len(box) != 4:
+        raise ValueError(f"a box has 4 values [xmin, ymin, xmax, ymax], got {len(box)}")
+    values = [float(v) for v in box]
+    if any(math.isnan(v) for v in values):
+        return None
+    limits = (width, height, width, height)
+    # Clamp before rounding so infinities are safe; floor(x + 0.5) rounds halves up consistently.
+    xmin, ymin, xmax, ymax = (math.floor(min(max(v, 0.0), lim) + 0.5) for v, lim in zip(values, limits))
+    if xmax <= xmin or ymax <= ymin:
+        return None
+    return [xmin, ymin, xmax, ymax]
+
+
+def crop(image: Image.Image, box: Sequence[int]) -> Image.Image:
+    """The region [xmin, ymin, xmax, ymax] of `image` (a box from `clamp_box`), as is."""
+    xmin, ymin, xmax, ymax = (int(v) for v in box)
+    return image.crop((xmin, ymin, xmax, ymax))
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """`image` encoded as PNG."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_base64(image: Image.Image) -> str:
+    """`image` as a PNG in plain base64 (no `data:` prefix), as results carry crops."""
+    return base64.b64encode(png_bytes(image)).decode("ascii")

@@ -1,0 +1,418 @@
+"""Getting image bytes for a request: http(s) behind an SSRF guard, or a blob reader (SPEC §5).
+
+Every failure is an `ImageError` with code image_fetch_failed or image_too_large; the
+bytes themselves are judged later by `analysis.imaging.decode_image`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import ipaddress
+import os
+import socket
+import stat
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from types import TracebackType
+from typing import Final, Mapping, Protocol, Sequence
+from urllib.parse import unquote, urlsplit
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import ThreadedResolver
+from yarl import URL
+
+from analysis.imaging import FETCH_FAILED, TOO_LARGE, ImageError
+from schemas.config import FetchConfig
+from schemas.events import ImageRef
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
+_CHUNK_BYTES: Final = 64 * 1024
+_SHARED_ADDRESS_SPACE: Final = ipaddress.ip_network("100.64.0.0/10")  # CGNAT, RFC 6598
+_METADATA_ADDRESSES: Final = frozenset({ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")})
+# gaierror codes that mean "this name does not exist": retrying cannot help.
+_PERMANENT_DNS_ERRNOS: Final = frozenset(
+    code for code in (getattr(socket, "EAI_NONAME", None), getattr(socket, "EAI_NODATA", None)) if code is not None
+)
+
+
+@dataclass(frozen=True)
+class FetchedImage:
+    """The raw bytes of an image and how they were obtained."""
+
+    data: bytes
+    final_url: str
+    elapsed_ms: float
+    attempts: int
+
+
+# --- the address guard -------------------------------------------------------------------
+
+
+class AddressBlockedError(OSError):
+    """A host resolved to an address the guard refuses (an OSError so aiohttp's connector passes it on)."""
+
+    def __init__(self, host: str, address: str, reason: str) -> None:
+        where = f"{address} is" if host == address else f"it resolves to {address},"
+        super().__init__(
+            f"refused to fetch from host {host!r}: {where} {reason} "
+            "(set fetch.allow_private_addresses to allow such addresses)"
+        )
+        self.host = host
+        self.address = address
+        self.reason = reason
+
+
+def address_block_reason(address: IPAddress) -> str | None:
+    """Why the guard refuses `address` (e.g. "a loopback address"), or None when it is public."""
+    if isinstance(address, ipaddress.IPv6Address):
+        # Addresses that embed an IPv4 address reach that address; judge it (too).
+        if address.ipv4_mapped is not None:
+            reason = address_block_reason(address.ipv4_mapped)
+            return f"{reason} (IPv4-mapped)" if reason else None
+        if address.sixtofour is not None and (reason := address_block_reason(address.sixtofour)):
+            return f"{reason} (inside a 6to4 address)"
+    checks: tuple[tuple[bool, str], ...] = (
+        (address in _METADATA_ADDRESSES, "a cloud metadata address"),
+        (address.is_loopback, "a loopback address"),
+        (address.is_unspecified, "an unspecified address"),
+        (address.is_link_local, "a link-local address"),
+        (isinstance(address, ipaddress.IPv4Address) and address in _SHARED_ADDRESS_SPACE, "a CGNAT address"),
+        (address.is_reserved, "a reserved address"),
+        (address.is_private, "a private address"),
+        (address.is_multicast, "a multicast address"),
+        (not address.is_global, "not a globally routable address"),
+    )
+    return next((reason for hit, reason in checks if hit), None)
+
+
+def check_address(host: str, address: str) -> None:
+    """Raise AddressBlockedError unless `address` (what `host` resolved to) is public."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        raise AddressBlockedError(host, address, "not an IP address the guard can judge") from None
+    reason = address_block_reason(parsed)
+    if reason is not None:
+        raise AddressBlockedError(host, address, reason)
+
+
+def _looks_like_ip_literal(host: str) -> bool:
+    """aiohttp's own test: such hosts skip the resolver, so the guard must see them first."""
+    return ":" in host or host.replace(".", "").isdigit()
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolves with an inner resolver and refuses the name if ANY of its addresses is blocked.
+
+    aiohttp connects to exactly the addresses returned here, so a DNS answer that changes
+    between the check and the connection (rebinding) cannot slip through.
+    """
+
+    def __init__(self, inner: AbstractResolver) -> None:
+        self._inner = inner
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        for result in results:
+            check_address(host, result["host"])
+        return results
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+# --- blob readers ------------------------------------------------------------------------
+
+
+class BlobReader(Protocol):
+    """Reads one blob reference (e.g. file:///a.jpg, s3://bucket/key) of a scheme it owns."""
+
+    async def read(self, reference: str, max_bytes: int) -> bytes:
+        """The blob's bytes; ImageError(image_too_large) past `max_bytes`, image_fetch_failed otherwise."""
+        ...
+
+
+class FileBlobReader:
+    """file:// references to local paths, optionally confined to some root directories."""
+
+    def __init__(self, roots: Sequence[str] = ()) -> None:
+        self._roots = [Path(os.path.realpath(root)) for root in roots]
+
+    async def read(self, reference: str, max_bytes: int) -> bytes:
+        path = self._checked_path(reference)
+        # File systems (NFS, FUSE) can block: keep the event loop free.
+        return await asyncio.to_thread(_read_regular_file, path, reference, max_bytes)
+
+    def _checked_path(self, reference: str) -> Path:
+        """The real path behind `reference`, refused when it is not local or lies outside the roots."""
+        parts = urlsplit(reference)
+        if parts.netloc not in ("", "localhost"):
+            raise ImageError(FETCH_FAILED, f"blob {reference!r} names host {parts.netloc!r}; only local files are read")
+        raw_path = unquote(parts.path)
+        if not raw_path.startswith("/"):
+            raise ImageError(FETCH_FAILED, f"blob {reference!r} is not an absolute path (use file:///path)")
+        # realpath resolves symlinks and "..", so a link inside a root cannot lead outside it.
+        path = Path(os.path.realpath(raw_path))
+        if self._roots and not any(path.is_relative_to(root) for root in self._roots):
+            raise ImageError(FETCH_FAILED, f"blob {reference!r} is outside the configured blob roots")
+        return path
+
+
+def _read_regular_file(path: Path, reference: str, max_bytes: int) -> bytes:
+    """Read at most max_bytes from a regular file (never a device or FIFO)."""
+    try:
+        with open(path, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ImageError(FETCH_FAILED, f"blob {reference!r} is not a regular file")
+            if info.st_size > max_bytes:
+                message = f"blob {reference!r} is {info.st_size} bytes, over the limit of {max_bytes}"
+                raise ImageError(TOO_LARGE, message)
+            data = handle.read(max_bytes + 1)  # +1: the file may have grown since fstat
+    except FileNotFoundError:
+        raise ImageError(FETCH_FAILED, f"blob {reference!r} not found") from None
+    except IsADirectoryError:
+        raise ImageError(FETCH_FAILED, f"blob {reference!r} is not a regular file") from None
+    except OSError as exc:
+        raise ImageError(FETCH_FAILED, f"blob {reference!r} could not be read: {exc.strerror or exc}") from None
+    if len(data) > max_bytes:
+        raise ImageError(TOO_LARGE, f"blob {reference!r} is over the limit of {max_bytes} bytes")
+    return data
+
+
+# --- http(s) -------------------------------------------------------------------------------
+
+
+class _Transient(Exception):
+    """A failure worth retrying (timeout, connection error, 5xx, 429)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - (now or datetime.now(timezone.utc))).total_seconds())
+
+
+class ImageFetcher:
+    """Fetches image bytes for ImageRefs; an async context manager owning one HTTP session."""
+
+    def __init__(self, config: FetchConfig, *, blob_readers: Mapping[str, BlobReader] | None = None) -> None:
+        self._config = config
+        self._blob_readers: dict[str, BlobReader] = (
+            dict(blob_readers) if blob_readers is not None else {"file": FileBlobReader(config.blob_roots)}
+        )
+        self._semaphore = asyncio.Semaphore(config.max_concurrent)
+        self._session: aiohttp.ClientSession | None = None
+
+    def register_blob_reader(self, scheme: str, reader: BlobReader) -> None:
+        """Serve blob references of `scheme` (e.g. "s3") with `reader`."""
+        self._blob_readers[scheme.lower()] = reader
+
+    async def __aenter__(self) -> ImageFetcher:
+        self._session = self._new_session()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _new_session(self) -> aiohttp.ClientSession:
+        """One pooled session; the guard lives in its resolver so connections go where we checked."""
+        resolver: AbstractResolver = ThreadedResolver()
+        if not self._config.allow_private_addresses:
+            resolver = GuardedResolver(resolver)
+        connector = aiohttp.TCPConnector(resolver=resolver, limit=self._config.max_concurrent)
+        return aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._config.connect_timeout_s),
+            headers={"User-Agent": self._config.user_agent, "Accept": "image/*,*/*;q=0.8"},
+            # Cookies from one image's site must not ride along to another's; proxies from
+            # the environment would bypass the address guard.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+        )
+
+    async def fetch(self, ref: ImageRef) -> FetchedImage:
+        """The bytes behind `ref`, within the total deadline; raises ImageError."""
+        async with self._semaphore:
+            started = time.perf_counter()
+            progress = _Progress()
+            deadline = asyncio.timeout(self._config.total_timeout_s)
+            try:
+                async with deadline:
+                    data, final_url = await self._fetch_within(ref, progress, deadline)
+            except TimeoutError as exc:
+                if not deadline.expired():  # e.g. a plugged-in blob reader's own timeout
+                    raise ImageError(FETCH_FAILED, f"fetching {ref.location} timed out: {exc!r}") from None
+                raise ImageError(FETCH_FAILED, progress.deadline_message(ref.location, self._config)) from None
+            elapsed_ms = (time.perf_counter() - started) * 1000.0
+            return FetchedImage(data, final_url, elapsed_ms, max(progress.attempts, 1))
+
+    async def _fetch_within(self, ref: ImageRef, progress: _Progress, deadline: asyncio.Timeout) -> tuple[bytes, str]:
+        if ref.url is not None:
+            return await self._fetch_url(ref.url, progress, deadline)
+        assert ref.blob is not None
+        progress.attempts = 1
+        return await self._read_blob(ref.blob), ref.blob
+
+    async def _read_blob(self, reference: str) -> bytes:
+        scheme = reference.partition("://")[0].lower()
+        reader = self._blob_readers.get(scheme)
+        if reader is None:
+            raise ImageError(FETCH_FAILED, f"blob scheme {scheme!r} is not configured on this worker")
+        return await reader.read(reference, self._config.max_bytes)
+
+    async def _fetch_url(self, url: str, progress: _Progress, deadline: asyncio.Timeout) -> tuple[bytes, str]:
+        """Try the whole redirect chain again on transient failures, with exponential backoff."""
+        loop = asyncio.get_running_loop()
+        while True:
+            progress.attempts += 1
+            try:
+                return await self._follow_redirects(url)
+            except _Transient as exc:
+                progress.last_error = str(exc)
+                if progress.attempts > self._config.retries:
+                    raise ImageError(FETCH_FAILED, f"{exc} (gave up after {progress.attempts} attempts)") from None
+                delay = self._retry_delay(exc, progress.attempts)
+                when = deadline.when()
+                if when is not None and loop.time() + delay >= when:
+                    raise ImageError(
+                        FETCH_FAILED, f"{exc}; a retry in {delay:.1f} s would pass the deadline"
+                    ) from None
+                await asyncio.sleep(delay)
+
+    def _retry_delay(self, exc: _Transient, attempts: int) -> float:
+        if exc.retry_after_s is not None:
+            return exc.retry_after_s
+        return self._config.backoff_s * 2.0 ** (attempts - 1)
+
+    async def _follow_redirects(self, url: str) -> tuple[bytes, str]:
+        """GET `url`, following at most max_redirects redirects, guarding every hop."""
+        current = self._parse_url(url)
+        for _hop in range(self._config.max_redirects + 1):
+            self._check_literal_host(current)
+            body, location = await self._request(current)
+            if location is None:
+                return body, str(current)
+            current = location
+        raise ImageError(
+            FETCH_FAILED, f"too many redirects (more than {self._config.max_redirects}) fetching {url}"
+        )
+
+    @staticmethod
+    def _parse_url(url: str, base: URL | None = None) -> URL:
+        try:
+            parsed = base.join(URL(url)) if base is not None else URL(url)
+        except (ValueError, TypeError) as exc:
+            raise ImageError(FETCH_FAILED, f"invalid URL {url!r}: {exc}") from None
+        if parsed.scheme not in ("http", "https") or not parsed.raw_host:
+            raise ImageError(FETCH_FAILED, f"refused URL {str(parsed)!r}: only http(s) URLs with a host are fetched")
+        return parsed
+
+    def _check_literal_host(self, url: URL) -> None:
+        """Guard hosts written as IP addresses: aiohttp connects to those without asking the resolver."""
+        host = url.raw_host or ""
+        if self._config.allow_private_addresses or not _looks_like_ip_literal(host):
+            return
+        try:
+            check_address(host, host)
+        except AddressBlockedError as exc:
+            raise ImageError(FETCH_FAILED, str(exc)) from None
+
+    async def _request(self, url: URL) -> tuple[bytes, URL | None]:
+        """One GET: (body, None) on 2xx, (b"", next_url) on a redirect; raises otherwise."""
+        if self._session is None:
+            raise RuntimeError("ImageFetcher is not open; use 'async with ImageFetcher(...)'")
+        try:
+            async with self._session.get(url, allow_redirects=False) as response:
+                return await self._handle_response(response, url)
+        except (ImageError, _Transient):
+            raise
+        except aiohttp.ClientConnectorDNSError as exc:
+            raise _dns_failure(url, exc) from None
+        except aiohttp.ClientSSLError as exc:
+            raise ImageError(FETCH_FAILED, f"TLS failure with {url.host}: {exc}") from None
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+            # aiohttp's own timeouts (connect) land here; the total deadline cancels instead.
+            raise _Transient(f"connection to {url.host} failed: {type(exc).__name__}: {exc}") from None
+        except (aiohttp.ClientError, ValueError) as exc:
+            raise ImageError(FETCH_FAILED, f"request to {url} failed: {type(exc).__name__}: {exc}") from None
+
+    async def _handle_response(self, response: aiohttp.ClientResponse, url: URL) -> tuple[bytes, URL | None]:
+        status = response.status
+        if status in _REDIRECT_STATUSES:
+            location = response.headers.get("Location")
+            if not location:
+                raise ImageError(FETCH_FAILED, f"HTTP {status} redirect without a Location from {url}")
+            return b"", self._parse_url(location, base=url)
+        if 200 <= status < 300:
+            return await self._read_body(response, url), None
+        if status == 429 or status >= 500:
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            raise _Transient(f"HTTP {status} {response.reason or ''} from {url}".strip(), retry_after)
+        raise ImageError(FETCH_FAILED, f"HTTP {status} {response.reason or ''} from {url}".strip())
+
+    async def _read_body(self, response: aiohttp.ClientResponse, url: URL) -> bytes:
+        """The body, refused as soon as it is known to be over max_bytes (never read past max_bytes+1)."""
+        limit = self._config.max_bytes
+        declared = response.content_length
+        if declared is not None and declared > limit:
+            raise ImageError(TOO_LARGE, f"{url} declares Content-Length {declared} bytes, over the limit of {limit}")
+        body = bytearray()
+        while True:
+            chunk = await response.content.read(min(_CHUNK_BYTES, limit + 1 - len(body)))
+            if not chunk:
+                return bytes(body)
+            body += chunk
+            if len(body) > limit:
+                raise ImageError(TOO_LARGE, f"{url} sent more than the limit of {limit} bytes")
+
+
+def _dns_failure(url: URL, exc: aiohttp.ClientConnectorDNSError) -> Exception:
+    """A refused address is final, an unknown name too; other resolver failures may pass."""
+    cause = exc.os_error
+    if isinstance(cause, AddressBlockedError):
+        return ImageError(FETCH_FAILED, str(cause))
+    if cause.errno in _PERMANENT_DNS_ERRNOS:
+        return ImageError(FETCH_FAILED, f"host {url.host!r} not found (DNS)")
+    return _Transient(f"could not resolve {url.host!r}: {cause}")
+
+
+@dataclass
+class _Progress:
+    """What one fetch has done so far, for the message when the deadline cuts it short."""
+
+    attempts: int = 0
+    last_error: str | None = None
+
+    def deadline_message(self, location: str, config: FetchConfig) -> str:
+        message = f"fetching {location} did not finish within the {config.total_timeout_s:g} s deadline"
+        details = [f"{self.attempts} attempt(s)"]
+        if self.last_error:
+            details.append(f"last error: {self.last_error}")
+        return f"{message} ({'; '.join(details)})"
