@@ -8,11 +8,12 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, TextIO
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from producer.blobstore import BlobStore
 from schemas.codec import decode_result, encode
 from schemas.events import AnalysisRequest, ImageRef, ResultEvent, Task, utc_now
 
@@ -34,31 +35,55 @@ def parse_tasks_json(text: str) -> list[Task]:
     return [Task.model_validate(item) for item in raw]
 
 
-def expand_inputs(inputs: Iterable[str]) -> list[ImageRef]:
-    """URLs stay URLs; files become file:// references; folders are walked for images."""
-    refs: list[ImageRef] = []
+def find_images(folder: Path) -> list[Path]:
+    """Every image below `folder` (recursive), whatever the case of its extension, sorted."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_input_list(stream: TextIO) -> list[str]:
+    """One path or URL per line; blank lines and # comments are ignored."""
+    return [line.strip() for line in stream if line.strip() and not line.lstrip().startswith("#")]
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """What the user named (a path or URL) and the reference that travels in the request."""
+
+    source: str
+    ref: ImageRef
+
+
+def expand_inputs(inputs: Iterable[str], store: BlobStore | None = None) -> list[ImageInput]:
+    """URLs stay URLs; files (and images inside folders) go to the blob store and travel as references.
+
+    Without a store, local files are referenced in place (file://), for volumes the workers share.
+    """
+    out: list[ImageInput] = []
     for item in inputs:
         if item.lower().startswith(("http://", "https://")):
-            refs.append(ImageRef(url=item))
+            out.append(ImageInput(item, ImageRef(url=item)))
             continue
         path = Path(item).expanduser()
         if path.is_dir():
-            refs.extend(ImageRef(blob=p.resolve().as_uri()) for p in sorted(path.rglob("*"))
-                        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files = find_images(path)
         elif path.is_file():
-            refs.append(ImageRef(blob=path.resolve().as_uri()))
+            files = [path]
         else:
             raise FileNotFoundError(f"no such file, folder or URL: {item}")
-    return refs
+        for file in files:
+            ref = store.put_file(file) if store is not None else file.resolve().as_uri()
+            out.append(ImageInput(str(file), ImageRef(blob=ref)))
+    return out
 
 
-def build_requests(refs: list[ImageRef], tasks: list[Task], metadata: dict[str, Any] | None = None,
+def build_requests(images: list[ImageInput], tasks: list[Task], metadata: dict[str, Any] | None = None,
                    prefix: str = "submit") -> list[AnalysisRequest]:
+    """One request per image; ids are `<prefix>-<batch>:<n>`, unique per invocation."""
     batch = uuid.uuid4().hex[:12]
     return [
-        AnalysisRequest(request_id=f"{prefix}-{batch}:{i}", image=ref, tasks=tasks, metadata=metadata,
+        AnalysisRequest(request_id=f"{prefix}-{batch}:{i}", image=image.ref, tasks=tasks, metadata=metadata,
                         submitted_at=utc_now())
-        for i, ref in enumerate(refs)
+        for i, image in enumerate(images)
     ]
 
 
@@ -108,22 +133,33 @@ async def _fixed_results_consumer(bootstrap: str, topic: str) -> AIOKafkaConsume
 
 
 class Progress:
-    """A one-line progress display on stderr (only when it is a terminal)."""
+    """Progress on stderr: a bar on a terminal, a line every few seconds otherwise (logs)."""
+
+    LOG_EVERY_S = 5.0
 
     def __init__(self, label: str, total: int, enabled: bool) -> None:
-        self.label, self.total, self.enabled, self.done = label, total, enabled and sys.stderr.isatty(), 0
+        self.label, self.total, self.enabled, self.done = label, total, enabled, 0
+        self.tty = sys.stderr.isatty()
+        self._last_line = time.monotonic()
 
     def advance(self, n: int = 1) -> None:
         self.done += n
-        if self.enabled:
+        if not self.enabled:
+            return
+        if self.tty:
             width = 30
             filled = int(width * self.done / max(1, self.total))
             sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}")
             sys.stderr.flush()
+        elif time.monotonic() - self._last_line >= self.LOG_EVERY_S:
+            self._last_line = time.monotonic()
+            print(f"{self.label}: {self.done}/{self.total}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and self.tty:
             sys.stderr.write("\n")
+        elif self.enabled:
+            print(f"{self.label}: {self.done}/{self.total}", file=sys.stderr, flush=True)
 
 
 async def submit(bootstrap: str, requests_topic: str, results_topic: str, requests: list[AnalysisRequest], *,
@@ -168,16 +204,42 @@ async def submit(bootstrap: str, requests_topic: str, results_topic: str, reques
 
 def summarise(result: ResultEvent) -> str:
     """One readable line per result."""
-    head = f"{result.request_id}  {result.operation_id}  {result.status}"
-    if result.status != "success":
-        return f"{head}  {result.error_code}: {result.error_message}"
-    data = result.data
-    if isinstance(data, list) and data and isinstance(data[0], float):
-        detail = f"embedding of {len(data)} floats [{', '.join(f'{v:.4f}' for v in data[:3])}, ...]"
-    elif result.type == "detect_bounding_box":
-        detail = f"box {data}" if data is not None else "nothing found"
-    else:
-        detail = repr(data)
     model = f"  ({result.model.name}, weights={result.model.weights})" if result.model else ""
     region = f"  region={result.region}" if result.region else ""
-    return f"{head}  {detail}{region}{model}"
+    return f"{result.request_id}  {result.operation_id}  {result.status}  {_detail(result)}{region}{model}"
+
+
+def _detail(result: ResultEvent) -> str:
+    if result.status != "success":
+        return f"{result.error_code}: {result.error_message}"
+    data = result.data
+    if result.type == "detect_bounding_box":
+        return f"box {data}" if data is not None else "nothing found"
+    if isinstance(data, list):
+        return f"{len(data)}-d embedding"
+    if isinstance(data, dict) and "probability" in data:
+        return f"in collection: {data['is_in_collection']} (p={data['probability']:.3f}, threshold {data['threshold']})"
+    return str(data)
+
+
+def results_table(results: list[ResultEvent], sources: dict[str, str] | None = None, width: int = 60) -> str:
+    """A readable table: one row per result."""
+    sources = sources or {}
+    header = ("image", "operation", "status", "result", "region", "weights")
+    rows = [header]
+    for r in results:
+        image = sources.get(r.request_id) or (r.image.url or r.image.blob if r.image else r.request_id) or ""
+        detail = _detail(r)
+        rows.append((
+            _clip_left(str(image), 40), r.operation_id, r.status,
+            detail if len(detail) <= width else detail[: width - 3] + "...",
+            r.region or "", r.model.weights if r.model else "",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _clip_left(text: str, width: int) -> str:
+    return text if len(text) <= width else "..." + text[-(width - 3):]

@@ -103,12 +103,25 @@ class BlobConfig(BaseModel):
     dir: str = Field(default=".imgstream/blobs", description="Blob store directory (file:// references).")
 
 
+class SinkConfig(BaseModel):
+    """`imgstream sink pgvector`: which database, which consumer group, how big a batch."""
+
+    dsn: str | None = Field(
+        default=None, description="PostgreSQL URI; when unset the embedded server (pgserver) starts on data_dir."
+    )
+    data_dir: str = Field(default=".imgstream/pgdata", description="Data directory of the embedded PostgreSQL.")
+    group: str = "imgstream-sink"
+    batch_max_records: int = Field(default=500, ge=1, description="A batch is written at this many records,")
+    batch_max_ms: float = Field(default=500.0, ge=0, description="or this many ms after its first record.")
+
+
 class WorkerConfig(BaseModel):
     kafka: KafkaConfig = Field(default_factory=KafkaConfig)
     fetch: FetchConfig = Field(default_factory=FetchConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     blobs: BlobConfig = Field(default_factory=BlobConfig)
+    sink: SinkConfig = Field(default_factory=SinkConfig)
     max_in_flight: int = Field(default=64, ge=1, description="Requests being processed at once.")
     http_port: int | None = Field(default=None, description="Port of /healthz, /readyz, /operations, /metrics.")
     drain_timeout_s: float = Field(default=30.0, ge=0)
@@ -129,10 +142,11 @@ def _set_path(target: dict[str, Any], path: list[str], value: Any) -> None:
 
 
 def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """`override` on top of `base`; None in `override` means "not given" at any depth."""
     out = dict(base)
     for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+        if isinstance(value, Mapping):
+            out[key] = _merge(out.get(key) if isinstance(out.get(key), dict) else {}, value)
         elif value is not None:
             out[key] = value
     return out

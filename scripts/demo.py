@@ -17,6 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from producer.blobstore import DirectoryBlobStore  # noqa: E402
 from producer.embedded_broker import EmbeddedBroker  # noqa: E402
 from producer.submit import build_requests, expand_inputs, parse_task_spec, submit, summarise  # noqa: E402
 from producer.topics import create_topics  # noqa: E402
@@ -61,7 +62,7 @@ async def run_demo(bootstrap: str, weights: str) -> int:
     topics = Topics()
     await create_topics(bootstrap, topics, partitions=4)
     photo = astronaut_photo()
-    requests = build_requests(expand_inputs([str(photo)]), [parse_task_spec(t) for t in TASKS],
+    requests = build_requests(expand_inputs([str(photo)], DirectoryBlobStore(WORK / "blobs")), [parse_task_spec(t) for t in TASKS],
                               metadata={"source": "make demo"}, prefix="demo")
     print(f"submitting {photo.name} ({requests[0].request_id}) with tasks {TASKS}; waiting for results ...",
           flush=True)

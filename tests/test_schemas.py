@@ -138,3 +138,14 @@ def test_defaults_are_filled():
     params = resolve_params("embed_dino_v2", {})
     assert params["target"] == "whole_image" and params["normalize"] is False and params["return_crop"] is True
     assert resolve_params("classify", {"collection_id": "7"})["collection_id"] == 7
+
+
+def test_config_precedence_flags_over_environment_over_defaults():
+    from schemas.config import load_config
+
+    env = {"IMGSTREAM_KAFKA__BOOTSTRAP": "env:9092", "IMGSTREAM_MODELS__WEIGHTS": "random",
+           "IMGSTREAM_MAX_IN_FLIGHT": "7", "IMGSTREAM_FETCH__ALLOW_PRIVATE_ADDRESSES": "true"}
+    config = load_config({"kafka": {"bootstrap": "flag:9092", "group": None}, "models": {"device": None}}, env)
+    assert config.kafka.bootstrap == "flag:9092" and config.kafka.group == "imgstream-workers"
+    assert config.models.weights == "random" and config.models.device == "auto"
+    assert config.max_in_flight == 7 and config.fetch.allow_private_addresses is True
