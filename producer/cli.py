@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("submit", help="Submit images (files, folders, URLs) for analysis.",
                        description="Publish one request per image; local files travel as file:// references.")
-    p.add_argument("inputs", nargs="+", metavar="PATH_OR_URL", help="Image files, folders or http(s) URLs.")
+    p.add_argument("inputs", nargs="+", metavar="PATH_OR_URL",
+                   help="Image files, folders (recursive) or http(s) URLs; '-' reads a list from stdin.")
     p.add_argument("--task", action="append", default=[], metavar="TYPE[:TARGET]",
                    help="A task, e.g. detect_bounding_box:prominent_face (repeatable).")
     p.add_argument("--tasks-json", help="Tasks as a JSON list of {operation_id, type, params}.")
@@ -84,6 +85,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="With --wait: one result event per line on stdout.")
     p.add_argument("--timeout", type=float, default=300.0, help="Seconds to wait for results (default 300).")
     p.add_argument("--no-progress", action="store_true", help="No progress display on stderr.")
+    p.add_argument("--blob-dir", help="Blob store directory local files are copied into "
+                   "(default .imgstream/blobs; env IMGSTREAM_BLOBS__DIR). Workers must see the same path.")
+    p.add_argument("--in-place", action="store_true",
+                   help="Reference local files where they are instead of copying them to the blob store.")
+    _add_bootstrap(p)
+
+    p = sub.add_parser("caption-folder", help="Write a caption <name>.txt beside every image of a folder.",
+                       description="Submits a describe_image request per image, waits, writes <name>.txt beside "
+                       "each image. Images that already have one are skipped unless --force.")
+    p.add_argument("folder", metavar="DIR", help="Folder of images.")
+    p.add_argument("--max-length", type=int, default=50, help="Maximum new tokens per caption (1..512, default 50).")
+    p.add_argument("--force", action="store_true", help="Caption images that already have a .txt file.")
+    p.add_argument("--recursive", action="store_true", help="Include images in subfolders.")
+    p.add_argument("--timeout", type=float, default=1800.0, help="Seconds to wait for captions (default 1800).")
+    p.add_argument("--blob-dir", help="Blob store directory (default .imgstream/blobs).")
+    p.add_argument("--in-place", action="store_true", help="Reference images where they are (shared volume).")
+    p.add_argument("--no-progress", action="store_true", help="No progress display on stderr.")
+    _add_bootstrap(p)
+
+    p = sub.add_parser("replay", help="Re-publish selected requests to the replay topic (e.g. after a model change).",
+                       description="Reads the requests topic (without committing anything), selects requests by "
+                       "time range, offsets and/or request_id prefix, optionally replaces their tasks, and "
+                       "publishes them to the replay topic, where workers pick them up. Results of replayed "
+                       "requests carry \"replayed\": true and the original event_ids.")
+    p.add_argument("--since", type=_parse_time, help="Only requests published at or after this ISO time.")
+    p.add_argument("--until", type=_parse_time, help="Only requests published before this ISO time.")
+    p.add_argument("--offsets", help="PARTITION:START[-END],... (END exclusive), e.g. 0:100-200,1:0-")
+    p.add_argument("--request-id-prefix", help="Only requests whose request_id starts with this.")
+    p.add_argument("--limit", type=int, help="Replay at most this many requests.")
+    p.add_argument("--task", action="append", default=[], metavar="TYPE[:TARGET]",
+                   help="Replace the tasks with these (repeatable), e.g. embed_clip_vit_b_32.")
+    p.add_argument("--tasks-json", help="Replace the tasks with this JSON list.")
+    p.add_argument("--dry-run", action="store_true", help="Print what would be replayed; publish nothing.")
+    p.add_argument("--no-progress", action="store_true", help="No progress lines on stderr.")
     _add_bootstrap(p)
     return parser
 
@@ -119,7 +154,9 @@ def _cmd_operations(_: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from producer.submit import build_requests, expand_inputs, parse_task_spec, parse_tasks_json, submit, summarise
+    from producer.blobstore import open_blob_store
+    from producer.submit import (build_requests, expand_inputs, parse_task_spec, parse_tasks_json,
+                                 read_input_list, results_table, submit)
 
     config = load_config(_overrides(args))
     try:
@@ -129,10 +166,12 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         if not tasks:
             raise ValueError("give at least one --task TYPE[:TARGET] or --tasks-json")
         metadata = orjson.loads(args.metadata_json) if args.metadata_json else None
-        refs = expand_inputs(args.inputs)
-        if not refs:
+        inputs = [i for item in args.inputs for i in (read_input_list(sys.stdin) if item == "-" else [item])]
+        store = None if args.in_place else open_blob_store(args.blob_dir or config.blobs.dir)
+        images = expand_inputs(inputs, store)
+        if not images:
             raise ValueError("no images found in the given inputs")
-        requests = build_requests(refs, tasks, metadata)
+        requests = build_requests(images, tasks, metadata)
     except (ValueError, FileNotFoundError) as exc:
         print(f"imgstream submit: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -140,18 +179,90 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     results, missing = asyncio.run(submit(config.kafka.bootstrap, topics.requests, topics.results, requests,
                                           wait=args.wait, timeout_s=args.timeout, progress=not args.no_progress))
     if not args.wait:
-        for r in requests:
-            print(r.request_id)
+        for request, image in zip(requests, images):
+            print(f"{request.request_id}\t{image.source}")
         return EXIT_OK
-    for result in results:
-        if args.json:
+    if args.json:
+        for result in results:
             sys.stdout.write(result.model_dump_json() + "\n")
-        else:
-            print(summarise(result))
+    else:
+        sources = {r.request_id: i.source for r, i in zip(requests, images)}
+        print(results_table(results, sources))
     if missing:
         print(f"imgstream submit: timed out with {missing} results missing", file=sys.stderr)
         return EXIT_TIMEOUT
-    return EXIT_RESULT_ERRORS if any(r.status == "error" for r in results) else EXIT_OK
+    errors = sum(r.status == "error" for r in results)
+    if errors:
+        print(f"imgstream submit: {errors} of {len(results)} results are errors", file=sys.stderr)
+        return EXIT_RESULT_ERRORS
+    return EXIT_OK
+
+
+def _cmd_caption_folder(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from producer.blobstore import open_blob_store
+    from producer.caption_folder import caption_folder
+
+    config = load_config(_overrides(args))
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        print(f"imgstream caption-folder: {folder} is not a folder", file=sys.stderr)
+        return EXIT_USAGE
+    if not 1 <= args.max_length <= 512:
+        print("imgstream caption-folder: --max-length must be 1..512", file=sys.stderr)
+        return EXIT_USAGE
+    store = None if args.in_place else open_blob_store(args.blob_dir or config.blobs.dir)
+    topics = config.kafka.topics
+    report = asyncio.run(caption_folder(config.kafka.bootstrap, topics.requests, topics.results, folder,
+                                        store=store, max_length=args.max_length, force=args.force,
+                                        recursive=args.recursive, timeout_s=args.timeout,
+                                        progress=not args.no_progress))
+    print(f"captions written: {report.written}, skipped (existing): {report.skipped}, "
+          f"failed: {report.failed}, missing (timeout): {report.missing}")
+    if report.missing:
+        return EXIT_TIMEOUT
+    return EXIT_RESULT_ERRORS if report.failed else EXIT_OK
+
+
+def _parse_time(text: str):
+    from datetime import datetime, timezone
+
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO time: {text!r}") from None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from producer.replay import Selection, parse_offsets, replay
+    from producer.submit import parse_task_spec, parse_tasks_json
+
+    config = load_config(_overrides(args))
+    try:
+        tasks = [parse_task_spec(s) for s in args.task]
+        if args.tasks_json:
+            tasks += parse_tasks_json(args.tasks_json)
+        selection = Selection(since=args.since, until=args.until,
+                              offsets=parse_offsets(args.offsets) if args.offsets else {},
+                              request_id_prefix=args.request_id_prefix, limit=args.limit)
+    except ValueError as exc:
+        print(f"imgstream replay: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    topics = config.kafka.topics
+    try:
+        replayed, report = asyncio.run(replay(config.kafka.bootstrap, topics.requests, topics.replay, selection,
+                                              tasks or None, dry_run=args.dry_run, progress=not args.no_progress))
+    except ValueError as exc:  # e.g. replacement tasks that break the request rules
+        print(f"imgstream replay: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for request in replayed:
+        print(f"{request.request_id}\t{request.replay_of}\t{','.join(t.operation_id for t in request.tasks)}")
+    verb = "would publish" if args.dry_run else "published"
+    print(f"replay: scanned {report.scanned}, invalid {report.invalid}, selected {report.selected}, "
+          f"{verb} {len(replayed) if args.dry_run else report.published} to {topics.replay}", file=sys.stderr)
+    return EXIT_OK
 
 
 COMMANDS = {
@@ -160,6 +271,8 @@ COMMANDS = {
     "worker": _cmd_worker,
     "operations": _cmd_operations,
     "submit": _cmd_submit,
+    "caption-folder": _cmd_caption_folder,
+    "replay": _cmd_replay,
 }
 
 
