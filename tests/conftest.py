@@ -1,7 +1,12 @@
-"""Shared fixtures: one embedded Kafka-compatible broker per session, fresh topics per test."""
+"""Shared fixtures: one Kafka-protocol broker per session, fresh topics per test.
+
+The broker is the embedded Tansu by default. With IMGSTREAM_TEST_BROKER=testcontainers the
+same suite runs against Apache Kafka in a container (needs a Docker engine).
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -12,9 +17,29 @@ from schemas.config import Topics
 from tests.kafka_helpers import unique_topics
 
 
+def docker_engine_reason() -> str | None:
+    """None when a Docker engine answers; otherwise why testcontainers cannot run here."""
+    try:
+        import docker
+
+        docker.from_env(timeout=5).ping()
+    except Exception as exc:  # noqa: BLE001 - any failure means: no engine to use
+        return f"no Docker engine reachable ({type(exc).__name__}: {exc})"
+    return None
+
+
 @pytest.fixture(scope="session")
 def broker() -> Iterator[str]:
-    """Bootstrap address of a Tansu broker that lives for the whole test session."""
+    """Bootstrap address of a broker that lives for the whole test session."""
+    if os.environ.get("IMGSTREAM_TEST_BROKER", "embedded") == "testcontainers":
+        reason = docker_engine_reason()
+        if reason:
+            pytest.skip(f"IMGSTREAM_TEST_BROKER=testcontainers but {reason}")
+        from testcontainers.kafka import KafkaContainer
+
+        with KafkaContainer() as kafka:
+            yield kafka.get_bootstrap_server()
+        return
     with EmbeddedBroker() as embedded:
         yield embedded.bootstrap
 
