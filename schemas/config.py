@@ -113,6 +113,11 @@ class SinkConfig(BaseModel):
     group: str = "imgstream-sink"
     batch_max_records: int = Field(default=500, ge=1, description="A batch is written at this many records,")
     batch_max_ms: float = Field(default=500.0, ge=0, description="or this many ms after its first record.")
+    hnsw_m: int = Field(default=16, ge=2, le=100, description="HNSW graph degree of new embedding tables.")
+    hnsw_ef_construction: int = Field(
+        default=64, ge=4, le=1000, description="HNSW build breadth of new embedding tables (higher: better recall, "
+        "slower inserts).",
+    )
 
 
 class WorkerConfig(BaseModel):
@@ -123,8 +128,19 @@ class WorkerConfig(BaseModel):
     blobs: BlobConfig = Field(default_factory=BlobConfig)
     sink: SinkConfig = Field(default_factory=SinkConfig)
     max_in_flight: int = Field(default=64, ge=1, description="Requests being processed at once.")
+    max_in_flight_image_bytes: int = Field(
+        default=512 * 1024 * 1024, ge=1,
+        description="Fetched plus decoded (RGB) image bytes held by requests in flight. At the bound the "
+        "worker pauses its partitions and starts no new fetch until requests finish.",
+    )
     http_port: int | None = Field(default=None, description="Port of /healthz, /readyz, /operations, /metrics.")
-    drain_timeout_s: float = Field(default=30.0, ge=0)
+    drain_timeout_s: float = Field(default=30.0, ge=0,
+                                   description="On SIGTERM/SIGINT: time to finish the requests in flight.")
+    revoke_timeout_s: float = Field(
+        default=10.0, ge=0,
+        description="On a rebalance: time to finish the revoked partitions' requests before they are abandoned "
+        "to the new owner (keep it under the group's rebalance timeout).",
+    )
     log_level: str = "INFO"
 
 

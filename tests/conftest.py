@@ -67,3 +67,20 @@ async def engine(tmp_path_factory):
     await engine.start()
     yield engine
     await engine.close()
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[str]:
+    """URI of an embedded PostgreSQL with pgvector (pgserver) that lives for the whole test session."""
+    import shutil
+    import tempfile
+
+    from consumer.embedded_pg import start_embedded_postgres
+
+    # Not under pytest's basetemp: as root, pgserver runs postgres as another user, and every new
+    # pytest session chmods /tmp/pytest-of-root back to 0700, which would crash a running server.
+    parent = tempfile.mkdtemp(prefix="imgstream-pg-")
+    embedded = start_embedded_postgres(f"{parent}/data")
+    yield embedded.uri
+    embedded.stop()
+    shutil.rmtree(parent, ignore_errors=True)
