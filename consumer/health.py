@@ -14,6 +14,9 @@ from schemas.operations import describe_operations
 log = logging.getLogger(__name__)
 
 
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
 def build_app(metrics: WorkerMetrics, ready: Callable[[], dict[str, bool]]) -> web.Application:
     """`ready()` returns named checks; /readyz is 200 only when all pass."""
 
@@ -30,8 +33,8 @@ def build_app(metrics: WorkerMetrics, ready: Callable[[], dict[str, bool]]) -> w
         return web.Response(body=encode_json(describe_operations()), content_type="application/json")
 
     async def prometheus(_: web.Request) -> web.Response:
-        return web.Response(text=metrics.render(), content_type="text/plain", charset="utf-8",
-                            headers={"X-Content-Type-Options": "nosniff"})
+        return web.Response(body=metrics.render().encode(),
+                            headers={"Content-Type": PROMETHEUS_CONTENT_TYPE, "X-Content-Type-Options": "nosniff"})
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)

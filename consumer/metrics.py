@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from typing import Callable, Iterable
 
 LabelKey = tuple[tuple[str, str], ...]
+
+log = logging.getLogger(__name__)
 
 
 def _key(labels: dict[str, str] | None) -> LabelKey:
@@ -74,6 +77,35 @@ class Gauge(_Metric):
         return [f"{self.name}{_fmt_labels(_key(labels))} {_fmt_value(v)}" for labels, v in self._read()]
 
 
+class LiveCounter(Gauge):
+    """A counter whose totals are kept elsewhere and read from a callback at scrape time."""
+
+    kind = "counter"
+
+
+class LiveHistogram(_Metric):
+    """A histogram read at scrape time from tallies kept elsewhere: (labels, {value: count}, sum)."""
+
+    kind = "histogram"
+
+    def __init__(self, name: str, help_text: str, buckets: Iterable[float],
+                 read: Callable[[], Iterable[tuple[dict[str, str], dict[float, int], float]]]) -> None:
+        super().__init__(name, help_text)
+        self.buckets = tuple(sorted(buckets)) + (math.inf,)
+        self._read = read
+
+    def lines(self) -> list[str]:
+        out = []
+        for labels, tallies, total in self._read():
+            key = _key(labels)
+            for bound in self.buckets:
+                count = sum(n for value, n in tallies.items() if value <= bound)
+                out.append(f"{self.name}_bucket{_fmt_labels(key, (('le', _fmt_value(bound)),))} {count}")
+            out.append(f"{self.name}_sum{_fmt_labels(key)} {_fmt_value(total)}")
+            out.append(f"{self.name}_count{_fmt_labels(key)} {sum(tallies.values())}")
+        return out
+
+
 class Histogram(_Metric):
     kind = "histogram"
 
@@ -114,8 +146,13 @@ class Registry:
     def render(self) -> str:
         lines: list[str] = []
         for metric in self._metrics:
+            try:
+                samples = metric.lines()
+            except Exception:  # noqa: BLE001 - one broken callback must not take the whole scrape down
+                log.exception("metric %s could not be read", metric.name)
+                continue
             lines.extend(metric.header())
-            lines.extend(metric.lines())
+            lines.extend(samples)
         return "\n".join(lines) + "\n"
 
 
@@ -132,16 +169,30 @@ class WorkerMetrics:
         self.requests = r.add(Counter("imgstream_requests_consumed_total", "Request events consumed, by topic."))
         self.results = r.add(Counter("imgstream_results_total", "Results published, by status and error code."))
         self.dlq = r.add(Counter("imgstream_dlq_records_total", "Events sent to the DLQ, by reason code."))
-        self.fetch_ms = r.add(Histogram("imgstream_fetch_latency_ms", "Image fetch latency.", LATENCY_BUCKETS_MS))
+        self.fetch_ms = r.add(Histogram("imgstream_fetch_latency_ms",
+                                        "Image fetch latency, by outcome (ok or the error code).", LATENCY_BUCKETS_MS))
         self.request_ms = r.add(Histogram("imgstream_request_latency_ms", "Consume-to-ack latency per request.",
                                           LATENCY_BUCKETS_MS))
         self.commits = r.add(Counter("imgstream_commits_total", "Offset commits, by outcome."))
         self.crops_offloaded = r.add(Counter("imgstream_crops_offloaded_total",
                                              "Crops written to the blob store because the result was too large."))
+        self.rebalances = r.add(Counter("imgstream_rebalance_events_total",
+                                        "Partition assignments and revocations seen by this worker."))
+        self.abandoned = r.add(Counter("imgstream_requests_abandoned_total",
+                                       "Requests cut short at a revoke or shutdown deadline (redone later)."))
 
     def add_gauge(self, name: str, help_text: str,
                   read: Callable[[], Iterable[tuple[dict[str, str], float]]]) -> None:
         self.registry.add(Gauge(name, help_text, read))
+
+    def add_live_counter(self, name: str, help_text: str,
+                         read: Callable[[], Iterable[tuple[dict[str, str], float]]]) -> None:
+        self.registry.add(LiveCounter(name, help_text, read))
+
+    def add_live_histogram(self, name: str, help_text: str,
+                           read: Callable[[], Iterable[tuple[dict[str, str], dict[float, int], float]]],
+                           buckets: Iterable[float] = BATCH_BUCKETS) -> None:
+        self.registry.add(LiveHistogram(name, help_text, buckets, read))
 
     def render(self) -> str:
         return self.registry.render()

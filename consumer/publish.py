@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
 
 from schemas.codec import encode
 from schemas.events import DeadLetter, ResultEvent
@@ -57,13 +57,19 @@ def fit_result(result: ResultEvent, limit: int, crops: CropStore) -> tuple[bytes
     return encode(too_big), False
 
 
+# The producer refuses these before sending; retrying the same record cannot help.
+_TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
+
+
 class Publisher:
     """Sends results and DLQ records; each call returns once the broker acknowledged."""
 
-    def __init__(self, producer: AIOKafkaProducer, results_topic: str, dlq_topic: str) -> None:
+    def __init__(self, producer: AIOKafkaProducer, results_topic: str, dlq_topic: str,
+                 max_message_bytes: int | None = None) -> None:
         self.producer = producer
         self.results_topic = results_topic
         self.dlq_topic = dlq_topic
+        self.max_message_bytes = max_message_bytes
 
     async def _send(self, topic: str, key: bytes | None, value: bytes,
                     headers: list[tuple[str, bytes]] | None = None, stop: asyncio.Event | None = None) -> None:
@@ -72,6 +78,8 @@ class Publisher:
             try:
                 await self.producer.send_and_wait(topic, value=value, key=key, headers=headers)
                 return
+            except _TOO_LARGE:
+                raise
             except KafkaError as exc:
                 # Keep trying: the request's offset is not committed until this succeeds.
                 if stop is not None and stop.is_set():
@@ -86,4 +94,20 @@ class Publisher:
 
     async def dead_letter(self, key: bytes | None, value: bytes | None, letter: DeadLetter,
                           stop: asyncio.Event | None = None) -> None:
-        await self._send(self.dlq_topic, key, value or b"", letter.headers(), stop=stop)
+        """The original bytes with the reason in headers; cut to fit the message limit if they do not."""
+        value = value or b""
+        limit = self.max_message_bytes
+        if limit is not None:
+            budget = limit - RECORD_OVERHEAD_BYTES
+            if key is not None and len(key) > budget // 2:
+                key = key[: budget // 2]
+            room = budget - (len(key) if key else 0)
+            if len(value) > room:
+                log.warning("DLQ record of %d bytes cut to %d to fit the %d-byte message limit",
+                            len(value), room, limit)
+                letter = letter.model_copy(update={
+                    "reason": f"{letter.reason} (value cut from {len(value)} to {room} bytes to fit the topic)"})
+                headers = letter.headers() + [(letter.HEADER_PREFIX + "original_bytes", str(len(value)).encode())]
+                await self._send(self.dlq_topic, key, value[:room], headers, stop=stop)
+                return
+        await self._send(self.dlq_topic, key, value, letter.headers(), stop=stop)

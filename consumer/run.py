@@ -22,7 +22,7 @@ async def run_worker(config: WorkerConfig) -> int:
     worker.install_signal_handlers()
     runner = None
     if config.http_port is not None:
-        app = build_app(metrics, lambda: {"models_loaded": engine.ready, "broker_connected": worker.connected})
+        app = build_app(metrics, lambda: {"models_loaded": engine.ready, "broker_reachable": worker.broker_reachable})
         runner = await start_server(app, config.http_port)
     try:
         log.info("loading models %s (weights=%s, device=%s)", config.models.preload, config.models.weights,

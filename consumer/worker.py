@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.errors import IllegalStateError, KafkaConnectionError, KafkaError
 
 from analysis import imaging
 from analysis.engine import Engine
@@ -27,6 +27,12 @@ log = logging.getLogger(__name__)
 
 COMMIT_INTERVAL_S = 0.5
 POLL_TIMEOUT_MS = 200
+# getmany waits without a timeout while a rebalance is in progress; bounding each call keeps
+# the loop responsive to SIGTERM and to backpressure even then.
+POLL_GUARD_S = 1.0
+BROKER_PROBE_INTERVAL_S = 2.0
+BROKER_PROBE_TIMEOUT_S = 3.0
+CLOSE_TIMEOUT_S = 5.0
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -37,7 +43,80 @@ class _Rebalance(ConsumerRebalanceListener):
         await self.worker.release(set(revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        log.info("partitions assigned: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+        self.worker.assigned(set(assigned))
+
+
+class ImageHold:
+    """One request's share of the image budget: an estimate until its image is decoded, then what it holds."""
+
+    __slots__ = ("reserved", "held")
+
+    def __init__(self, reserved: int) -> None:
+        self.reserved = reserved
+        self.held = 0
+
+    @property
+    def charge(self) -> int:
+        return max(self.reserved, self.held)
+
+
+class ImageBudget:
+    """Image bytes (fetched plus decoded) held by requests in flight, kept near `limit`.
+
+    A request may start fetching only if its estimated size still fits (or nothing else is
+    held, so one oversized image can always pass). The estimate starts at the worst case
+    and then follows the sizes seen; the bound is exceeded only by images larger than the
+    estimate while they are being fetched and decoded.
+    """
+
+    SMOOTHING = 0.2
+
+    def __init__(self, limit: int, worst_case: int) -> None:
+        self.limit = limit
+        self.estimate = worst_case
+        self.used = 0  # what admission counts: reservations and bytes held
+        self.held = 0  # bytes actually held
+        self.peak = 0  # the most bytes held at once
+        self._seen = 0
+        self._freed = asyncio.Event()
+
+    def full(self) -> bool:
+        """Whether a new request would have to wait."""
+        return self.used > 0 and self.used + self.estimate > self.limit
+
+    async def acquire(self) -> ImageHold:
+        while self.full():
+            self._freed.clear()
+            await self._freed.wait()
+        hold = ImageHold(self.estimate)
+        self._charge(hold.charge)
+        return hold
+
+    def add(self, hold: ImageHold, size: int) -> None:
+        before = hold.charge
+        hold.held += size
+        self.held += size
+        self.peak = max(self.peak, self.held)
+        self._charge(hold.charge - before)
+
+    def settle(self, hold: ImageHold) -> None:
+        """The image is decoded: charge what it holds, and learn from its size."""
+        before = hold.charge
+        hold.reserved = 0
+        self._charge(hold.charge - before)
+        self.estimate = hold.held if self._seen == 0 else round(
+            (1 - self.SMOOTHING) * self.estimate + self.SMOOTHING * hold.held)
+        self._seen += 1
+
+    def release(self, hold: ImageHold) -> None:
+        self.held -= hold.held
+        self._charge(-hold.charge)
+        hold.reserved = hold.held = 0
+
+    def _charge(self, delta: int) -> None:
+        self.used += delta
+        if delta < 0:
+            self._freed.set()
 
 
 class Worker:
@@ -48,17 +127,23 @@ class Worker:
         self.engine = engine
         self.metrics = metrics or WorkerMetrics()
         self.tracker = OffsetTracker()
+        self.images = ImageBudget(config.max_in_flight_image_bytes,
+                                  worst_case=config.fetch.max_bytes + 3 * config.decode.max_pixels)
         self.crops = CropStore(config.blobs.dir)
         self.stopping = asyncio.Event()
+        self.abandon = asyncio.Event()  # a second signal: stop draining now
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.publisher: Publisher | None = None
         self.fetcher: ImageFetcher | None = None
         self._tasks: dict[tuple[TopicPartition, int], asyncio.Task] = {}
-        self._paused = False
+        self._revoking: set[TopicPartition] = set()
+        self._busy = False
         self._positions: dict[TopicPartition, int] = {}
         self._last_commit = 0.0
+        self._watcher: asyncio.Task | None = None
         self.connected = False
+        self.broker_reachable = False
         self._register_gauges()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -67,7 +152,9 @@ class Worker:
         """Start producer and consumer, retrying with backoff while the broker is unreachable."""
         k = self.config.kafka
         delay = 0.5
+        attempt = 0
         while not self.stopping.is_set():
+            attempt += 1
             producer = AIOKafkaProducer(
                 bootstrap_servers=k.bootstrap, client_id=f"{k.client_id}-producer", acks="all",
                 max_request_size=k.max_message_bytes, linger_ms=5,
@@ -77,14 +164,21 @@ class Worker:
                 enable_auto_commit=False, auto_offset_reset="earliest",
                 session_timeout_ms=k.session_timeout_ms, max_poll_interval_ms=k.max_poll_interval_ms,
                 heartbeat_interval_ms=max(1000, k.session_timeout_ms // 3),
+                # The group waits this long for members to rejoin; aiokafka's default (the session
+                # timeout) would evict a member still draining its revoked partitions.
+                rebalance_timeout_ms=self.rebalance_timeout_ms,
             )
             try:
-                await producer.start()
-                await consumer.start()
+                started = await self._unless_stopping(self._start_clients(producer, consumer))
             except (KafkaConnectionError, KafkaError, OSError) as exc:
-                log.warning("broker %s unreachable (%s); retrying in %.1fs", k.bootstrap, exc, delay)
-                await _quietly(producer.stop())
-                await _quietly(consumer.stop())
+                started = None
+                log.warning("broker %s unreachable (attempt %d: %s); retrying in %.1fs",
+                            k.bootstrap, attempt, _brief(exc), delay)
+            if not started:
+                await _quietly(asyncio.wait_for(producer.stop(), CLOSE_TIMEOUT_S))
+                await _quietly(asyncio.wait_for(consumer.stop(), CLOSE_TIMEOUT_S))
+                if self.stopping.is_set():
+                    return
                 try:
                     await asyncio.wait_for(self.stopping.wait(), delay)
                 except asyncio.TimeoutError:
@@ -93,11 +187,36 @@ class Worker:
                 continue
             consumer.subscribe([k.topics.requests, k.topics.replay], listener=_Rebalance(self))
             self.producer, self.consumer = producer, consumer
-            self.publisher = Publisher(producer, k.topics.results, k.topics.dlq)
-            self.connected = True
+            self.publisher = Publisher(producer, k.topics.results, k.topics.dlq, k.max_message_bytes)
+            self.connected = self.broker_reachable = True
             log.info("connected to %s as group %s; consuming %s and %s",
                      k.bootstrap, k.group, k.topics.requests, k.topics.replay)
             return
+
+    @staticmethod
+    async def _start_clients(producer: AIOKafkaProducer, consumer: AIOKafkaConsumer) -> bool:
+        await producer.start()
+        await consumer.start()
+        return True
+
+    async def _unless_stopping(self, coro: Any) -> Any:
+        """`coro`'s result, or None if a stop is requested first (a broker that drops packets
+        can hold a connection attempt for the whole request timeout)."""
+        task = asyncio.ensure_future(coro)
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait([task, stop], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+            return None
+        return task.result()
+
+    @property
+    def rebalance_timeout_ms(self) -> int:
+        return max(self.config.kafka.session_timeout_ms, int((self.config.revoke_timeout_s + 5.0) * 1000))
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -108,6 +227,9 @@ class Worker:
         if not self.stopping.is_set():
             log.info("%s: draining in-flight requests (deadline %.0fs)", why, self.config.drain_timeout_s)
             self.stopping.set()
+        elif not self.abandon.is_set():
+            log.warning("%s again: abandoning the requests in flight; they will be redone", why)
+            self.abandon.set()
 
     async def run(self) -> None:
         """Consume until `request_stop`; then drain, commit and close."""
@@ -116,6 +238,7 @@ class Worker:
             await self._connect()
             if self.consumer is None:
                 return
+            self._watcher = asyncio.create_task(self._watch_broker(), name="broker-watch")
             try:
                 await self._consume()
             finally:
@@ -124,32 +247,60 @@ class Worker:
     async def _consume(self) -> None:
         assert self.consumer is not None
         while not self.stopping.is_set():
-            self._apply_backpressure()
+            room = self._apply_backpressure()
             try:
-                batches = await self.consumer.getmany(timeout_ms=POLL_TIMEOUT_MS,
-                                                      max_records=self.config.max_in_flight)
+                batches = await asyncio.wait_for(
+                    self.consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=max(1, room)), POLL_GUARD_S)
+            except asyncio.TimeoutError:
+                batches = {}
             except KafkaError as exc:
-                log.warning("poll failed: %s; retrying", exc)
+                log.warning("poll failed (%s); retrying", _brief(exc))
                 await asyncio.sleep(1.0)
                 continue
-            for tp, records in batches.items():
-                for record in records:
-                    self._start(tp, record)
-                if records:
-                    self._positions[tp] = records[-1].offset + 1
+            self._take(batches, room)
             await self.commit()
 
-    def _apply_backpressure(self) -> None:
-        """Pause every assigned partition at the in-flight bound; polling goes on (heartbeats)."""
+    def _apply_backpressure(self) -> int:
+        """Pause every assigned partition at a bound, resume below it; returns the room left.
+
+        Polling goes on while paused, so heartbeats and max.poll.interval stay healthy.
+        """
         assert self.consumer is not None
-        busy = self.tracker.in_flight() >= self.config.max_in_flight
-        if busy and not self._paused:
-            self.consumer.pause(*self.consumer.assignment())
-            self._paused = True
-            log.debug("paused: %d requests in flight", self.tracker.in_flight())
-        elif not busy and self._paused:
-            self.consumer.resume(*self.consumer.assignment())
-            self._paused = False
+        room = self.config.max_in_flight - self.tracker.in_flight()
+        busy = room <= 0 or self.images.full()
+        assigned = self.consumer.assignment()
+        # Checked every round: partitions assigned by a rebalance arrive unpaused.
+        want = set(assigned) if busy else set()
+        paused = self.consumer.paused() & assigned
+        try:
+            if want - paused:
+                self.consumer.pause(*(want - paused))
+            if paused - want:
+                self.consumer.resume(*(paused - want))
+        except IllegalStateError:  # the assignment changed under us; next round sees the new one
+            pass
+        if busy != self._busy:
+            self._busy = busy
+            log.debug("%s: %d requests and %d image bytes in flight (bounds %d and %d)",
+                     "paused partitions" if busy else "resumed partitions", self.tracker.in_flight(),
+                     self.images.held, self.config.max_in_flight, self.config.max_in_flight_image_bytes)
+        return room if not busy else 0
+
+    def _take(self, batches: dict[TopicPartition, list[Any]], room: int) -> None:
+        """Start the fetched records that fit; rewind each partition to its first one left over."""
+        assert self.consumer is not None
+        assigned = self.consumer.assignment()
+        for tp, records in batches.items():
+            if tp in self._revoking or tp not in assigned:
+                continue  # its new owner starts from the committed watermark
+            for record in records:
+                if room <= 0:
+                    # A rebalance can hand over unpaused partitions mid-poll; give back the excess.
+                    self.consumer.seek(tp, record.offset)
+                    break
+                self._start(tp, record)
+                self._positions[tp] = record.offset + 1
+                room -= 1
 
     def _start(self, tp: TopicPartition, record: Any) -> None:
         self.tracker.start(tp, record.offset)
@@ -166,11 +317,8 @@ class Worker:
         try:
             request = decode_request(record.value)
         except InvalidEvent as exc:
-            letter = DeadLetter(reason=exc.reason, error_code=exc.code, source_topic=tp.topic,
-                                source_partition=tp.partition, source_offset=record.offset)
             log.warning("%s[%d]@%d to DLQ: %s", tp.topic, tp.partition, record.offset, exc.reason)
-            await self.publisher.dead_letter(record.key, record.value, letter)
-            self.metrics.dlq.inc(reason=exc.code)
+            await self._dead_letter(tp, record, exc.code, exc.reason)
             self.tracker.finish(tp, record.offset)
             return
         request_id_var.set(request.request_id)
@@ -181,7 +329,14 @@ class Worker:
             payloads.append(payload)
             if offloaded:
                 self.metrics.crops_offloaded.inc()
-        await self.publisher.results(request.request_id, payloads)
+        try:
+            await self.publisher.results(request.request_id, payloads)
+        except KafkaError as exc:  # only a permanent refusal (e.g. size) gets here; the rest is retried
+            log.error("request %s: results refused by the broker (%s); request goes to the DLQ",
+                      request.request_id, exc)
+            await self._dead_letter(tp, record, "publish_failed", f"results could not be published: {exc}")
+            self.tracker.finish(tp, record.offset)
+            return
         for result in results:
             self.metrics.results.inc(status=result.status, error_code=result.error_code or "")
         self.tracker.finish(tp, record.offset)
@@ -189,21 +344,48 @@ class Worker:
         log.info("request %s: %d results (%s)", request.request_id, len(results),
                  ", ".join(f"{r.operation_id}={r.status}" for r in results))
 
+    async def _dead_letter(self, tp: TopicPartition, record: Any, code: str, reason: str) -> None:
+        assert self.publisher is not None
+        letter = DeadLetter(reason=reason, error_code=code, source_topic=tp.topic,
+                            source_partition=tp.partition, source_offset=record.offset)
+        await self.publisher.dead_letter(record.key, record.value, letter)
+        self.metrics.dlq.inc(reason=code)
+
     async def _analyse(self, request: Any) -> list[Any]:
-        """Fetch and decode the image once, then run every task through the engine."""
+        """Fetch and decode the image once, then run every task through the engine.
+
+        The image's bytes (fetched and decoded) count against `max_in_flight_image_bytes`
+        until the engine is done with it.
+        """
         assert self.fetcher is not None
         timings: dict[str, float] = {}
+        hold = await self.images.acquire()
         try:
-            fetched = await self.fetcher.fetch(request.image)
+            t0 = time.perf_counter()
+            try:
+                fetched = await self.fetcher.fetch(request.image)
+            except imaging.ImageError as exc:
+                self.metrics.fetch_ms.observe((time.perf_counter() - t0) * 1000.0, outcome=exc.code)
+                raise
+            self.images.add(hold, len(fetched.data))
             timings["fetch"] = fetched.elapsed_ms
-            self.metrics.fetch_ms.observe(fetched.elapsed_ms)
+            self.metrics.fetch_ms.observe(fetched.elapsed_ms, outcome="ok")
             t0 = time.perf_counter()
             decoded = await asyncio.to_thread(imaging.decode_image, fetched.data, self.config.decode)
+            del fetched
             timings["decode"] = (time.perf_counter() - t0) * 1000.0
+            self.images.add(hold, decoded.width * decoded.height * 3)
+            self.images.settle(hold)
+            return await self.engine.run(request, decoded, timings_ms=timings)
         except imaging.ImageError as exc:
             log.info("request %s: %s: %s", request.request_id, exc.code, exc)
             return error_results(request, exc.code, str(exc), image=image_info(request), timings_ms=timings)
-        return await self.engine.run(request, decoded, timings_ms=timings)
+        except Exception as exc:  # noqa: BLE001 - one bad image must never stop the partition
+            log.exception("request %s: unexpected failure", request.request_id)
+            return error_results(request, "internal_error", f"Internal error: {type(exc).__name__}: {exc}",
+                                 image=image_info(request), timings_ms=timings)
+        finally:
+            self.images.release(hold)
 
     # -- commits, rebalances, shutdown ----------------------------------------------------
 
@@ -223,46 +405,90 @@ class Worker:
             await self.consumer.commit(offsets)
         except KafkaError as exc:
             self.metrics.commits.inc(outcome="failed")
-            log.warning("commit failed (%s); the next commit retries", exc)
+            log.warning("commit of %s failed (%s); the next commit retries", _names(offsets), _brief(exc))
             return
         self.tracker.committed(offsets)
         self.metrics.commits.inc(outcome="ok")
 
     async def _drain(self, tasks: list[asyncio.Task], deadline_s: float) -> int:
-        """Wait for `tasks` up to the deadline; cancel what is left and return how many."""
+        """Wait for `tasks` up to the deadline (or a second signal); cancel the rest, return how many."""
         if not tasks:
             return 0
-        done, pending = await asyncio.wait(tasks, timeout=deadline_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + deadline_s
+        pending = set(tasks)
+        abandon = asyncio.ensure_future(self.abandon.wait())
+        try:
+            while pending and not abandon.done():
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                done, _ = await asyncio.wait(pending | {abandon}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                pending -= done
+        finally:
+            abandon.cancel()
         for task in pending:
             task.cancel()
         if pending:
             await asyncio.wait(pending, timeout=5.0)
         return len(pending)
 
+    def assigned(self, partitions: set[TopicPartition]) -> None:
+        self._revoking.clear()
+        self.metrics.rebalances.inc(event="assigned")
+        log.info("partitions assigned: %s", _names(partitions))
+
     async def release(self, revoked: set[TopicPartition]) -> None:
-        """On revoke: finish what can finish within the deadline, commit, abandon the rest."""
+        """On revoke: take nothing more from them, finish what can within the deadline, commit, abandon the rest."""
         if not revoked:
             return
+        self._revoking |= revoked
+        self.metrics.rebalances.inc(event="revoked")
         tasks = [t for (tp, _), t in list(self._tasks.items()) if tp in revoked]
-        abandoned = await self._drain(tasks, self.config.drain_timeout_s)
+        abandoned = await self._drain(tasks, self.config.revoke_timeout_s)
         await self.commit(revoked, force=True)
         self.tracker.forget(revoked)
         for tp in revoked:
             self._positions.pop(tp, None)
+        self.metrics.abandoned.inc(abandoned)
         log.info("partitions revoked: %s; %d requests finished, %d abandoned to the new owner",
-                 sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked), len(tasks) - abandoned, abandoned)
+                 _names(revoked), len(tasks) - abandoned, abandoned)
 
     async def _shutdown(self) -> None:
         abandoned = await self._drain(list(self._tasks.values()), self.config.drain_timeout_s)
         if abandoned:
-            log.warning("shutdown: %d requests abandoned at the deadline; they will be redone", abandoned)
+            self.metrics.abandoned.inc(abandoned)
+            log.warning("shutdown: %d requests abandoned unfinished; they will be redone", abandoned)
         await self.commit(force=True)
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.wait([self._watcher])
+        # Closing talks to the broker (leave group, flush); a broker that went away must not hang the exit.
         if self.consumer is not None:
-            await _quietly(self.consumer.stop())
+            await _quietly(asyncio.wait_for(self.consumer.stop(), CLOSE_TIMEOUT_S))
         if self.producer is not None:
-            await _quietly(self.producer.stop())
-        self.connected = False
+            await _quietly(asyncio.wait_for(self.producer.stop(), CLOSE_TIMEOUT_S))
+        self.connected = self.broker_reachable = False
         log.info("worker stopped")
+
+    async def _watch_broker(self) -> None:
+        """Probe the broker with a metadata request now and then; log when it goes away or comes back."""
+        assert self.consumer is not None
+        k = self.config.kafka
+        while True:
+            await asyncio.sleep(BROKER_PROBE_INTERVAL_S)
+            try:
+                await asyncio.wait_for(self.consumer.topics(), BROKER_PROBE_TIMEOUT_S)
+                reachable, why = True, ""
+            except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+                reachable, why = False, _brief(exc) or type(exc).__name__
+            if reachable != self.broker_reachable:
+                if reachable:
+                    log.info("broker %s reachable again", k.bootstrap)
+                else:
+                    log.warning("broker %s unreachable (%s); the consumer and producer keep retrying",
+                                k.bootstrap, why)
+            self.broker_reachable = reachable
 
     # -- observability --------------------------------------------------------------------
 
@@ -270,15 +496,27 @@ class Worker:
         m = self.metrics
         m.add_gauge("imgstream_requests_in_flight", "Requests being processed.",
                     lambda: [({}, self.tracker.in_flight())])
+        m.add_gauge("imgstream_image_bytes_in_flight", "Fetched plus decoded image bytes held by requests.",
+                    lambda: [({}, self.images.held)])
+        m.add_gauge("imgstream_image_bytes_reserved", "Image bytes counted against the bound (estimates included).",
+                    lambda: [({}, self.images.used)])
+        m.add_gauge("imgstream_partitions_paused", "Assigned partitions paused by backpressure.",
+                    lambda: [({}, len(self.consumer.paused()) if self.consumer else 0)])
+        m.add_gauge("imgstream_broker_reachable", "1 when the last broker probe succeeded.",
+                    lambda: [({}, 1 if self.broker_reachable else 0)])
         m.add_gauge("imgstream_consumer_lag", "Messages behind the partition's high watermark.", self._lag)
-        m.add_gauge("imgstream_model_batches", "Model calls (batches) per model.",
-                    lambda: [({"model": k}, s["calls"]) for k, s in self.engine.batch_stats().items()])
-        m.add_gauge("imgstream_model_items", "Items run per model.",
-                    lambda: [({"model": k}, s["items"]) for k, s in self.engine.batch_stats().items()])
-        m.add_gauge("imgstream_model_mean_batch_size", "Mean batch size per model.",
-                    lambda: [({"model": k}, s["mean_batch"]) for k, s in self.engine.batch_stats().items()])
-        m.add_gauge("imgstream_model_queue_wait_ms_sum", "Total time items waited for a batch, per model.",
-                    lambda: [({"model": k}, s["queue_wait_ms_total"]) for k, s in self.engine.batch_stats().items()])
+        m.add_live_counter("imgstream_model_batches_total", "Model calls (batches), per model.",
+                           lambda: [({"model": k}, s["calls"]) for k, s in self.engine.batch_stats().items()])
+        m.add_live_counter("imgstream_model_items_total", "Items run, per model.",
+                           lambda: [({"model": k}, s["items"]) for k, s in self.engine.batch_stats().items()])
+        m.add_live_counter("imgstream_model_queue_wait_ms_total",
+                           "Time items waited in the model's batcher, summed, per model "
+                           "(divide by imgstream_model_items_total for the mean).",
+                           lambda: [({"model": k}, s["queue_wait_ms_total"])
+                                    for k, s in self.engine.batch_stats().items()])
+        m.add_live_histogram("imgstream_model_batch_size", "Items per model call, per model.",
+                             lambda: [({"model": k}, s["batch_sizes"], float(s["items"]))
+                                      for k, s in self.engine.batch_stats().items()])
         m.add_gauge("imgstream_model_queue_depth", "Items waiting in each model's batcher.",
                     lambda: [({"model": k}, v) for k, v in self.engine.queued().items()])
 
@@ -300,3 +538,12 @@ async def _quietly(coro: Any) -> None:
         await coro
     except Exception:  # noqa: BLE001 - best effort while closing
         pass
+
+
+def _names(partitions: Any) -> str:
+    return ", ".join(sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions)) or "none"
+
+
+def _brief(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 160 else text[:157] + "..."
