@@ -33,6 +33,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "fetch": fetch,
         "http_port": getattr(args, "http_port", None),
         "max_in_flight": getattr(args, "max_in_flight", None),
+        "max_in_flight_image_bytes": getattr(args, "max_in_flight_image_bytes", None),
         "log_level": getattr(args, "log_level", None),
     }
 
@@ -104,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--require-gpu", action="store_true", help="Refuse to start without a GPU.")
     p.add_argument("--http-port", type=int, help="Serve /healthz /readyz /operations /metrics on this port.")
     p.add_argument("--max-in-flight", type=int, help="Requests processed at once (default 64).")
+    p.add_argument("--max-in-flight-image-bytes", type=int,
+                   help="Fetched plus decoded image bytes held in flight (default 512 MiB); at the bound the "
+                   "worker pauses its partitions.")
     p.add_argument("--allow-private-addresses", action="store_true",
                    help="Allow image URLs on loopback/private networks (tests, on-premises stores).")
     p.add_argument("--log-level", help="DEBUG, INFO (default), WARNING.")
