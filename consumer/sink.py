@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaError
 
 from consumer.pgstore import HnswParams, PgStore, RejectedEvent, Row, SourcePosition, WriteReport, row_from_event
+from consumer.signals import on_stop_signals
 from schemas.codec import decode_result
 from schemas.config import KafkaConfig, SinkConfig
 
@@ -86,9 +86,7 @@ class PgVectorSink:
     # -- lifecycle ------------------------------------------------------------------------
 
     def install_signal_handlers(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop, sig.name)
+        on_stop_signals(self.request_stop)
 
     def request_stop(self, why: str = "stop requested") -> None:
         if not self.stopping.is_set():

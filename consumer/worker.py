@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from typing import Any
 
@@ -19,6 +18,7 @@ from consumer.logs import request_id_var
 from consumer.metrics import WorkerMetrics
 from consumer.offsets import OffsetTracker
 from consumer.publish import CropStore, Publisher, fit_result
+from consumer.signals import on_stop_signals
 from schemas.codec import InvalidEvent, decode_request
 from schemas.config import WorkerConfig
 from schemas.events import DeadLetter
@@ -219,9 +219,7 @@ class Worker:
         return max(self.config.kafka.session_timeout_ms, int((self.config.revoke_timeout_s + 5.0) * 1000))
 
     def install_signal_handlers(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop, sig.name)
+        on_stop_signals(self.request_stop)
 
     def request_stop(self, why: str = "stop requested") -> None:
         if not self.stopping.is_set():
