@@ -7,7 +7,7 @@ import orjson
 import pytest
 
 from schemas.codec import InvalidEvent, decode_request, encode
-from schemas.events import AnalysisRequest, DeadLetter, ResultEvent, make_event_id
+from schemas.events import DeadLetter, ResultEvent, make_event_id
 from schemas.export import SCHEMA_DIR, render
 from schemas.operations import InvalidParams, UnsupportedOperation, describe_operations, resolve_params
 
