@@ -15,8 +15,15 @@ from schemas.config import WorkerConfig
 log = logging.getLogger("imgstream.worker")
 
 
+EXIT_STARTUP_FAILED = 1
+
+
 async def run_worker(config: WorkerConfig) -> int:
-    engine = Engine(config.models)
+    try:
+        engine = Engine(config.models)
+    except RuntimeError as exc:  # device selection: no GPU where one is required, bad device name
+        log.error("cannot start: %s", exc)
+        return EXIT_STARTUP_FAILED
     metrics = WorkerMetrics()
     worker = Worker(config, engine, metrics)
     worker.install_signal_handlers()
@@ -27,7 +34,13 @@ async def run_worker(config: WorkerConfig) -> int:
     try:
         log.info("loading models %s (weights=%s, device=%s)", config.models.preload, config.models.weights,
                  engine.device)
-        await engine.start()
+        try:
+            await engine.start()
+        except Exception as exc:  # noqa: BLE001 - any load failure: say what to do, exit non-zero
+            log.error("cannot load the models (weights=%s): %s. Machines without the pretrained weights can run "
+                      "--weights random; local copies go in models.clip_weights_path, models.dino_model, "
+                      "models.caption_model, models.person_weights_path.", config.models.weights, exc)
+            return EXIT_STARTUP_FAILED
         if worker.stopping.is_set():
             return 0
         await worker.run()
