@@ -19,6 +19,7 @@ from consumer.logs import request_id_var
 from consumer.metrics import WorkerMetrics
 from consumer.offsets import OffsetTracker
 from consumer.publish import CropStore, Publisher, fit_result
+from consumer.s3blobs import S3BlobReader
 from consumer.signals import on_stop_signals
 from schemas.codec import InvalidEvent, decode_request
 from schemas.config import WorkerConfig
@@ -160,6 +161,8 @@ class Worker:
     async def run(self) -> None:
         """Consume until `request_stop`; then drain, commit and close."""
         async with ImageFetcher(self.config.fetch) as fetcher:
+            blobs = self.config.blobs
+            fetcher.register_blob_reader("s3", S3BlobReader(blobs.s3_endpoint_url, blobs.s3_region))
             self.fetcher = fetcher
             await self._connect()
             if self.consumer is None:

@@ -1,7 +1,8 @@
 """The blob store that local images travel through: requests carry references, never bytes.
 
-A directory store by default (`file://` references on a volume the workers share).
-Object stores plug in by scheme; none is built in yet, and asking for one says so.
+A directory store by default (`file://` references on a volume the workers share), or an
+S3-compatible bucket (`s3://bucket/prefix`, boto3; workers read it with the same endpoint).
+Both are content-addressed: the same image is stored once.
 """
 
 from __future__ import annotations
@@ -51,11 +52,54 @@ class DirectoryBlobStore:
         return target.as_uri()
 
 
-def open_blob_store(location: str) -> BlobStore:
-    """A store for `location`: a directory path or file:// URI; other schemes are not built in."""
+class S3BlobStore:
+    """Objects under `s3://bucket/prefix/`, keyed by content hash; an existing object is not re-uploaded."""
+
+    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None,
+                 region: str | None = None) -> None:
+        try:
+            import boto3
+        except ImportError:
+            raise ValueError("s3:// blob stores need boto3: pip install 'imgstream[s3]'") from None
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self._s3 = boto3.client("s3", endpoint_url=endpoint_url, region_name=region)
+
+    def _key(self, digest: str, suffix: str) -> str:
+        name = f"{digest[:2]}/{digest}{suffix.lower()}"
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self._s3.head_object(Bucket=self.bucket, Key=key)
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    def put_file(self, path: Path) -> str:
+        return self.put_bytes(path.read_bytes(), path.suffix)
+
+    def put_bytes(self, data: bytes, suffix: str) -> str:
+        key = self._key(hashlib.sha256(data).hexdigest(), suffix)
+        if not self._exists(key):
+            self._s3.put_object(Bucket=self.bucket, Key=key, Body=data)
+        return f"s3://{self.bucket}/{key}"
+
+
+def open_blob_store(location: str, *, s3_endpoint_url: str | None = None, s3_region: str | None = None) -> BlobStore:
+    """A store for `location`: a directory path, a file:// URI or s3://bucket[/prefix]."""
     scheme, sep, rest = location.partition("://")
     if not sep:
         return DirectoryBlobStore(location)
     if scheme == "file":
         return DirectoryBlobStore(rest)
-    raise ValueError(f"blob store scheme {scheme!r} is not supported by this install; use a directory")
+    if scheme == "s3":
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise ValueError(f"blob store {location!r} names no bucket: use s3://bucket[/prefix]")
+        return S3BlobStore(bucket, prefix, s3_endpoint_url, s3_region)
+    raise ValueError(f"blob store scheme {scheme!r} is not supported; use a directory or s3://bucket/prefix")

@@ -126,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="With --wait: one result event per line on stdout.")
     p.add_argument("--timeout", type=float, default=300.0, help="Seconds to wait for results (default 300).")
     p.add_argument("--no-progress", action="store_true", help="No progress display on stderr.")
-    p.add_argument("--blob-dir", help="Blob store directory local files are copied into "
-                   "(default .imgstream/blobs; env IMGSTREAM_BLOBS__DIR). Workers must see the same path.")
+    p.add_argument("--blob-dir", help="Blob store local files are copied into: a directory or s3://bucket/prefix "
+                   "(default .imgstream/blobs; env IMGSTREAM_BLOBS__DIR). Workers must see the same store.")
     p.add_argument("--in-place", action="store_true",
                    help="Reference local files where they are instead of copying them to the blob store.")
     _add_bootstrap(p)
@@ -195,8 +195,15 @@ def _cmd_operations(_: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_submit(args: argparse.Namespace) -> int:
+def _blob_store(args: argparse.Namespace, config: Any) -> Any:
+    """The blob store local files go to: --blob-dir, else the configured one (a directory or s3://)."""
     from producer.blobstore import open_blob_store
+
+    return open_blob_store(args.blob_dir or config.blobs.dir, s3_endpoint_url=config.blobs.s3_endpoint_url,
+                           s3_region=config.blobs.s3_region)
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
     from producer.submit import (build_requests, expand_inputs, parse_task_spec, parse_tasks_json,
                                  read_input_list, results_table, submit)
 
@@ -209,7 +216,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
             raise ValueError("give at least one --task TYPE[:TARGET] or --tasks-json")
         metadata = orjson.loads(args.metadata_json) if args.metadata_json else None
         inputs = [i for item in args.inputs for i in (read_input_list(sys.stdin) if item == "-" else [item])]
-        store = None if args.in_place else open_blob_store(args.blob_dir or config.blobs.dir)
+        store = None if args.in_place else _blob_store(args, config)
         images = expand_inputs(inputs, store)
         if not images:
             raise ValueError("no images found in the given inputs")
@@ -243,7 +250,6 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 def _cmd_caption_folder(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from producer.blobstore import open_blob_store
     from producer.caption_folder import caption_folder
 
     config = load_config(_overrides(args))
@@ -254,7 +260,11 @@ def _cmd_caption_folder(args: argparse.Namespace) -> int:
     if not 1 <= args.max_length <= 512:
         print("imgstream caption-folder: --max-length must be 1..512", file=sys.stderr)
         return EXIT_USAGE
-    store = None if args.in_place else open_blob_store(args.blob_dir or config.blobs.dir)
+    try:
+        store = None if args.in_place else _blob_store(args, config)
+    except ValueError as exc:
+        print(f"imgstream caption-folder: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     topics = config.kafka.topics
     report = asyncio.run(caption_folder(config.kafka.bootstrap, topics.requests, topics.results, folder,
                                         store=store, max_length=args.max_length, force=args.force,

@@ -100,7 +100,15 @@ class ModelsConfig(BaseModel):
 
 
 class BlobConfig(BaseModel):
-    dir: str = Field(default=".imgstream/blobs", description="Blob store directory (file:// references).")
+    dir: str = Field(
+        default=".imgstream/blobs",
+        description="Where `submit` puts local files: a directory (file:// references) or s3://bucket/prefix.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint (MinIO, Ceph, ...); unset: AWS. Credentials come "
+        "from the usual AWS environment variables or config files.",
+    )
+    s3_region: str | None = None
 
 
 class SinkConfig(BaseModel):
