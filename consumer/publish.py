@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import base64
 import logging
-from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
 
+# The producer's blob store is light (stdlib, boto3 only for s3://): crops go where uploads go.
+from producer.blobstore import BlobStore, open_blob_store
 from schemas.codec import encode
+from schemas.config import BlobConfig
 from schemas.events import DeadLetter, ResultEvent
 
 log = logging.getLogger(__name__)
@@ -19,33 +21,20 @@ log = logging.getLogger(__name__)
 RECORD_OVERHEAD_BYTES = 4096
 
 
-class CropStore:
-    """Writes crops that are too large to inline into the blob store (file:// for now)."""
-
-    def __init__(self, directory: str) -> None:
-        self.directory = Path(directory).resolve() / "crops"
-
-    def put(self, event_id: str, png_base64: str) -> str:
-        import base64
-
-        data = base64.b64decode(png_base64)
-        digest = hashlib.sha256(event_id.encode()).hexdigest()
-        path = self.directory / digest[:2] / f"{digest}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
-        return path.as_uri()
+def crop_store(blobs: BlobConfig) -> BlobStore:
+    """Where crops too large to inline go: `crops/` in the configured blob store (directory or s3://)."""
+    return open_blob_store(blobs.dir.rstrip("/") + "/crops", s3_endpoint_url=blobs.s3_endpoint_url,
+                           s3_region=blobs.s3_region)
 
 
-def fit_result(result: ResultEvent, limit: int, crops: CropStore) -> tuple[bytes, bool]:
+def fit_result(result: ResultEvent, limit: int, crops: BlobStore) -> tuple[bytes, bool]:
     """Encode `result` under `limit` bytes, moving an inline crop to the blob store if needed."""
     payload = encode(result)
     budget = limit - RECORD_OVERHEAD_BYTES
     if len(payload) <= budget:
         return payload, False
     if result.cropped_image_base64 is not None:
-        ref = crops.put(result.event_id, result.cropped_image_base64)
+        ref = crops.put_bytes(base64.b64decode(result.cropped_image_base64), ".png")
         result = result.model_copy(update={"cropped_image_base64": None, "cropped_image_ref": ref})
         payload = encode(result)
         if len(payload) <= budget:

@@ -18,7 +18,7 @@ from consumer.image_budget import ImageBudget
 from consumer.logs import request_id_var
 from consumer.metrics import WorkerMetrics
 from consumer.offsets import OffsetTracker
-from consumer.publish import CropStore, Publisher, fit_result
+from consumer.publish import Publisher, crop_store, fit_result
 from consumer.s3blobs import S3BlobReader
 from consumer.signals import on_stop_signals
 from schemas.codec import InvalidEvent, decode_request
@@ -58,7 +58,7 @@ class Worker:
         self.tracker = OffsetTracker()
         self.images = ImageBudget(config.max_in_flight_image_bytes,
                                   worst_case=config.fetch.max_bytes + 3 * config.decode.max_pixels)
-        self.crops = CropStore(config.blobs.dir)
+        self.crops = crop_store(config.blobs)
         self.stopping = asyncio.Event()
         self.abandon = asyncio.Event()  # a second signal: stop draining now
         self.consumer: AIOKafkaConsumer | None = None
@@ -252,12 +252,11 @@ class Worker:
             return
         request_id_var.set(request.request_id)
         results = await self._analyse(request)
-        payloads = []
-        for result in results:
-            payload, offloaded = fit_result(result, self.config.kafka.max_message_bytes, self.crops)
-            payloads.append(payload)
-            if offloaded:
-                self.metrics.crops_offloaded.inc()
+        # Off the loop: a crop too large to inline is written to the blob store (a file or an S3 put).
+        fitted = await asyncio.to_thread(
+            lambda: [fit_result(r, self.config.kafka.max_message_bytes, self.crops) for r in results])
+        payloads = [payload for payload, _ in fitted]
+        self.metrics.crops_offloaded.inc(sum(offloaded for _, offloaded in fitted))
         try:
             await self.publisher.results(request.request_id, payloads)
         except KafkaError as exc:  # only a permanent refusal (e.g. size) gets here; the rest is retried

@@ -89,3 +89,25 @@ async def test_missing_and_oversized_s3_objects_give_error_results(broker, topic
                                          for rec in await consume_all(broker, topics.results, 2, timeout_s=60))}
     assert (results["missing"].status, results["missing"].error_code) == ("error", "image_fetch_failed")
     assert (results["big"].status, results["big"].error_code) == ("error", "image_too_large")
+
+
+def test_a_crop_too_large_for_a_message_goes_to_the_s3_blob_store(s3_endpoint, bucket):
+    import base64
+    import io
+
+    from consumer.publish import crop_store, fit_result
+    from schemas.events import ResultEvent as Event
+
+    png = io.BytesIO()
+    photo("astronaut").save(png, format="PNG")
+    result = Event(event_id="r/face", request_id="r", operation_id="face", type="embed_clip_vit_b_32",
+                   status="success", data=[0.0] * 512, cropped_image_bbox=[0, 0, 512, 512],
+                   cropped_image_base64=base64.b64encode(png.getvalue()).decode())
+    store = crop_store(BlobConfig(dir=f"s3://{bucket}/blobs", s3_endpoint_url=s3_endpoint))
+    payload, offloaded = fit_result(result, 100_000, store)
+    stored = Event.model_validate_json(payload)
+    assert offloaded and stored.cropped_image_base64 is None
+    assert stored.cropped_image_ref.startswith(f"s3://{bucket}/blobs/crops/")
+    key = stored.cropped_image_ref.split("/", 3)[3]
+    body = boto3.client("s3", endpoint_url=s3_endpoint).get_object(Bucket=bucket, Key=key)["Body"].read()
+    assert body == png.getvalue()
