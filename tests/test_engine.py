@@ -257,3 +257,33 @@ async def test_results_echo_metadata_and_name_the_request(engine):
     assert result.metadata == {"photo_id": 123}
     assert result.event_id == f"{req.request_id}/e" and result.request_id == req.request_id
     assert {"queue", "compute"} <= set(result.timings_ms)
+
+
+async def test_person_region_for_classify_and_describe(engine, classifier_dir, person_prone_detector):
+    _train_classifier(classifier_dir, 21, 768, "prominent_person", "embed_dino_v2")
+    results = by_op(await engine.run(request(
+        ("box", "detect_bounding_box", {"target": "prominent_person"}),
+        ("cls", "classify", {"collection_id": 21, "target": "prominent_person"}),
+        ("caption", "describe_image", {"target": "prominent_person", "max_length": 4}),
+        ("dino", "embed_dino_v2", {"target": "prominent_person"}),
+    ), photo("astronaut")))
+    box = results["box"].data
+    assert box is not None
+    for op in ("cls", "caption", "dino"):
+        assert results[op].status == "success", results[op].error_message
+        assert results[op].region == "prominent_person" and results[op].cropped_image_bbox == box
+    model_file = orjson.loads((classifier_dir / "best_models.json").read_bytes())["21"]["model_file"]
+    expected = joblib.load(classifier_dir / model_file).predict_proba(np.array([results["dino"].data]))[0][1]
+    assert results["cls"].data["probability"] == pytest.approx(expected, abs=1e-6)
+
+
+async def test_person_region_falls_back_to_the_whole_image_for_classify_and_describe(engine, classifier_dir):
+    _train_classifier(classifier_dir, 22, 512, "prominent_person", "embed_clip_vit_b_32")
+    results = by_op(await engine.run(request(
+        ("cls", "classify", {"collection_id": 22}),
+        ("caption", "describe_image", {"target": "prominent_person", "max_length": 3}),
+    ), photo("coffee")))
+    for op in ("cls", "caption"):
+        assert results[op].status == "success", results[op].error_message
+        assert results[op].region == "whole_image"
+        assert results[op].cropped_image_bbox is None and results[op].cropped_image_base64 is None
