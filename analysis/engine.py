@@ -219,6 +219,10 @@ class _RequestRun:
 
     async def prominent_person(self, min_score: float, clock: _TaskClock) -> list[int] | None:
         candidates = await self._stage(("person",), lambda: self.engine.infer("person", self.image), clock)
+        return self._best_box(candidates, min_score)
+
+    def _best_box(self, candidates: list[tuple[float, list[float]]], min_score: float) -> list[int] | None:
+        """The first (most confident) candidate at or above `min_score` whose clamped box is not empty."""
         for score, box in candidates:
             if score < min_score:
                 break
@@ -242,14 +246,7 @@ class _RequestRun:
             return Timed(shifted, timed.queue_ms, timed.compute_ms)
 
         key = ("face", face_context, tuple(region) if region else None)
-        candidates = await self._stage(key, detect, clock)
-        for prob, box in candidates:
-            if prob < min_score:
-                break
-            clamped = imaging.clamp_box(box, self.decoded.width, self.decoded.height)
-            if clamped is not None:
-                return clamped
-        return None
+        return self._best_box(await self._stage(key, detect, clock), min_score)
 
     async def region(self, task: Task, target: str, params: dict[str, Any],
                      clock: _TaskClock) -> tuple[list[int] | None, str]:
