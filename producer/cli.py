@@ -195,6 +195,16 @@ def _cmd_operations(_: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _tasks_from_args(args: argparse.Namespace) -> list[Any]:
+    """The tasks of `--task TYPE[:TARGET]` (repeatable) followed by those of `--tasks-json`."""
+    from producer.submit import parse_task_spec, parse_tasks_json
+
+    tasks = [parse_task_spec(spec) for spec in args.task]
+    if args.tasks_json:
+        tasks += parse_tasks_json(args.tasks_json)
+    return tasks
+
+
 def _blob_store(args: argparse.Namespace, config: Any) -> Any:
     """The blob store local files go to: --blob-dir, else the configured one (a directory or s3://)."""
     from producer.blobstore import open_blob_store
@@ -204,14 +214,11 @@ def _blob_store(args: argparse.Namespace, config: Any) -> Any:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from producer.submit import (build_requests, expand_inputs, parse_task_spec, parse_tasks_json,
-                                 read_input_list, results_table, submit)
+    from producer.submit import build_requests, expand_inputs, read_input_list, results_table, submit
 
     config = load_config(_overrides(args))
     try:
-        tasks = [parse_task_spec(s) for s in args.task]
-        if args.tasks_json:
-            tasks += parse_tasks_json(args.tasks_json)
+        tasks = _tasks_from_args(args)
         if not tasks:
             raise ValueError("give at least one --task TYPE[:TARGET] or --tasks-json")
         metadata = orjson.loads(args.metadata_json) if args.metadata_json else None
@@ -289,13 +296,10 @@ def _parse_time(text: str):
 
 def _cmd_replay(args: argparse.Namespace) -> int:
     from producer.replay import Selection, parse_offsets, replay
-    from producer.submit import parse_task_spec, parse_tasks_json
 
     config = load_config(_overrides(args))
     try:
-        tasks = [parse_task_spec(s) for s in args.task]
-        if args.tasks_json:
-            tasks += parse_tasks_json(args.tasks_json)
+        tasks = _tasks_from_args(args)
         selection = Selection(since=args.since, until=args.until,
                               offsets=parse_offsets(args.offsets) if args.offsets else {},
                               request_id_prefix=args.request_id_prefix, limit=args.limit)
