@@ -19,8 +19,9 @@ def images_to_caption(folder: Path, *, recursive: bool, force: bool) -> tuple[li
     """(images to caption, images skipped because their .txt exists)."""
     images = find_images(folder) if recursive else sorted(
         p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    todo = [p for p in images if force or not caption_path(p).exists()]
-    skipped = [p for p in images if p not in set(todo)]
+    todo, skipped = [], []
+    for image in images:
+        (todo if force or not caption_path(image).exists() else skipped).append(image)
     return todo, skipped
 
 
