@@ -14,9 +14,6 @@ from schemas.operations import describe_operations
 log = logging.getLogger(__name__)
 
 
-PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
 def build_app(metrics: WorkerMetrics, ready: Callable[[], dict[str, bool]]) -> web.Application:
     """`ready()` returns named checks; /readyz is 200 only when all pass."""
 
@@ -32,9 +29,9 @@ def build_app(metrics: WorkerMetrics, ready: Callable[[], dict[str, bool]]) -> w
     async def operations(_: web.Request) -> web.Response:
         return web.Response(body=encode_json(describe_operations()), content_type="application/json")
 
-    async def prometheus(_: web.Request) -> web.Response:
-        return web.Response(body=metrics.render().encode(),
-                            headers={"Content-Type": PROMETHEUS_CONTENT_TYPE, "X-Content-Type-Options": "nosniff"})
+    async def prometheus(request: web.Request) -> web.Response:
+        body, content_type = metrics.exposition(request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type, "X-Content-Type-Options": "nosniff"})
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)

@@ -1,198 +1,132 @@
-"""A small Prometheus text-format registry for the worker's /metrics."""
+"""The worker's Prometheus metrics, on prometheus-client's registry and exposition.
+
+Event counts and latencies are prometheus-client Counters and Histograms updated where
+they happen; values that live elsewhere (requests in flight, lag, the batchers' tallies)
+are read at scrape time by a collector, so they are never stale and never double-kept.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
-import threading
-from typing import Callable, Iterable
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Literal
 
-LabelKey = tuple[tuple[str, str], ...]
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
-
-
-def _key(labels: dict[str, str] | None) -> LabelKey:
-    return tuple(sorted((labels or {}).items()))
-
-
-def _fmt_labels(key: LabelKey, extra: tuple[tuple[str, str], ...] = ()) -> str:
-    items = key + extra
-    if not items:
-        return ""
-    escaped = (f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34)).replace(chr(10), " ")}"'
-               for k, v in items)
-    return "{" + ",".join(escaped) + "}"
-
-
-def _fmt_value(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value)) if not float(value).is_integer() else str(int(value))
-
-
-class _Metric:
-    kind = "untyped"
-
-    def __init__(self, name: str, help_text: str) -> None:
-        self.name = name
-        self.help = help_text
-        self._lock = threading.Lock()
-
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
-
-
-class Counter(_Metric):
-    kind = "counter"
-
-    def __init__(self, name: str, help_text: str) -> None:
-        super().__init__(name, help_text)
-        self._values: dict[LabelKey, float] = {}
-
-    def inc(self, amount: float = 1.0, **labels: str) -> None:
-        key = _key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
-
-    def value(self, **labels: str) -> float:
-        return self._values.get(_key(labels), 0.0)
-
-    def lines(self) -> list[str]:
-        with self._lock:
-            return [f"{self.name}{_fmt_labels(k)} {_fmt_value(v)}" for k, v in sorted(self._values.items())]
-
-
-class Gauge(_Metric):
-    """A gauge whose samples are read from a callback at scrape time."""
-
-    kind = "gauge"
-
-    def __init__(self, name: str, help_text: str,
-                 read: Callable[[], Iterable[tuple[dict[str, str], float]]]) -> None:
-        super().__init__(name, help_text)
-        self._read = read
-
-    def lines(self) -> list[str]:
-        return [f"{self.name}{_fmt_labels(_key(labels))} {_fmt_value(v)}" for labels, v in self._read()]
-
-
-class LiveCounter(Gauge):
-    """A counter whose totals are kept elsewhere and read from a callback at scrape time."""
-
-    kind = "counter"
-
-
-class LiveHistogram(_Metric):
-    """A histogram read at scrape time from tallies kept elsewhere: (labels, {value: count}, sum)."""
-
-    kind = "histogram"
-
-    def __init__(self, name: str, help_text: str, buckets: Iterable[float],
-                 read: Callable[[], Iterable[tuple[dict[str, str], dict[float, int], float]]]) -> None:
-        super().__init__(name, help_text)
-        self.buckets = tuple(sorted(buckets)) + (math.inf,)
-        self._read = read
-
-    def lines(self) -> list[str]:
-        out = []
-        for labels, tallies, total in self._read():
-            key = _key(labels)
-            for bound in self.buckets:
-                count = sum(n for value, n in tallies.items() if value <= bound)
-                out.append(f"{self.name}_bucket{_fmt_labels(key, (('le', _fmt_value(bound)),))} {count}")
-            out.append(f"{self.name}_sum{_fmt_labels(key)} {_fmt_value(total)}")
-            out.append(f"{self.name}_count{_fmt_labels(key)} {sum(tallies.values())}")
-        return out
-
-
-class Histogram(_Metric):
-    kind = "histogram"
-
-    def __init__(self, name: str, help_text: str, buckets: Iterable[float]) -> None:
-        super().__init__(name, help_text)
-        self.buckets = tuple(sorted(buckets)) + (math.inf,)
-        self._counts: dict[LabelKey, list[int]] = {}
-        self._sums: dict[LabelKey, float] = {}
-
-    def observe(self, value: float, **labels: str) -> None:
-        key = _key(labels)
-        with self._lock:
-            counts = self._counts.setdefault(key, [0] * len(self.buckets))
-            for i, bound in enumerate(self.buckets):
-                if value <= bound:
-                    counts[i] += 1
-            self._sums[key] = self._sums.get(key, 0.0) + value
-
-    def lines(self) -> list[str]:
-        out = []
-        with self._lock:
-            for key, counts in sorted(self._counts.items()):
-                for bound, count in zip(self.buckets, counts):
-                    out.append(f"{self.name}_bucket{_fmt_labels(key, (('le', _fmt_value(bound)),))} {count}")
-                out.append(f"{self.name}_sum{_fmt_labels(key)} {_fmt_value(self._sums[key])}")
-                out.append(f"{self.name}_count{_fmt_labels(key)} {counts[-1]}")
-        return out
-
-
-class Registry:
-    def __init__(self) -> None:
-        self._metrics: list[_Metric] = []
-
-    def add(self, metric: _Metric) -> _Metric:
-        self._metrics.append(metric)
-        return metric
-
-    def render(self) -> str:
-        lines: list[str] = []
-        for metric in self._metrics:
-            try:
-                samples = metric.lines()
-            except Exception:  # noqa: BLE001 - one broken callback must not take the whole scrape down
-                log.exception("metric %s could not be read", metric.name)
-                continue
-            lines.extend(metric.header())
-            lines.extend(samples)
-        return "\n".join(lines) + "\n"
-
 
 LATENCY_BUCKETS_MS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
+Labels = dict[str, str]
+# (labels, value) samples of a gauge or counter read at scrape time.
+ReadSamples = Callable[[], Iterable[tuple[Labels, float]]]
+# (labels, {observed value: count}, sum) of a histogram whose tallies are kept elsewhere.
+ReadTallies = Callable[[], Iterable[tuple[Labels, dict[float, int], float]]]
 
-class WorkerMetrics:
-    """The worker's metrics; gauges read live state through callbacks set by the worker."""
+
+@dataclass(frozen=True)
+class _Live:
+    kind: Literal["gauge", "counter", "histogram"]
+    name: str
+    help: str
+    read: Callable[[], Iterable[tuple]]
+    buckets: tuple[float, ...] = ()
+
+
+class LiveCollector(Collector):
+    """Families whose samples are read from callbacks at scrape time."""
 
     def __init__(self) -> None:
-        self.registry = Registry()
+        self._live: list[_Live] = []
+
+    def add(self, live: _Live) -> None:
+        self._live.append(live)
+
+    def describe(self) -> list[Metric]:
+        # An empty describe() keeps the registry from calling collect() at registration time,
+        # when the worker's state (consumer, engine) may not exist yet.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        for live in self._live:
+            try:
+                family = self._family(live)
+            except Exception:  # noqa: BLE001 - one broken callback must not take the whole scrape down
+                log.exception("metric %s could not be read", live.name)
+                continue
+            yield family
+
+    @staticmethod
+    def _family(live: _Live) -> Metric:
+        samples = list(live.read())
+        names = sorted({name for labels, *_ in samples for name in labels})
+        if live.kind == "histogram":
+            histogram = HistogramMetricFamily(live.name, live.help, labels=names)
+            for labels, tallies, total in samples:
+                buckets = [(_bound(b), sum(n for v, n in tallies.items() if v <= b))
+                           for b in (*live.buckets, math.inf)]
+                histogram.add_metric([labels.get(n, "") for n in names], buckets, float(total))
+            return histogram
+        family_type = GaugeMetricFamily if live.kind == "gauge" else CounterMetricFamily
+        family = family_type(live.name, live.help, labels=names)
+        for labels, value in samples:
+            family.add_metric([labels.get(n, "") for n in names], float(value))
+        return family
+
+
+def _bound(value: float) -> str:
+    return "+Inf" if math.isinf(value) else str(float(value))
+
+
+class WorkerMetrics:
+    """The worker's metrics in a registry of its own (several workers can share a process in tests)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = r.add(Counter("imgstream_requests_consumed_total", "Request events consumed, by topic."))
-        self.results = r.add(Counter("imgstream_results_total", "Results published, by status and error code."))
-        self.dlq = r.add(Counter("imgstream_dlq_records_total", "Events sent to the DLQ, by reason code."))
-        self.fetch_ms = r.add(Histogram("imgstream_fetch_latency_ms",
-                                        "Image fetch latency, by outcome (ok or the error code).", LATENCY_BUCKETS_MS))
-        self.request_ms = r.add(Histogram("imgstream_request_latency_ms", "Consume-to-ack latency per request.",
-                                          LATENCY_BUCKETS_MS))
-        self.commits = r.add(Counter("imgstream_commits_total", "Offset commits, by outcome."))
-        self.crops_offloaded = r.add(Counter("imgstream_crops_offloaded_total",
-                                             "Crops written to the blob store because the result was too large."))
-        self.rebalances = r.add(Counter("imgstream_rebalance_events_total",
-                                        "Partition assignments and revocations seen by this worker."))
-        self.abandoned = r.add(Counter("imgstream_requests_abandoned_total",
-                                       "Requests cut short at a revoke or shutdown deadline (redone later)."))
+        self.requests = Counter("imgstream_requests_consumed_total", "Request events consumed, by topic.",
+                                ["topic"], registry=r)
+        self.results = Counter("imgstream_results_total", "Results published, by status and error code.",
+                               ["status", "error_code"], registry=r)
+        self.dlq = Counter("imgstream_dlq_records_total", "Events sent to the DLQ, by reason code.",
+                           ["reason"], registry=r)
+        self.fetch_ms = Histogram("imgstream_fetch_latency_ms",
+                                  "Image fetch latency, by outcome (ok or the error code).", ["outcome"],
+                                  buckets=LATENCY_BUCKETS_MS, registry=r)
+        self.request_ms = Histogram("imgstream_request_latency_ms", "Consume-to-ack latency per request.",
+                                    buckets=LATENCY_BUCKETS_MS, registry=r)
+        self.commits = Counter("imgstream_commits_total", "Offset commits, by outcome.", ["outcome"], registry=r)
+        self.crops_offloaded = Counter("imgstream_crops_offloaded_total",
+                                       "Crops written to the blob store because the result was too large.",
+                                       registry=r)
+        self.rebalances = Counter("imgstream_rebalance_events_total",
+                                  "Partition assignments and revocations seen by this worker.", ["event"],
+                                  registry=r)
+        self.abandoned = Counter("imgstream_requests_abandoned_total",
+                                 "Requests cut short at a revoke or shutdown deadline (redone later).", registry=r)
+        self._live = LiveCollector()
+        r.register(self._live)
 
-    def add_gauge(self, name: str, help_text: str,
-                  read: Callable[[], Iterable[tuple[dict[str, str], float]]]) -> None:
-        self.registry.add(Gauge(name, help_text, read))
+    def add_gauge(self, name: str, help_text: str, read: ReadSamples) -> None:
+        self._live.add(_Live("gauge", name, help_text, read))
 
-    def add_live_counter(self, name: str, help_text: str,
-                         read: Callable[[], Iterable[tuple[dict[str, str], float]]]) -> None:
-        self.registry.add(LiveCounter(name, help_text, read))
+    def add_live_counter(self, name: str, help_text: str, read: ReadSamples) -> None:
+        self._live.add(_Live("counter", name, help_text, read))
 
-    def add_live_histogram(self, name: str, help_text: str,
-                           read: Callable[[], Iterable[tuple[dict[str, str], dict[float, int], float]]],
+    def add_live_histogram(self, name: str, help_text: str, read: ReadTallies,
                            buckets: Iterable[float] = BATCH_BUCKETS) -> None:
-        self.registry.add(LiveHistogram(name, help_text, buckets, read))
+        self._live.add(_Live("histogram", name, help_text, read, tuple(sorted(buckets))))
 
-    def render(self) -> str:
-        return self.registry.render()
+    def value(self, name: str, **labels: str) -> float:
+        """The current value of one sample (0 when it was never set), for tests and logs."""
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+    def exposition(self, accept: str = "") -> tuple[bytes, str]:
+        """The scrape body and its content type, in the format the scraper's Accept header asks for."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type

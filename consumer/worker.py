@@ -242,7 +242,7 @@ class Worker:
     async def _process(self, tp: TopicPartition, record: Any) -> None:
         assert self.publisher is not None
         started = time.perf_counter()
-        self.metrics.requests.inc(topic=tp.topic)
+        self.metrics.requests.labels(topic=tp.topic).inc()
         try:
             request = decode_request(record.value)
         except InvalidEvent as exc:
@@ -266,7 +266,7 @@ class Worker:
             self.tracker.finish(tp, record.offset)
             return
         for result in results:
-            self.metrics.results.inc(status=result.status, error_code=result.error_code or "")
+            self.metrics.results.labels(status=result.status, error_code=result.error_code or "").inc()
         self.tracker.finish(tp, record.offset)
         self.metrics.request_ms.observe((time.perf_counter() - started) * 1000.0)
         log.info("request %s: %d results (%s)", request.request_id, len(results),
@@ -277,7 +277,7 @@ class Worker:
         letter = DeadLetter(reason=reason, error_code=code, source_topic=tp.topic,
                             source_partition=tp.partition, source_offset=record.offset)
         await self.publisher.dead_letter(record.key, record.value, letter)
-        self.metrics.dlq.inc(reason=code)
+        self.metrics.dlq.labels(reason=code).inc()
 
     async def _analyse(self, request: Any) -> list[Any]:
         """Fetch and decode the image once, then run every task through the engine.
@@ -293,11 +293,11 @@ class Worker:
             try:
                 fetched = await self.fetcher.fetch(request.image)
             except imaging.ImageError as exc:
-                self.metrics.fetch_ms.observe((time.perf_counter() - t0) * 1000.0, outcome=exc.code)
+                self.metrics.fetch_ms.labels(outcome=exc.code).observe((time.perf_counter() - t0) * 1000.0)
                 raise
             self.images.add(hold, len(fetched.data))
             timings["fetch"] = fetched.elapsed_ms
-            self.metrics.fetch_ms.observe(fetched.elapsed_ms, outcome="ok")
+            self.metrics.fetch_ms.labels(outcome="ok").observe(fetched.elapsed_ms)
             t0 = time.perf_counter()
             decoded = await asyncio.to_thread(imaging.decode_image, fetched.data, self.config.decode)
             del fetched
@@ -332,11 +332,11 @@ class Worker:
         try:
             await self.consumer.commit(offsets)
         except KafkaError as exc:
-            self.metrics.commits.inc(outcome="failed")
+            self.metrics.commits.labels(outcome="failed").inc()
             log.warning("commit of %s failed (%s); the next commit retries", _names(offsets), _brief(exc))
             return
         self.tracker.committed(offsets)
-        self.metrics.commits.inc(outcome="ok")
+        self.metrics.commits.labels(outcome="ok").inc()
 
     async def _drain(self, tasks: list[asyncio.Task], deadline_s: float) -> int:
         """Wait for `tasks` up to the deadline (or a second signal); cancel the rest, return how many."""
@@ -363,7 +363,7 @@ class Worker:
 
     def assigned(self, partitions: set[TopicPartition]) -> None:
         self._revoking.clear()
-        self.metrics.rebalances.inc(event="assigned")
+        self.metrics.rebalances.labels(event="assigned").inc()
         log.info("partitions assigned: %s", _names(partitions))
 
     async def release(self, revoked: set[TopicPartition]) -> None:
@@ -371,7 +371,7 @@ class Worker:
         if not revoked:
             return
         self._revoking |= revoked
-        self.metrics.rebalances.inc(event="revoked")
+        self.metrics.rebalances.labels(event="revoked").inc()
         tasks = [t for (tp, _), t in list(self._tasks.items()) if tp in revoked]
         abandoned = await self._drain(tasks, self.config.revoke_timeout_s)
         await self.commit(revoked, force=True)

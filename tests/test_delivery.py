@@ -249,7 +249,7 @@ async def test_paused_partitions_keep_the_member_in_its_group(broker, topics, en
         assert len(records) == 2 * len(messages)
         more = await consume_all(broker, topics.results, 2 * len(messages) + 1, timeout_s=3)
         assert len(more) == 2 * len(messages), "a result was published twice"
-        assert worker.metrics.rebalances.value(event="revoked") == 0
+        assert worker.metrics.value("imgstream_rebalance_events_total", event="revoked") == 0
         assert worker.images.peak <= len(body) + 160 * 160 * 3
     finally:
         worker.request_stop("test finished")
@@ -329,7 +329,7 @@ async def test_a_crop_too_large_for_the_message_limit_goes_to_the_blob_store(bro
         assert 4 * (crop_path.stat().st_size + 2) // 3 > limit  # its base64 could not have travelled inline
         inline = by_op["face_clip_no_crop"]
         assert inline.cropped_image_ref is None and inline.cropped_image_base64 is None
-        assert worker.metrics.crops_offloaded.value() == 1
+        assert worker.metrics.value("imgstream_crops_offloaded_total") == 1
     finally:
         worker.request_stop("test finished")
         await asyncio.wait_for(running, 60)
@@ -371,7 +371,7 @@ async def test_a_second_stop_signal_abandons_the_drain_without_committing(broker
         assert not running.done()  # draining: the request may still finish
         worker.request_stop("SIGTERM")
         await asyncio.wait_for(running, 20)
-        assert worker.metrics.abandoned.value() == 1
+        assert worker.metrics.value("imgstream_requests_abandoned_total") == 1
     finally:
         worker.request_stop("test finished")
         await asyncio.wait_for(running, 60)

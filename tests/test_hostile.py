@@ -153,7 +153,7 @@ async def test_hostile_images_become_error_results_and_the_worker_keeps_serving(
     assert {r.status for r in results["good"].values()} == {"success"}
     assert len(results["good"]["clip"].data) == 512
     assert worker.images.held == 0 and worker.tracker.in_flight() == 0
-    assert worker.metrics.results.value(status="error", error_code="image_too_large") == 4
+    assert worker.metrics.value("imgstream_results_total", status="error", error_code="image_too_large") == 4
 
 
 async def test_private_addresses_are_refused_when_the_guard_is_on(broker, topics, guarded_worker, server, tmp_path):

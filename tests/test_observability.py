@@ -7,6 +7,7 @@ import re
 import time
 
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 
 from producer.embedded_broker import find_free_port
 from tests.kafka_helpers import consume_all
@@ -18,35 +19,15 @@ from tests.worker_procs import (  # noqa: F401 - `workers` is a fixture
     workers,
 )
 
-_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
-_LABELS = r'\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*"(?:,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*")*)?\}'
-_SAMPLE = re.compile(rf"^({_NAME})({_LABELS})? (-?[0-9.e+-]+|[+-]Inf|NaN)$")
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-
 def parse_prometheus(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Samples of a Prometheus text exposition; fails on any line that is not valid 0.0.4 format."""
+    """Samples of a text exposition, read by prometheus-client's own parser (it raises on bad lines)."""
     samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
-    typed: dict[str, str] = {}
-    for line in text.splitlines():
-        if not line:
-            continue
-        if line.startswith("# HELP ") or line.startswith("# TYPE "):
-            parts = line.split(" ", 3)
-            assert len(parts) == 4 and re.fullmatch(_NAME, parts[2]), line
-            if parts[1] == "TYPE":
-                assert parts[3] in ("counter", "gauge", "histogram", "summary", "untyped"), line
-                assert parts[2] not in typed, f"two TYPE lines for {parts[2]}"
-                typed[parts[2]] = parts[3]
-            continue
-        match = _SAMPLE.match(line)
-        assert match, f"not a Prometheus sample line: {line!r}"
-        name, labels, value = match.groups()
-        family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in typed else name
-        assert family in typed, f"sample {name} has no TYPE line"
-        key = (name, frozenset(_LABEL.findall(labels or "")))
-        assert key not in samples, f"duplicate sample {line!r}"
-        samples[key] = float(value)
+    for metric in text_string_to_metric_families(text):
+        assert metric.type in ("counter", "gauge", "histogram"), (metric.name, metric.type)
+        for s in metric.samples:
+            key = (s.name, frozenset(s.labels.items()))
+            assert key not in samples, f"duplicate sample {key}"
+            samples[key] = s.value
     return samples
 
 
@@ -100,7 +81,7 @@ async def test_health_operations_and_metrics_of_a_running_worker(broker, topics,
         if settled or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.2)
-    assert headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert headers["Content-Type"].startswith("text/plain; version=")
     assert sample(samples, "imgstream_requests_consumed_total", topic=topics.requests) == 5
     assert sample(samples, "imgstream_results_total", status="success", error_code="") == 6
     assert sample(samples, "imgstream_results_total", status="error", error_code="image_fetch_failed") == 2
@@ -120,6 +101,11 @@ async def test_health_operations_and_metrics_of_a_running_worker(broker, topics,
     lag = family(samples, "imgstream_consumer_lag")
     assert lag and all(dict(labels)["topic"] == topics.requests for labels in lag)
     assert set(lag.values()) == {0.0}
+
+    # A scraper that asks for OpenMetrics gets it (prometheus-client negotiates the format).
+    status, body, headers = worker.get("/metrics", accept="application/openmetrics-text; version=1.0.0")
+    assert status == 200 and headers["Content-Type"].startswith("application/openmetrics-text")
+    assert body.rstrip().endswith(b"# EOF")
 
     log = worker.log()
     assert "[request_id=obs-0] request obs-0: 2 results" in log

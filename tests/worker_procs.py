@@ -104,12 +104,13 @@ class WorkerProc:
             await asyncio.sleep(0.1)
         return self.proc.returncode
 
-    def get(self, path: str, timeout_s: float = 5.0) -> tuple[int, bytes, dict[str, str]]:
+    def get(self, path: str, timeout_s: float = 5.0, accept: str | None = None) -> tuple[int, bytes, dict[str, str]]:
         """GET http://127.0.0.1:<http_port><path>: (status, body, headers); status 0 if nothing answers."""
         assert self.http_port is not None
         url = f"http://127.0.0.1:{self.http_port}{path}"
+        headers = {"Accept": accept} if accept else {}
         try:
-            with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s) as response:
                 return response.status, response.read(), dict(response.headers)
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read(), dict(exc.headers)
