@@ -9,8 +9,7 @@ import logging
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
 
-# The producer's blob store is light (stdlib, boto3 only for s3://): crops go where uploads go.
-from producer.blobstore import BlobStore, open_blob_store
+from blobs import BlobStore, open_blob_store
 from schemas.codec import encode
 from schemas.config import BlobConfig
 from schemas.events import DeadLetter, ResultEvent

@@ -6,7 +6,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from producer.blobstore import BlobStore
+from blobs import BlobStore
 from producer.submit import IMAGE_SUFFIXES, ImageInput, build_requests, find_images, submit
 from schemas.events import ImageRef, ResultEvent, Task
 

@@ -207,7 +207,7 @@ def _tasks_from_args(args: argparse.Namespace) -> list[Any]:
 
 def _blob_store(args: argparse.Namespace, config: Any) -> Any:
     """The blob store local files go to: --blob-dir, else the configured one (a directory or s3://)."""
-    from producer.blobstore import open_blob_store
+    from blobs import open_blob_store
 
     return open_blob_store(args.blob_dir or config.blobs.dir, s3_endpoint_url=config.blobs.s3_endpoint_url,
                            s3_region=config.blobs.s3_region)

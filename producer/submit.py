@@ -13,7 +13,7 @@ from typing import Any, Iterable, TextIO
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from producer.blobstore import BlobStore
+from blobs import BlobStore
 from schemas.codec import decode_result, encode
 from schemas.events import AnalysisRequest, ImageRef, ResultEvent, Task, utc_now
 

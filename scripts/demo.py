@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from producer.blobstore import DirectoryBlobStore  # noqa: E402
+from blobs import DirectoryBlobStore  # noqa: E402
 from producer.embedded_broker import EmbeddedBroker  # noqa: E402
 from producer.submit import build_requests, expand_inputs, parse_task_spec, submit, summarise  # noqa: E402
 from producer.topics import create_topics  # noqa: E402
