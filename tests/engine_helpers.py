@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from schemas.events import AnalysisRequest
@@ -33,3 +34,10 @@ def request(*tasks: tuple[str, str, dict[str, Any]], metadata: dict | None = Non
 
 def by_op(results) -> dict:
     return {r.operation_id: r for r in results}
+
+
+def cosine(a, b) -> float:
+    """Cosine similarity of two vectors: how model outputs are compared (the last bits vary with
+    batch composition, thread count and kernel choice, so never with ==)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))

@@ -96,6 +96,7 @@ async def test_person_fallback_to_whole_image(engine):
     emb = results["emb"]
     assert emb.status == "success" and emb.region == "whole_image"
     assert emb.cropped_image_bbox is None and emb.cropped_image_base64 is None
+    # Exact: the fallback and the whole-image task share one embedding stage (one computation).
     assert emb.data == results["whole"].data
 
 
@@ -135,6 +136,7 @@ async def test_both_face_contexts_in_one_request_are_detected_separately(engine)
         ("in_whole_again", "embed_clip_vit_b_32", {"target": "prominent_face", "face_context": "whole_image"}),
     ), photo("astronaut")))
     assert engine.stage_counts["face"] - before == 2
+    # Exact: both tasks read the one face detection of the whole-image context.
     assert results["in_whole"].data == results["in_whole_again"].cropped_image_bbox
     assert _inside(results["in_person"].data, ASTRONAUT_FACE)
 

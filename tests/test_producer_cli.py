@@ -11,7 +11,7 @@ import pytest
 
 from producer.embedded_broker import find_free_port
 from schemas.events import ResultEvent
-from tests.engine_helpers import photo
+from tests.engine_helpers import cosine, photo
 from tests.test_worker import worker  # noqa: F401 - fixture: a worker on this test's topics
 
 pytestmark = pytest.mark.usefixtures("worker")
@@ -104,7 +104,8 @@ async def test_replay_republishes_selected_requests_with_new_tasks(broker, topic
     originals = [ResultEvent.model_validate_json(line) for line in out.splitlines()]
     first_id = originals[0].request_id
     code, out, err = await imgstream(broker, topics, "replay", "--request-id-prefix", first_id, "--dry-run")
-    assert code == 0, err and "would publish 1" in err
+    assert code == 0, err
+    assert "would publish 1" in err
     assert out.split("\t")[0] == first_id
 
     code, out, err = await imgstream(broker, topics, "replay", "--request-id-prefix", first_id,
@@ -120,7 +121,9 @@ async def test_replay_republishes_selected_requests_with_new_tasks(broker, topic
     original_clip = next(r for r in originals if r.request_id == first_id)
     replayed_clip = next(r for r in replayed if r.operation_id == "embed_clip_vit_b_32")
     assert replayed_clip.event_id == original_clip.event_id
-    assert replayed_clip.data == original_clip.data
+    # The original ran in a batch with the other image, the replay alone: same vector up to float noise.
+    assert len(replayed_clip.data) == len(original_clip.data) == 512
+    assert cosine(replayed_clip.data, original_clip.data) >= 0.9999
 
 
 async def test_replay_by_offsets_and_time(broker, topics, folder):
