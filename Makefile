@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
+# --durations: the slowest tests, so a suite that grows slower says where.
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=15
 
 schemas: $(STAMP)
 	$(PY) -m schemas.export
