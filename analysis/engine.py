@@ -371,10 +371,16 @@ class _RequestRun:
             return task_result(self.request, task, "error", error_code="internal_error",
                                error_message=f"Internal error processing task: {type(exc).__name__}: {exc}",
                                timings_ms=self._timings(clock), **common)
-        return task_result(
-            self.request, task, "success", data=outcome.data, region=outcome.region, bbox=outcome.box,
-            crop_base64=outcome.crop_base64, model=outcome.model, timings_ms=self._timings(clock), **common,
-        )
+        try:
+            return task_result(
+                self.request, task, "success", data=outcome.data, region=outcome.region, bbox=outcome.box,
+                crop_base64=outcome.crop_base64, model=outcome.model, timings_ms=self._timings(clock), **common,
+            )
+        except Exception as exc:  # noqa: BLE001 - an outcome the schema refuses fails this task only
+            log.exception("%s/%s: result could not be built", self.request.request_id, task.operation_id)
+            return task_result(self.request, task, "error", error_code="internal_error",
+                               error_message=f"Internal error building the result: {type(exc).__name__}: {exc}",
+                               timings_ms=self._timings(clock), **common)
 
     def _timings(self, clock: _TaskClock) -> dict[str, float]:
         return {

@@ -34,6 +34,8 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
 _CHUNK_BYTES: Final = 64 * 1024
 _SHARED_ADDRESS_SPACE: Final = ipaddress.ip_network("100.64.0.0/10")  # CGNAT, RFC 6598
+# IETF protocol assignments (RFC 6890); Python counts 192.0.0.9 and 192.0.0.10 as global.
+_IETF_PROTOCOL_ASSIGNMENTS: Final = ipaddress.ip_network("192.0.0.0/24")
 _METADATA_ADDRESSES: Final = frozenset({ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")})
 # gaierror codes that mean "this name does not exist": retrying cannot help.
 _PERMANENT_DNS_ERRNOS: Final = frozenset(
@@ -83,6 +85,8 @@ def address_block_reason(address: IPAddress) -> str | None:
         (address.is_unspecified, "an unspecified address"),
         (address.is_link_local, "a link-local address"),
         (isinstance(address, ipaddress.IPv4Address) and address in _SHARED_ADDRESS_SPACE, "a CGNAT address"),
+        (isinstance(address, ipaddress.IPv4Address) and address in _IETF_PROTOCOL_ASSIGNMENTS,
+         "an IETF protocol assignment address (192.0.0.0/24)"),
         (address.is_reserved, "a reserved address"),
         (address.is_private, "a private address"),
         (address.is_multicast, "a multicast address"),
@@ -141,10 +145,10 @@ class BlobReader(Protocol):
 
 
 class FileBlobReader:
-    """file:// references to local paths, optionally confined to some root directories."""
+    """file:// references to local paths inside the configured root directories (none: refuse all)."""
 
-    def __init__(self, roots: Sequence[str] = ()) -> None:
-        self._roots = [Path(os.path.realpath(root)) for root in roots]
+    def __init__(self, roots: Sequence[str]) -> None:
+        self._roots = [Path(os.path.realpath(os.path.expanduser(root))) for root in roots]
 
     async def read(self, reference: str, max_bytes: int) -> bytes:
         path = self._checked_path(reference)
@@ -161,8 +165,13 @@ class FileBlobReader:
             raise ImageError(FETCH_FAILED, f"blob {reference!r} is not an absolute path (use file:///path)")
         # realpath resolves symlinks and "..", so a link inside a root cannot lead outside it.
         path = Path(os.path.realpath(raw_path))
-        if self._roots and not any(path.is_relative_to(root) for root in self._roots):
-            raise ImageError(FETCH_FAILED, f"blob {reference!r} is outside the configured blob roots")
+        if not any(path.is_relative_to(root) for root in self._roots):
+            allowed = ", ".join(str(root) for root in self._roots) or "none"
+            raise ImageError(
+                FETCH_FAILED,
+                f"blob {reference!r} is outside the blob roots (fetch.blob_roots: {allowed}); add its directory to "
+                "fetch.blob_roots (IMGSTREAM_FETCH__BLOB_ROOTS or worker --blob-root) to allow it",
+            )
         return path
 
 
@@ -221,7 +230,7 @@ class ImageFetcher:
     def __init__(self, config: FetchConfig, *, blob_readers: Mapping[str, BlobReader] | None = None) -> None:
         self._config = config
         self._blob_readers: dict[str, BlobReader] = (
-            dict(blob_readers) if blob_readers is not None else {"file": FileBlobReader(config.blob_roots)}
+            dict(blob_readers) if blob_readers is not None else {"file": FileBlobReader(config.blob_roots or ())}
         )
         self._semaphore = asyncio.Semaphore(config.max_concurrent)
         self._session: aiohttp.ClientSession | None = None

@@ -109,6 +109,9 @@ class WorkerMetrics:
                                   registry=r)
         self.abandoned = Counter("imgstream_requests_abandoned_total",
                                  "Requests cut short at a revoke or shutdown deadline (redone later).", registry=r)
+        self.unhandled = Counter("imgstream_requests_unhandled_total",
+                                 "Requests that could be neither answered nor dead-lettered (see the log); their "
+                                 "offsets were released so the partition moves on.", registry=r)
         self._live = LiveCollector()
         r.register(self._live)
 

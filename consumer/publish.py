@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+from collections import Counter
+from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
@@ -26,31 +28,62 @@ def crop_store(blobs: BlobConfig) -> BlobStore:
                            s3_region=blobs.s3_region)
 
 
-def fit_result(result: ResultEvent, limit: int, crops: BlobStore) -> tuple[bytes, bool]:
+@dataclass(frozen=True)
+class Fitted:
+    """A result as it will be sent (an error result when it could not be made to fit) and its bytes."""
+
+    result: ResultEvent
+    payload: bytes
+    offloaded: bool = False
+
+
+def failed_result(result: ResultEvent, code: str, message: str) -> Fitted:
+    """`result` turned into an `error` result with `code`, without data or crop."""
+    failed = result.model_copy(update={
+        "status": "error", "data": None, "cropped_image_base64": None, "cropped_image_ref": None,
+        "error_code": code, "error_message": message,
+    })
+    return Fitted(failed, encode(failed))
+
+
+def fit_result(result: ResultEvent, limit: int, crops: BlobStore) -> Fitted:
     """Encode `result` under `limit` bytes, moving an inline crop to the blob store if needed."""
     payload = encode(result)
     budget = limit - RECORD_OVERHEAD_BYTES
     if len(payload) <= budget:
-        return payload, False
+        return Fitted(result, payload)
     if result.cropped_image_base64 is not None:
-        ref = crops.put_bytes(base64.b64decode(result.cropped_image_base64), ".png")
-        result = result.model_copy(update={"cropped_image_base64": None, "cropped_image_ref": ref})
-        payload = encode(result)
+        png = base64.b64decode(result.cropped_image_base64)
+        try:
+            ref = crops.put_bytes(png, ".png")
+        except Exception as exc:  # noqa: BLE001 - a full disk or an S3 error fails this task, not the request
+            log.error("%s: crop of %d bytes could not be stored: %s", result.event_id, len(png), exc)
+            return failed_result(result, "crop_store_failed",
+                                 f"the crop ({len(png)} bytes) is too large to inline and could not be written "
+                                 f"to the blob store (blobs.dir): {type(exc).__name__}: {exc}")
+        offloaded = result.model_copy(update={"cropped_image_base64": None, "cropped_image_ref": ref})
+        payload = encode(offloaded)
         if len(payload) <= budget:
-            return payload, True
-    too_big = result.model_copy(update={
-        "status": "error", "data": None, "cropped_image_base64": None, "error_code": "result_too_large",
-        "error_message": f"result of {len(payload)} bytes does not fit the {limit}-byte message limit",
-    })
-    return encode(too_big), False
+            return Fitted(offloaded, payload, offloaded=True)
+    return failed_result(result, "result_too_large",
+                         f"result of {len(payload)} bytes does not fit the {limit}-byte message limit")
 
 
 # The producer refuses these before sending; retrying the same record cannot help.
 _TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
 
 
+class PublishAbandoned(Exception):
+    """A publish given up because the worker is stopping; the request stays uncommitted and is redone."""
+
+
 class Publisher:
-    """Sends results and DLQ records; each call returns once the broker acknowledged."""
+    """Sends results and DLQ records; each call returns once the broker acknowledged.
+
+    `outcomes` counts, per (kind, outcome), what did not go through at the first try:
+    kind is "results" or "dlq", outcome "retried", "abandoned" (given up at shutdown) or
+    "refused" (the broker or client will never take the record).
+    """
 
     def __init__(self, producer: AIOKafkaProducer, results_topic: str, dlq_topic: str,
                  max_message_bytes: int | None = None) -> None:
@@ -58,8 +91,9 @@ class Publisher:
         self.results_topic = results_topic
         self.dlq_topic = dlq_topic
         self.max_message_bytes = max_message_bytes
+        self.outcomes: Counter[tuple[str, str]] = Counter()
 
-    async def _send(self, topic: str, key: bytes | None, value: bytes,
+    async def _send(self, kind: str, topic: str, key: bytes | None, value: bytes,
                     headers: list[tuple[str, bytes]] | None = None, stop: asyncio.Event | None = None) -> None:
         delay = 0.2
         while True:
@@ -67,23 +101,38 @@ class Publisher:
                 await self.producer.send_and_wait(topic, value=value, key=key, headers=headers)
                 return
             except _TOO_LARGE:
+                self.outcomes[kind, "refused"] += 1
                 raise
             except KafkaError as exc:
-                # Keep trying: the request's offset is not committed until this succeeds.
+                # Keep trying: the request's offset is not committed until this succeeds. At
+                # shutdown give up instead; the uncommitted request is redone after the restart.
                 if stop is not None and stop.is_set():
-                    raise
+                    self.outcomes[kind, "abandoned"] += 1
+                    raise PublishAbandoned(f"publish to {topic} given up at shutdown: {exc}") from exc
+                self.outcomes[kind, "retried"] += 1
                 log.warning("publish to %s failed (%s); retrying in %.1fs", topic, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    async def results(self, request_id: str, payloads: list[bytes], stop: asyncio.Event | None = None) -> None:
+    async def results(self, request_id: str, payloads: list[bytes],
+                      stop: asyncio.Event | None = None) -> dict[int, KafkaError]:
+        """Publish every payload; returns the ones the broker refused for good, by index.
+
+        Raises PublishAbandoned if the worker began stopping while some could not be sent.
+        """
         key = request_id.encode()
-        await asyncio.gather(*(self._send(self.results_topic, key, p, stop=stop) for p in payloads))
+        sent = await asyncio.gather(*(self._send("results", self.results_topic, key, p, stop=stop)
+                                      for p in payloads), return_exceptions=True)
+        for outcome in sent:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, _TOO_LARGE):
+                raise outcome
+        return {i: outcome for i, outcome in enumerate(sent) if isinstance(outcome, _TOO_LARGE)}
 
     async def dead_letter(self, key: bytes | None, value: bytes | None, letter: DeadLetter,
                           stop: asyncio.Event | None = None) -> None:
         """The original bytes with the reason in headers; cut to fit the message limit if they do not."""
         value = value or b""
+        headers = letter.headers()
         limit = self.max_message_bytes
         if limit is not None:
             budget = limit - RECORD_OVERHEAD_BYTES
@@ -96,6 +145,5 @@ class Publisher:
                 letter = letter.model_copy(update={
                     "reason": f"{letter.reason} (value cut from {len(value)} to {room} bytes to fit the topic)"})
                 headers = letter.headers() + [(letter.HEADER_PREFIX + "original_bytes", str(len(value)).encode())]
-                await self._send(self.dlq_topic, key, value[:room], headers, stop=stop)
-                return
-        await self._send(self.dlq_topic, key, value, letter.headers(), stop=stop)
+                value = value[:room]
+        await self._send("dlq", self.dlq_topic, key, value, headers, stop=stop)

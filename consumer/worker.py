@@ -13,17 +13,17 @@ from aiokafka.errors import IllegalStateError, KafkaConnectionError, KafkaError
 from analysis import imaging
 from analysis.engine import Engine
 from analysis.results import error_results, image_info
-from consumer.fetch import ImageFetcher
+from consumer.fetch import FileBlobReader, ImageFetcher
 from consumer.image_budget import ImageBudget
 from consumer.logs import request_id_var
 from consumer.metrics import WorkerMetrics
 from consumer.offsets import OffsetTracker
-from consumer.publish import Publisher, crop_store, fit_result
+from consumer.publish import Fitted, PublishAbandoned, Publisher, crop_store, failed_result, fit_result
 from consumer.s3blobs import S3BlobReader
 from consumer.signals import on_stop_signals
-from schemas.codec import InvalidEvent, decode_request
+from schemas.codec import InvalidEvent, decode_request, encode
 from schemas.config import WorkerConfig
-from schemas.events import DeadLetter
+from schemas.events import AnalysisRequest, DeadLetter, ResultEvent
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,7 @@ class Worker:
         """Consume until `request_stop`; then drain, commit and close."""
         async with ImageFetcher(self.config.fetch) as fetcher:
             blobs = self.config.blobs
+            fetcher.register_blob_reader("file", FileBlobReader(self.config.file_blob_roots()))
             fetcher.register_blob_reader("s3", S3BlobReader(blobs.s3_endpoint_url, blobs.s3_region))
             self.fetcher = fetcher
             await self._connect()
@@ -240,43 +241,89 @@ class Worker:
     # -- one request ----------------------------------------------------------------------
 
     async def _process(self, tp: TopicPartition, record: Any) -> None:
-        assert self.publisher is not None
+        """Handle one record; whatever fails, its offset is finished unless the worker gave up at shutdown."""
         started = time.perf_counter()
         self.metrics.requests.labels(topic=tp.topic).inc()
+        try:
+            await self._handle(tp, record)
+        except PublishAbandoned as exc:
+            # Stopping: left unfinished, so not committed; it is redone after the restart.
+            log.warning("%s[%d]@%d left for redelivery: %s", tp.topic, tp.partition, record.offset, exc)
+            return
+        except Exception:  # noqa: BLE001 - even the fallbacks failed; never hold the partition for it
+            self.metrics.unhandled.inc()
+            log.exception("%s[%d]@%d could be neither answered nor dead-lettered; its offset is released",
+                          tp.topic, tp.partition, record.offset)
+        self.tracker.finish(tp, record.offset)
+        self.metrics.request_ms.observe((time.perf_counter() - started) * 1000.0)
+
+    async def _handle(self, tp: TopicPartition, record: Any) -> None:
         try:
             request = decode_request(record.value)
         except InvalidEvent as exc:
             log.warning("%s[%d]@%d to DLQ: %s", tp.topic, tp.partition, record.offset, exc.reason)
             await self._dead_letter(tp, record, exc.code, exc.reason)
-            self.tracker.finish(tp, record.offset)
             return
         request_id_var.set(request.request_id)
-        results = await self._analyse(request)
-        # Off the loop: a crop too large to inline is written to the blob store (a file or an S3 put).
-        fitted = await asyncio.to_thread(
-            lambda: [fit_result(r, self.config.kafka.max_message_bytes, self.crops) for r in results])
-        payloads = [payload for payload, _ in fitted]
-        self.metrics.crops_offloaded.inc(sum(offloaded for _, offloaded in fitted))
         try:
-            await self.publisher.results(request.request_id, payloads)
-        except KafkaError as exc:  # only a permanent refusal (e.g. size) gets here; the rest is retried
-            log.error("request %s: results refused by the broker (%s); request goes to the DLQ",
-                      request.request_id, exc)
-            await self._dead_letter(tp, record, "publish_failed", f"results could not be published: {exc}")
-            self.tracker.finish(tp, record.offset)
-            return
+            results = await self._analyse(request)
+            # Off the loop: a crop too large to inline is written to the blob store (a file or an S3 put).
+            fitted = await asyncio.to_thread(self._fit_all, results)
+        except Exception as exc:  # noqa: BLE001 - the whole request failed: every task gets its error result
+            log.exception("request %s: failed", request.request_id)
+            message = f"Internal error: {type(exc).__name__}: {exc}"
+            # Error results carry no crop, so they fit as they are.
+            fitted = [Fitted(r, encode(r)) for r in error_results(request, "internal_error", message,
+                                                                   image=image_info(request))]
+        await self._publish(tp, record, request, fitted)
+
+    def _fit(self, result: ResultEvent) -> Fitted:
+        return fit_result(result, self.config.kafka.max_message_bytes, self.crops)
+
+    def _fit_all(self, results: list[ResultEvent]) -> list[Fitted]:
+        """Each result encoded to fit; one that cannot be built becomes that task's error result."""
+        fitted = []
         for result in results:
-            self.metrics.results.labels(status=result.status, error_code=result.error_code or "").inc()
-        self.tracker.finish(tp, record.offset)
-        self.metrics.request_ms.observe((time.perf_counter() - started) * 1000.0)
-        log.info("request %s: %d results (%s)", request.request_id, len(results),
-                 ", ".join(f"{r.operation_id}={r.status}" for r in results))
+            try:
+                fitted.append(self._fit(result))
+            except Exception as exc:  # noqa: BLE001 - one task's failure must not take its siblings down
+                log.exception("%s: result could not be built", result.event_id)
+                fitted.append(failed_result(result, "internal_error",
+                                            f"the result could not be built: {type(exc).__name__}: {exc}"))
+        return fitted
+
+    async def _publish(self, tp: TopicPartition, record: Any, request: AnalysisRequest,
+                       fitted: list[Fitted]) -> None:
+        """Publish every result; the ones the broker refuses become error results, and the request goes to the DLQ."""
+        assert self.publisher is not None
+        stop = self.stopping
+        refused = await self.publisher.results(request.request_id, [f.payload for f in fitted], stop=stop)
+        if refused:
+            why = "; ".join(f"{fitted[i].result.operation_id}: {_brief(exc)}" for i, exc in sorted(refused.items()))
+            log.error("request %s: results refused by the broker (%s); request goes to the DLQ", request.request_id, why)
+            order = sorted(refused)
+            stand_ins = [failed_result(fitted[i].result, "publish_failed",
+                                       f"the result could not be published: {_brief(refused[i])}") for i in order]
+            again = await self.publisher.results(request.request_id, [f.payload for f in stand_ins], stop=stop)
+            await self._dead_letter(tp, record, "publish_failed", f"results could not be published: {why}")
+            lost = {order[j] for j in again}  # refused even as error results: only the DLQ record tells of them
+            fitted = list(fitted)
+            for i, stand_in in zip(order, stand_ins):
+                fitted[i] = stand_in
+            published = [f for i, f in enumerate(fitted) if i not in lost]
+        else:
+            published = fitted
+        self.metrics.crops_offloaded.inc(sum(f.offloaded for f in published))
+        for f in published:
+            self.metrics.results.labels(status=f.result.status, error_code=f.result.error_code or "").inc()
+        log.info("request %s: %d results (%s)", request.request_id, len(fitted),
+                 ", ".join(f"{f.result.operation_id}={f.result.status}" for f in fitted))
 
     async def _dead_letter(self, tp: TopicPartition, record: Any, code: str, reason: str) -> None:
         assert self.publisher is not None
         letter = DeadLetter(reason=reason, error_code=code, source_topic=tp.topic,
                             source_partition=tp.partition, source_offset=record.offset)
-        await self.publisher.dead_letter(record.key, record.value, letter)
+        await self.publisher.dead_letter(record.key, record.value, letter, stop=self.stopping)
         self.metrics.dlq.labels(reason=code).inc()
 
     async def _analyse(self, request: Any) -> list[Any]:
@@ -445,6 +492,11 @@ class Worker:
         m.add_live_histogram("imgstream_model_batch_size", "Items per model call, per model.",
                              lambda: [({"model": k}, s["batch_sizes"], float(s["items"]))
                                       for k, s in self.engine.batch_stats().items()])
+        m.add_live_counter("imgstream_publish_failures_total",
+                           "Publishes that failed, by kind (results, dlq) and outcome (retried; abandoned at "
+                           "shutdown; refused for good).",
+                           lambda: [({"kind": kind, "outcome": outcome}, n)
+                                    for (kind, outcome), n in (self.publisher.outcomes if self.publisher else {}).items()])
         m.add_gauge("imgstream_model_queue_depth", "Items waiting in each model's batcher.",
                     lambda: [({"model": k}, v) for k, v in self.engine.queued().items()])
 

@@ -27,6 +27,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     fetch: dict[str, Any] = {}
     if getattr(args, "allow_private_addresses", False):
         fetch["allow_private_addresses"] = True
+    if getattr(args, "blob_root", None):
+        fetch["blob_roots"] = args.blob_root
     return {
         "kafka": kafka,
         "models": models,
@@ -110,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "worker pauses its partitions.")
     p.add_argument("--allow-private-addresses", action="store_true",
                    help="Allow image URLs on loopback/private networks (tests, on-premises stores).")
+    p.add_argument("--blob-root", action="append", metavar="DIR",
+                   help="A directory file:// references may point into (repeatable; env IMGSTREAM_FETCH__BLOB_ROOTS "
+                   "as a JSON list). Default: the blob store directory (blobs.dir, .imgstream/blobs); anything "
+                   "outside is refused.")
     p.add_argument("--log-level", help="DEBUG, INFO (default), WARNING.")
 
     sub.add_parser("operations", help="Print the operation registry as JSON.")

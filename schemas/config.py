@@ -48,9 +48,10 @@ class FetchConfig(BaseModel):
         description="Allow URLs that resolve to loopback, private, link-local or metadata addresses.",
     )
     user_agent: str = "imgstream/0.1"
-    blob_roots: list[str] = Field(
-        default_factory=list,
-        description="Directories that file:// blob references may point into; empty allows any path.",
+    blob_roots: list[str] | None = Field(
+        default=None,
+        description="Directories that file:// blob references may point into (symlinks resolved). Unset: the "
+        "blob store directory (blobs.dir). An empty list refuses every file:// reference.",
     )
     max_concurrent: int = Field(default=32, gt=0)
 
@@ -150,6 +151,15 @@ class WorkerConfig(BaseModel):
         "to the new owner (keep it under the group's rebalance timeout).",
     )
     log_level: str = "INFO"
+
+    def file_blob_roots(self) -> list[str]:
+        """Where file:// references may point: fetch.blob_roots, else the blob store directory submit writes to."""
+        if self.fetch.blob_roots is not None:
+            return list(self.fetch.blob_roots)
+        scheme, sep, rest = self.blobs.dir.partition("://")
+        if not sep:
+            return [self.blobs.dir]
+        return [rest] if scheme == "file" else []  # an s3:// store leaves no local directory to allow
 
 
 def _parse_env_value(raw: str) -> Any:

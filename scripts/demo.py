@@ -52,7 +52,9 @@ def astronaut_photo() -> Path:
 
 
 def start_worker(bootstrap: str, weights: str, log_path: Path) -> subprocess.Popen:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", IMGSTREAM_MODELS__PRELOAD='["clip", "face"]')
+    # The worker reads file:// blobs only inside its blob store directory: the one the demo submits into.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", IMGSTREAM_MODELS__PRELOAD='["clip", "face"]',
+               IMGSTREAM_BLOBS__DIR=str(WORK / "blobs"))
     cmd = [sys.executable, "-m", "producer.cli", "worker", "--bootstrap", bootstrap, "--weights", weights,
            "--group", "imgstream-demo"]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)

@@ -233,7 +233,7 @@ async def test_paused_partitions_keep_the_member_in_its_group(broker, topics, en
     config = WorkerConfig(
         kafka=KafkaConfig(bootstrap=broker, group=f"g-{uuid.uuid4().hex[:8]}", topics=topics,
                           session_timeout_ms=3000, max_poll_interval_ms=2500),
-        fetch=FetchConfig(allow_private_addresses=True, total_timeout_s=10),
+        fetch=FetchConfig(blob_roots=[str(tmp_path)], allow_private_addresses=True, total_timeout_s=10),
         blobs={"dir": str(tmp_path / "blobs")},
         max_in_flight=3,
         max_in_flight_image_bytes=1,  # one image at a time
@@ -267,6 +267,7 @@ async def test_image_byte_bound_limits_memory_held_in_flight(broker, topics, eng
     config = WorkerConfig(
         kafka=KafkaConfig(bootstrap=broker, group=f"g-{uuid.uuid4().hex[:8]}", topics=topics,
                           session_timeout_ms=3000),
+        fetch=FetchConfig(blob_roots=[str(tmp_path)]),
         blobs={"dir": str(tmp_path / "blobs")},
         max_in_flight=64,
         max_in_flight_image_bytes=bound,
@@ -301,6 +302,7 @@ async def test_a_crop_too_large_for_the_message_limit_goes_to_the_blob_store(bro
     config = WorkerConfig(
         kafka=KafkaConfig(bootstrap=broker, group=f"g-{uuid.uuid4().hex[:8]}", topics=topics,
                           session_timeout_ms=3000, max_message_bytes=limit),
+        fetch=FetchConfig(blob_roots=[str(tmp_path)]),
         blobs={"dir": str(tmp_path / "blobs")},
     )
     worker = Worker(config, engine)
@@ -352,7 +354,7 @@ async def test_a_second_stop_signal_abandons_the_drain_without_committing(broker
     group = f"g-{uuid.uuid4().hex[:8]}"
     config = WorkerConfig(
         kafka=KafkaConfig(bootstrap=broker, group=group, topics=topics, session_timeout_ms=3000),
-        fetch=FetchConfig(allow_private_addresses=True, total_timeout_s=120),
+        fetch=FetchConfig(blob_roots=[str(tmp_path)], allow_private_addresses=True, total_timeout_s=120),
         blobs={"dir": str(tmp_path / "blobs")},
         drain_timeout_s=120,
     )

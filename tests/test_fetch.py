@@ -372,6 +372,13 @@ def test_parse_retry_after() -> None:
         ("::ffff:127.0.0.1", "loopback"),
         ("::ffff:169.254.169.254", "metadata"),
         ("2002:a00:1::", "private"),  # 6to4 wrapping 10.0.0.1
+        # IETF protocol assignments, the whole /24: Python calls .9 and .10 global.
+        ("192.0.0.1", "IETF protocol assignment"),
+        ("192.0.0.9", "IETF protocol assignment"),
+        ("192.0.0.10", "IETF protocol assignment"),
+        ("192.0.0.170", "IETF protocol assignment"),
+        ("192.0.0.255", "IETF protocol assignment"),
+        ("::ffff:192.0.0.10", "IETF protocol assignment"),
     ],
 )
 def test_guard_refuses_non_public_addresses(address: str, reason: str) -> None:
@@ -464,7 +471,7 @@ async def test_file_blob_is_read(tmp_path: Path) -> None:
 
 
 async def test_missing_file_blob_fails(tmp_path: Path) -> None:
-    err = await fetch_error(local_config(), blob=(tmp_path / "nope.png").as_uri())
+    err = await fetch_error(local_config(blob_roots=[str(tmp_path)]), blob=(tmp_path / "nope.png").as_uri())
     assert err.code == "image_fetch_failed"
     assert "not found" in err.message
 
@@ -486,13 +493,14 @@ async def test_blob_outside_the_roots_is_refused(tmp_path: Path) -> None:
 async def test_large_blob_is_too_large(tmp_path: Path) -> None:
     path = tmp_path / "big.bin"
     path.write_bytes(b"\0" * 2001)
-    err = await fetch_error(local_config(max_bytes=2000), blob=path.as_uri())
+    err = await fetch_error(local_config(max_bytes=2000, blob_roots=[str(tmp_path)]), blob=path.as_uri())
     assert err.code == "image_too_large"
 
 
 async def test_blob_that_is_not_a_file_or_not_local_fails(tmp_path: Path) -> None:
-    assert "regular file" in (await fetch_error(local_config(), blob=tmp_path.as_uri())).message
-    assert "host" in (await fetch_error(local_config(), blob="file://fileserver/share/a.png")).message
+    config = local_config(blob_roots=[str(tmp_path)])
+    assert "regular file" in (await fetch_error(config, blob=tmp_path.as_uri())).message
+    assert "host" in (await fetch_error(config, blob="file://fileserver/share/a.png")).message
 
 
 async def test_unconfigured_blob_scheme_fails() -> None:

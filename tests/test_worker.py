@@ -31,7 +31,8 @@ async def worker(broker, topics, engine, tmp_path):
     config = WorkerConfig(
         kafka=KafkaConfig(bootstrap=broker, group=f"g-{uuid.uuid4().hex[:8]}", topics=topics,
                           session_timeout_ms=3000),
-        fetch=FetchConfig(allow_private_addresses=True, total_timeout_s=3.0, retries=1, backoff_s=0.1),
+        fetch=FetchConfig(blob_roots=[str(tmp_path)], allow_private_addresses=True, total_timeout_s=3.0, retries=1,
+                          backoff_s=0.1),
         blobs={"dir": str(tmp_path / "blobs")},
         drain_timeout_s=10,
     )

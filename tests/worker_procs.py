@@ -149,6 +149,8 @@ class WorkerProcs:
             "IMGSTREAM_MODELS__DEVICE": "cpu",
             "IMGSTREAM_MODELS__PRELOAD": orjson.dumps(list(preload)).decode(),
             "IMGSTREAM_BLOBS__DIR": str(self.log_dir / "blobs"),
+            # Tests write their images under their tmp_path, which is also log_dir.
+            "IMGSTREAM_FETCH__BLOB_ROOTS": orjson.dumps([str(self.log_dir)]).decode(),
             "IMGSTREAM_DRAIN_TIMEOUT_S": "20",
         })
         env.update(extra or {})
