@@ -104,9 +104,9 @@ def test_a_crop_too_large_for_a_message_goes_to_the_s3_blob_store(s3_endpoint, b
                    status="success", data=[0.0] * 512, cropped_image_bbox=[0, 0, 512, 512],
                    cropped_image_base64=base64.b64encode(png.getvalue()).decode())
     store = crop_store(BlobConfig(dir=f"s3://{bucket}/blobs", s3_endpoint_url=s3_endpoint))
-    payload, offloaded = fit_result(result, 100_000, store)
-    stored = Event.model_validate_json(payload)
-    assert offloaded and stored.cropped_image_base64 is None
+    fitted = fit_result(result, 100_000, store)
+    stored = Event.model_validate_json(fitted.payload)
+    assert fitted.offloaded and stored == fitted.result and stored.cropped_image_base64 is None
     assert stored.cropped_image_ref.startswith(f"s3://{bucket}/blobs/crops/")
     key = stored.cropped_image_ref.split("/", 3)[3]
     body = boto3.client("s3", endpoint_url=s3_endpoint).get_object(Bucket=bucket, Key=key)["Body"].read()
