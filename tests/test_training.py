@@ -65,7 +65,8 @@ def write_results(path: Path, keys: list[str], clip: np.ndarray | None, dino: np
     lines = []
     for i, key in enumerate(keys):
         if clip is not None:
-            lines.append(embedding_event(key, CLIP, clip[i], sha256=f"{i:064x}", weights=clip_weights).model_dump_json())
+            event = embedding_event(key, CLIP, clip[i], sha256=f"{i:064x}", weights=clip_weights)
+            lines.append(event.model_dump_json())
         if dino is not None:
             lines.append(embedding_event(key, DINO, dino[i], sha256=f"{i:064x}").model_dump_json())
     path.write_text("\n".join(lines) + "\n")
@@ -209,11 +210,14 @@ def test_an_eleventh_version_prunes_the_worst_and_keep_is_configurable(one_colle
              "--report", report]
     assert train(*quick, "--embedding-type", DINO) == 0  # the worst version, first
     worst = index_of(classifiers)["1"]["version"]
-    for _ in range(9):
+    assert train(*quick) == 0
+    best = index_of(classifiers)["1"]["version"]
+    assert best != worst and report_of(report, 1)["status"] == "promoted"
+    for _ in range(8):  # the same data and setting: equal scores, and a tie keeps the current best
         assert train(*quick) == 0
-        assert report_of(report, 1)["pruned"] == []
+        assert report_of(report, 1)["pruned"] == [] and report_of(report, 1)["status"] == "kept"
     assert len(Registry(classifiers).versions(1)[0]) == 10
-    assert index_of(classifiers)["1"]["embedding_type"] == CLIP
+    assert index_of(classifiers)["1"]["version"] == best
 
     assert train(*quick) == 0  # the eleventh
     outcome = report_of(report, 1)
@@ -364,6 +368,19 @@ def test_one_class_too_few_and_mixed_dimensions_are_skipped_while_others_train(t
     assert "collection 2 skipped: only one class" in out.err
     assert "skipped" in out.out.splitlines()[2] and "4 collections: 1 promoted, 3 skipped" in out.out
     assert orjson.loads(report.read_bytes())["exit_code"] == 1
+
+
+def test_a_model_from_before_versions_is_replaced_and_its_file_left(one_collection):
+    results, labels, classifiers = one_collection
+    classifiers.mkdir()
+    (classifiers / "collection_1_classifier_2026-01-01_000000.pkl").write_bytes(b"old")
+    (classifiers / "best_models.json").write_bytes(orjson.dumps({"1": "collection_1_classifier_2026-01-01_000000.pkl"}))
+    report = classifiers.parent / "report.json"
+    assert train("--labels", labels, "--results", results, "--out", classifiers, "--report", report) == 0
+    outcome = report_of(report, 1)
+    assert outcome["status"] == "promoted" and "without a version record" in " ".join(outcome["notes"])
+    assert index_of(classifiers)["1"]["version"] == outcome["new_version"]["version"]
+    assert (classifiers / "collection_1_classifier_2026-01-01_000000.pkl").read_bytes() == b"old"
 
 
 def test_usage_errors_exit_2_with_a_message(tmp_path, capsys):
