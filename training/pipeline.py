@@ -14,7 +14,7 @@ import numpy as np
 from analysis.classifiers import EMBEDDING_TYPES
 from schemas.config import TrainingConfig, WorkerConfig
 from schemas.operations import TARGETS
-from training.bakeoff import Entrant, choose_holdout, rank, score
+from training.bakeoff import Entrant, Holdout, choose_holdout, rank, score
 from training.features import DataProblem, FeatureStore, Matrix, Pair, check_key_field, parse_pair
 from training.fit import MAX_ITER, fit_classifier
 from training.labels import CollectionLabels, LabelSet, read_labels
@@ -235,58 +235,65 @@ def _manifest(inputs: RunInputs, settings: TrainingConfig, matrix: Matrix, fitte
     }
 
 
-def train_collection(collection: CollectionLabels, store: FeatureStore, failed_images: dict[str, str],
-                     registry: Registry, settings: TrainingConfig, inputs: RunInputs,
-                     sources: list[str]) -> CollectionOutcome:
-    """Train a new version, run the bake-off, update the index and prune; never raises DataProblem."""
-    cid = collection.collection_id
-    outcome = CollectionOutcome(cid)
-    versions, broken = registry.versions(cid)
-    outcome.notes += broken
+def _training_data(collection: CollectionLabels, store: FeatureStore, failed_images: dict[str, str],
+                   settings: TrainingConfig, inputs: RunInputs,
+                   outcome: CollectionOutcome) -> tuple[Matrix, np.ndarray]:
+    """The collection's feature matrix and labels; raises DataProblem when they cannot train a model."""
     labels = collection.labels
     keys = sorted(labels)
+    matrix = store.assemble(keys, inputs.embedding_type, inputs.region)
+    y = np.array([labels[k] for k in matrix.keys], dtype=bool)
+    positives, negatives = int(y.sum()), int((~y).sum())
+    outcome.examples = {"labelled": len(keys), "with_embeddings": len(matrix.keys), "positives": positives,
+                        "negatives": negatives, "lacking_embeddings": matrix.lacking,
+                        "conflicting_labels": len(collection.conflicting)}
     if collection.conflicting:
         outcome.notes.append(f"{len(collection.conflicting)} keys labelled both ways were left out "
                              f"(e.g. {', '.join(collection.conflicting[:3])})")
-    try:
-        matrix = store.assemble(keys, inputs.embedding_type, inputs.region)
-        y = np.array([labels[k] for k in matrix.keys], dtype=bool)
-        positives, negatives = int(y.sum()), int((~y).sum())
-        outcome.examples = {"labelled": len(keys), "with_embeddings": len(matrix.keys), "positives": positives,
-                            "negatives": negatives, "lacking_embeddings": matrix.lacking,
-                            "conflicting_labels": len(collection.conflicting)}
-        unembedded = [failed_images[k] for k in keys if k in failed_images]
-        if unembedded:
-            outcome.notes.append(f"{len(unembedded)} images gave no embedding (e.g. {unembedded[0]})")
-        if not keys:
-            raise DataProblem("no labelled rows for this collection")
-        if not matrix.keys:
-            raise DataProblem(f"none of its {len(keys)} labelled keys has a {inputs.embedding_type} embedding "
-                              f"on {inputs.region}")
-        if positives == 0 or negatives == 0:
-            raise DataProblem(f"only one class: {positives} positive and {negatives} negative examples "
-                              "with embeddings")
-        need = settings.min_examples_per_class
-        if positives < need or negatives < need:
-            raise DataProblem(f"too few examples: {positives} positive and {negatives} negative with embeddings; "
-                              f"at least {need} of each needed")
-    except DataProblem as exc:
-        outcome.status, outcome.message = SKIPPED, str(exc)
-        return outcome
-    if matrix.lacking and "+" in inputs.embedding_type:
+    unembedded = [failed_images[k] for k in keys if k in failed_images]
+    if unembedded:
+        outcome.notes.append(f"{len(unembedded)} images gave no embedding (e.g. {unembedded[0]})")
+    if matrix.lacking and matrix.keys and "+" in inputs.embedding_type:
         outcome.notes.append(f"{matrix.lacking} labelled keys lack some part of {inputs.embedding_type} and were "
                              "left out")
+    if not keys:
+        raise DataProblem("no labelled rows for this collection")
+    if not matrix.keys:
+        raise DataProblem(f"none of its {len(keys)} labelled keys has a {inputs.embedding_type} embedding "
+                          f"on {inputs.region}")
+    if positives == 0 or negatives == 0:
+        raise DataProblem(f"only one class: {positives} positive and {negatives} negative examples with embeddings")
+    need = settings.min_examples_per_class
+    if positives < need or negatives < need:
+        raise DataProblem(f"too few examples: {positives} positive and {negatives} negative with embeddings; "
+                          f"at least {need} of each needed")
+    return matrix, y
 
-    comparable = _comparable(versions, store, keys, outcome)
-    candidates = set(matrix.keys).intersection(*(set(c.matrix.keys) for c in comparable))
-    sha256 = dict(zip(matrix.keys, matrix.sha256))
-    holdout = choose_holdout(sorted(candidates), labels, sha256, versions, {True: positives, False: negatives},
-                             settings.holdout_fraction, settings.min_holdout_per_class, settings.seed, cid)
-    outcome.holdout = holdout.as_dict()
+
+@dataclass
+class _NewModel:
+    """This run's model before it is stored: what it was fitted on and how."""
+
+    fitted: Any
+    matrix: Matrix
+    train_rows: list[int]
+    y_train: np.ndarray
+
+    def store(self, registry: Registry, cid: int, inputs: RunInputs, settings: TrainingConfig,
+              sources: list[str], versions: list[Version], outcome: CollectionOutcome) -> Version:
+        manifest = _manifest(inputs, settings, self.matrix, self.fitted, self.y_train, sources)
+        version = registry.add(cid, self.fitted.model, manifest, [self.matrix.keys[i] for i in self.train_rows],
+                               [self.matrix.sha256[i] for i in self.train_rows], versions)
+        assert outcome.new_version is not None
+        outcome.new_version.update(version=version.version, stored=True, model_file=version.model_file)
+        return version
+
+
+def _fit_new(matrix: Matrix, y: np.ndarray, holdout: Holdout, settings: TrainingConfig,
+             outcome: CollectionOutcome) -> _NewModel:
     held = set(holdout.keys)
     train_rows = [i for i, k in enumerate(matrix.keys) if k not in held]
-    X_train, y_train = matrix.X[train_rows], y[train_rows]
-    fitted = fit_classifier(X_train, y_train, settings)
+    fitted = fit_classifier(matrix.X[train_rows], y[train_rows], settings)
     outcome.notes += fitted.notes
     expected = fitted.choice.expected
     outcome.new_version = {
@@ -295,8 +302,52 @@ def train_collection(collection: CollectionLabels, store: FeatureStore, failed_i
         "expected_recall": expected.recall, "C": fitted.C, "training_examples": len(train_rows),
         "cv": expected.as_dict(),
     }
-    index = registry.index()
-    current, current_file = _current(index, cid, versions)
+    return _NewModel(fitted, matrix, train_rows, y[train_rows])
+
+
+def _bake_off(new: Version, new_model: _NewModel, comparable: list[_Comparable], current: Version | None,
+              holdout: Holdout, registry: Registry, metric: str, outcome: CollectionOutcome) -> list[Entrant]:
+    """Every comparable version and the new one scored on the held-out keys, best first."""
+    row_of = {k: i for i, k in enumerate(new_model.matrix.keys)}
+    X_new = new_model.matrix.X[[row_of[k] for k in holdout.keys]]
+    entrants = [Entrant(new, score(new, new_model.fitted.model, X_new, holdout.labels), False, True)]
+    for c in comparable:
+        try:
+            model = registry.load_model(c.version)
+            X = c.matrix.X[[c.rows[k] for k in holdout.keys]]
+            entrants.append(Entrant(c.version, score(c.version, model, X, holdout.labels),
+                                    c.version is current, False))
+        except Exception as exc:  # noqa: BLE001 - a broken stored model must not stop the others
+            outcome.unscored.append({"version": c.version.version, "reason": f"cannot score it: {exc}"})
+    ranked = rank(entrants, metric)
+    outcome.bakeoff = [{"rank": i, "version": e.version.version, "score": e.metrics.value(metric),
+                        "current": e.is_current, "new": e.is_new, "metrics": e.metrics.as_dict()}
+                       for i, e in enumerate(ranked, 1)]
+    return ranked
+
+
+def train_collection(collection: CollectionLabels, store: FeatureStore, failed_images: dict[str, str],
+                     registry: Registry, settings: TrainingConfig, inputs: RunInputs,
+                     sources: list[str]) -> CollectionOutcome:
+    """Train a new version, run the bake-off, update the index and prune; data problems end in `skipped`."""
+    cid = collection.collection_id
+    outcome = CollectionOutcome(cid)
+    versions, broken = registry.versions(cid)
+    outcome.notes += broken
+    try:
+        matrix, y = _training_data(collection, store, failed_images, settings, inputs, outcome)
+    except DataProblem as exc:
+        outcome.status, outcome.message = SKIPPED, str(exc)
+        return outcome
+
+    comparable = _comparable(versions, store, sorted(collection.labels), outcome)
+    candidates = set(matrix.keys).intersection(*(set(c.matrix.keys) for c in comparable))
+    holdout = choose_holdout(sorted(candidates), collection.labels, dict(zip(matrix.keys, matrix.sha256)), versions,
+                             {True: int(y.sum()), False: int((~y).sum())}, settings.holdout_fraction,
+                             settings.min_holdout_per_class, settings.seed, cid)
+    outcome.holdout = holdout.as_dict()
+    new_model = _fit_new(matrix, y, holdout, settings, outcome)
+    current, current_file = _current(registry.index(), cid, versions)
 
     if not holdout.enough:
         too_few = (f"held-out set too small to compare versions ({holdout.describe()}; "
@@ -306,35 +357,17 @@ def train_collection(collection: CollectionLabels, store: FeatureStore, failed_i
             outcome.message = f"{too_few}: kept {current.version if current else current_file}; new model discarded"
             outcome.best = _best_summary(current, current_file, changed=False)
             return outcome
-        new = registry.add(cid, fitted.model, _manifest(inputs, settings, matrix, fitted, y_train, sources),
-                           [matrix.keys[i] for i in train_rows], [matrix.sha256[i] for i in train_rows], versions)
-        outcome.new_version.update(version=new.version, stored=True, model_file=new.model_file)
-        entry = new.index_entry(rank_metric=settings.rank_metric, metrics={"cv": expected.as_dict(), "holdout": None})
-        registry.set_best(cid, entry)
+        new = new_model.store(registry, cid, inputs, settings, sources, versions, outcome)
+        cv = new_model.fitted.choice.expected.as_dict()
+        registry.set_best(cid, new.index_entry(rank_metric=settings.rank_metric, metrics={"cv": cv, "holdout": None}))
         outcome.status = PROMOTED
         outcome.message = f"first model of this collection: {new.version} (no bake-off: {too_few})"
         outcome.best = _best_summary(new, new.model_file, changed=True)
         return outcome
 
-    new = registry.add(cid, fitted.model, _manifest(inputs, settings, matrix, fitted, y_train, sources),
-                       [matrix.keys[i] for i in train_rows], [matrix.sha256[i] for i in train_rows], versions)
-    outcome.new_version.update(version=new.version, stored=True, model_file=new.model_file)
-    row_of = {k: i for i, k in enumerate(matrix.keys)}
-    entrants = [Entrant(new, score(new, fitted.model, matrix.X[[row_of[k] for k in holdout.keys]], holdout.labels),
-                        False, True)]
-    for c in comparable:
-        try:
-            model = registry.load_model(c.version)
-            X = c.matrix.X[[c.rows[k] for k in holdout.keys]]
-            entrants.append(Entrant(c.version, score(c.version, model, X, holdout.labels),
-                                    c.version is current, False))
-        except Exception as exc:  # noqa: BLE001 - a broken stored model must not stop the others
-            outcome.unscored.append({"version": c.version.version, "reason": f"cannot score it: {exc}"})
-    ranked = rank(entrants, settings.rank_metric)
+    new = new_model.store(registry, cid, inputs, settings, sources, versions, outcome)
     metric = settings.rank_metric
-    outcome.bakeoff = [{"rank": i, "version": e.version.version, "score": e.metrics.value(metric),
-                        "current": e.is_current, "new": e.is_new, "metrics": e.metrics.as_dict()}
-                       for i, e in enumerate(ranked, 1)]
+    ranked = _bake_off(new, new_model, comparable, current, holdout, registry, metric, outcome)
     winner = ranked[0]
     if current is not None and all(e.version is not current for e in ranked):
         # The model in service could not be judged on this data (e.g. other embedding weights): leave it there.
@@ -345,21 +378,23 @@ def train_collection(collection: CollectionLabels, store: FeatureStore, failed_i
         outcome.best = _best_summary(current, current.model_file, changed=False)
         _prune(registry, ranked, settings.keep_versions, outcome)
         return outcome
+
     changed = winner.version is not current
-    if changed:
-        entry = winner.version.index_entry(
-            rank_metric=metric, selected_at=_now(),
-            metrics={"cv": winner.version.manifest.get("metrics", {}).get("cv"), "holdout": winner.metrics.as_dict()})
-        registry.set_best(cid, entry)
-    new_rank = next(i for i, e in enumerate(ranked, 1) if e.is_new)
     summary = f"{winner.version.version} {metric} {winner.metrics.value(metric):.3f} on {holdout.describe()} held out"
     if changed:
+        cv = winner.version.manifest.get("metrics", {}).get("cv")
+        registry.set_best(cid, winner.version.index_entry(rank_metric=metric, selected_at=_now(),
+                                                          metrics={"cv": cv, "holdout": winner.metrics.as_dict()}))
         outcome.status = PROMOTED
         replaced = current.version if current else current_file
-        outcome.message = f"new best {summary}" + (f" (was {replaced})" if replaced else "")
+        if replaced:
+            outcome.message = f"new best {summary} (was {replaced})"
+        else:
+            outcome.message = f"first model of this collection: {summary}"
         if current is None and current_file is not None:
             outcome.notes.append(f"replaced {current_file}, a model without a version record (not compared)")
     else:
+        new_rank = next(i for i, e in enumerate(ranked, 1) if e.is_new)
         outcome.status = KEPT
         outcome.message = f"{summary} stays best; {new.version} ranked {new_rank} of {len(ranked)}"
     outcome.best = _best_summary(winner.version, winner.version.model_file, changed)
