@@ -139,6 +139,8 @@ async def test_three_collections_train_in_one_run_and_a_running_worker_serves_th
             name = f"{colour}-{i}.png"
             colour_image(images / name, colour, seed=100 * colour + i)
             rows += [f"{c},{name},images/{name},{int(c == colour)}" for c in COLOURS]
+    (images / "broken.png").write_bytes(b"not an image at all")
+    rows += ["1,broken,images/broken.png,1", "1,gone,images/gone.png,0"]  # reported, the rest still trains
     (tmp_path / "labels.csv").write_text("collection_id,key,image,label\n" + "\n".join(rows) + "\n")
     fresh = {colour: colour_image(tmp_path / f"new-{colour}.png", colour, seed=999 + colour) for colour in COLOURS}
 
@@ -156,10 +158,16 @@ async def test_three_collections_train_in_one_run_and_a_running_worker_serves_th
     for c in COLOURS:
         outcome = report_of(report, c)
         assert outcome["status"] == "promoted"
-        assert outcome["examples"] == {"labelled": 24, "with_embeddings": 24, "positives": 8, "negatives": 16,
-                                       "lacking_embeddings": 0, "conflicting_labels": 0}
+        bad = 2 if c == 1 else 0
+        assert outcome["examples"] == {"labelled": 24 + bad, "with_embeddings": 24, "positives": 8, "negatives": 16,
+                                       "lacking_embeddings": bad, "conflicting_labels": 0}
         assert index[str(c)]["embedding_type"] == CLIP and index[str(c)]["derivative_type"] == "whole_image"
         assert (classifiers / index[str(c)]["model_file"]).is_file()
+    (note,) = report_of(report, 1)["notes"]
+    assert note.startswith("2 images gave no embedding")
+    failures = report_of(report, 1)["image_failures"]
+    assert set(failures) == {"broken", "gone"}
+    assert failures["broken"].startswith("image_undecodable") and failures["gone"].startswith("image unreadable")
 
     # The same worker, never restarted, now answers for all three collections.
     await produce(broker, topics.requests, [classify_request(f"after-{c}", fresh[c], list(COLOURS))

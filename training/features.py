@@ -60,7 +60,8 @@ def model_id(name: str | None, weights: str | None) -> str:
     return f"{name}/{weights}" if name or weights else UNKNOWN_MODEL
 
 
-def parse_pair(embedding_type: str, region: str) -> list[Pair]:
+def pairs_of(embedding_type: str, region: str) -> list[Pair]:
+    """The (type, region) parts of `a` or `a+b` on a region."""
     return [(t, region) for t in embedding_type.split("+")]
 
 

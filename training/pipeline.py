@@ -15,7 +15,7 @@ from analysis.classifiers import EMBEDDING_TYPES
 from schemas.config import TrainingConfig, WorkerConfig
 from schemas.operations import TARGETS
 from training.bakeoff import Entrant, Holdout, choose_holdout, rank, score
-from training.features import DataProblem, FeatureStore, Matrix, Pair, check_key_field, parse_pair
+from training.features import DataProblem, FeatureStore, Matrix, Pair, check_key_field, pairs_of
 from training.fit import MAX_ITER, fit_classifier
 from training.labels import CollectionLabels, LabelSet, read_labels
 from training.progress import Progress
@@ -53,6 +53,7 @@ class CollectionOutcome:
     message: str = ""
     notes: list[str] = field(default_factory=list)
     examples: dict[str, int] = field(default_factory=dict)
+    image_failures: dict[str, str] = field(default_factory=dict)  # key -> why the engine gave no embedding
     new_version: dict[str, Any] | None = None
     holdout: dict[str, Any] | None = None
     bakeoff: list[dict[str, Any]] = field(default_factory=list)
@@ -104,8 +105,8 @@ def check_inputs(inputs: RunInputs) -> None:
 def _pairs_by_collection(label_set: LabelSet, inputs: RunInputs,
                          versions: dict[int, list[Version]]) -> dict[int, set[Pair]]:
     """The (type, region) embeddings each collection needs: the new setting's and its stored versions'."""
-    wanted = set(parse_pair(inputs.embedding_type, inputs.region))
-    return {cid: wanted | {p for v in versions.get(cid, []) for p in parse_pair(v.embedding_type, v.region)}
+    wanted = set(pairs_of(inputs.embedding_type, inputs.region))
+    return {cid: wanted | {p for v in versions.get(cid, []) for p in pairs_of(v.embedding_type, v.region)}
             for cid in label_set.collections}
 
 
@@ -139,8 +140,10 @@ async def load_embeddings(config: WorkerConfig, inputs: RunInputs, label_set: La
         for pair, embeddings in found.items():
             store.merge(pair, embeddings)
     if inputs.use_database:
-        import psycopg
-
+        try:
+            import psycopg
+        except ImportError:
+            raise UsageError("reading the sink's database needs psycopg: pip install 'imgstream[sink]'") from None
         from training.from_database import read_database
 
         dsn = await _database_dsn(config)
@@ -150,19 +153,22 @@ async def load_embeddings(config: WorkerConfig, inputs: RunInputs, label_set: La
             raise UsageError(f"cannot connect to the database: {exc}") from None
         for pair, embeddings in found.items():
             store.merge(pair, embeddings)
-    wanted: dict[str, list[Pair]] = {}
+    wanted: dict[str, set[Pair]] = {}
     for cid, collection in label_set.collections.items():
         for key in collection.labels:
-            if key in label_set.images:
-                for pair in sorted(needs[cid]):
-                    if not store.has(pair, key) and pair not in wanted.setdefault(key, []):
-                        wanted[key].append(pair)
-    wanted = {k: v for k, v in wanted.items() if v}
+            missing = {p for p in needs[cid] if not store.has(p, key)} if key in label_set.images else set()
+            if missing:
+                wanted.setdefault(key, set()).update(missing)
     failed: dict[str, str] = {}
     if wanted:
         from training.from_images import embed_images
 
-        embedded = await embed_images(config, label_set.images, wanted, inputs.progress)
+        try:
+            embedded = await embed_images(config, label_set.images, {k: sorted(v) for k, v in wanted.items()},
+                                          inputs.progress)
+        except Exception as exc:  # noqa: BLE001 - e.g. weights missing: a message, not a traceback
+            raise UsageError(f"cannot embed the labelled images with the {config.models.weights} weights: "
+                             f"{type(exc).__name__}: {exc}") from None
         for pair, embeddings in embedded.found.items():
             store.merge(pair, embeddings)
         failed = embedded.failed
@@ -250,9 +256,10 @@ def _training_data(collection: CollectionLabels, store: FeatureStore, failed_ima
     if collection.conflicting:
         outcome.notes.append(f"{len(collection.conflicting)} keys labelled both ways were left out "
                              f"(e.g. {', '.join(collection.conflicting[:3])})")
-    unembedded = [failed_images[k] for k in keys if k in failed_images]
-    if unembedded:
-        outcome.notes.append(f"{len(unembedded)} images gave no embedding (e.g. {unembedded[0]})")
+    outcome.image_failures = {k: failed_images[k] for k in keys if k in failed_images}
+    if outcome.image_failures:
+        first = next(iter(outcome.image_failures.items()))
+        outcome.notes.append(f"{len(outcome.image_failures)} images gave no embedding (e.g. {first[0]}: {first[1]})")
     if matrix.lacking and matrix.keys and "+" in inputs.embedding_type:
         outcome.notes.append(f"{matrix.lacking} labelled keys lack some part of {inputs.embedding_type} and were "
                              "left out")

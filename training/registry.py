@@ -59,10 +59,6 @@ class Version:
     training_image_sha256: frozenset[str]
     manifest: dict[str, Any]
 
-    @property
-    def pair_types(self) -> list[str]:
-        return self.embedding_type.split("+")
-
     def trained_on(self, hashed_key: str, sha256: str | None) -> bool:
         """Whether this version saw the key (by `key_hash`) or the same image under another key."""
         return hashed_key in self.training_key_hashes or (sha256 is not None and sha256 in self.training_image_sha256)
