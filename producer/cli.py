@@ -77,6 +77,9 @@ def _add_sink_and_search_parsers(sub: Any) -> None:
 
 
 def _add_train_parser(sub: Any) -> None:
+    from typing import get_args
+
+    from schemas.config import RankMetric
     from schemas.operations import TARGETS
 
     p = sub.add_parser(
@@ -118,7 +121,7 @@ def _add_train_parser(sub: Any) -> None:
     model.add_argument("--seed", type=int, metavar="N",
                        help="Seed of the folds, the held-out draw and the solver (default 42).")
     bake = p.add_argument_group("bake-off and versions")
-    bake.add_argument("--metric", choices=["average_precision", "f1", "precision", "recall"],
+    bake.add_argument("--metric", choices=list(get_args(RankMetric)),
                       help="Held-out metric that ranks versions (default average_precision).")
     bake.add_argument("--keep", type=int, metavar="N", help="Versions kept per collection (default 10).")
     bake.add_argument("--holdout-fraction", type=float, metavar="F",

@@ -400,6 +400,8 @@ def test_usage_errors_exit_2_with_a_message(tmp_path, capsys):
     assert "bad.csv:2: label 'maybe'" in capsys.readouterr().err
     assert train("--labels", labels, "--results", labels, "--embedding-type", "embed_clip+x") == 2
     assert "unknown embedding type" in capsys.readouterr().err
+    assert train("--labels", labels, "--results", labels, "--holdout-fraction", "0.9") == 2
+    assert "holdout_fraction" in capsys.readouterr().err
     with Registry(tmp_path / "c").locked():
         assert train("--labels", labels, "--results", tmp_path / "r.jsonl", "--out", tmp_path / "c") == 2
     assert "another training run" in capsys.readouterr().err
