@@ -476,6 +476,13 @@ async def test_trains_from_the_sink_tables_joined_by_a_metadata_key(database, tm
     assert version.dim == 512 + 768 and version.manifest["settings"]["sources"] == ["database"]
     assert joblib.load(classifiers / entry["model_file"]).n_features_in_ == 1280
 
+    by_request = write_labels(tmp_path / "by_request.csv", [(6, k, c == 0) for k, c in zip(keys, latent)])
+    code = await asyncio.to_thread(train, "--labels", by_request, "--dsn", database, "--out", classifiers,
+                                   "--report", report)
+    assert code == 0
+    assert report_of(report, 6)["examples"]["with_embeddings"] == 80
+    assert set(index_of(classifiers)) == {"5", "6"}
+
 
 # -- the command and the store that serves its output -----------------------------------------
 
