@@ -58,12 +58,13 @@ class Prediction:
         return {"is_in_collection": self.is_in_collection, "probability": self.probability, "threshold": self.threshold}
 
 
-def _stamp(path: Path) -> tuple[int, int] | None:
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is rewritten; the inode catches an atomic replace within one mtime tick."""
     try:
         st = path.stat()
     except FileNotFoundError:
         return None
-    return (st.st_mtime_ns, st.st_size)
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def _parse_entry(cid: int, raw: Any) -> ClassifierEntry:
@@ -92,8 +93,8 @@ class ClassifierStore:
         self.directory = Path(directory)
         self._lock = threading.Lock()
         self._index: dict[int, Any] = {}
-        self._index_stamp: tuple[int, int] | None = None
-        self._models: dict[Path, tuple[tuple[int, int], Any]] = {}
+        self._index_stamp: tuple[int, int, int] | None = None
+        self._models: dict[Path, tuple[tuple[int, int, int], Any]] = {}
 
     def _load_index(self) -> dict[int, Any]:
         path = self.directory / INDEX_FILE

@@ -114,6 +114,17 @@ class WriteReport:
 
 
 @dataclass(frozen=True)
+class StoredEmbedding:
+    """A stored embedding found by its labels key (request_id or a metadata field), for training."""
+
+    key: str
+    vector: list[float]
+    model_name: str | None
+    model_weights: str | None
+    image_sha256: str | None
+
+
+@dataclass(frozen=True)
 class Match:
     """A stored embedding near the query, with what is known of its image."""
 
@@ -220,7 +231,7 @@ def latest_per_event(rows: list[Row]) -> list[Row]:
 
 
 class PgStore:
-    """The sink's and search's view of the database: schema, upserts, nearest neighbours."""
+    """The database as the sink, search and training see it: schema, upserts, nearest neighbours, labelled reads."""
 
     def __init__(self, conn: psycopg.AsyncConnection, hnsw: HnswParams | None = None) -> None:
         self.conn = conn
@@ -374,3 +385,24 @@ class PgStore:
                 await self.conn.execute("SET LOCAL enable_indexscan = off")
                 rows = await (await self.conn.execute(query, params)).fetchall()
         return [Match(float(r[0]), *r[1:]) for r in rows]
+
+    async def labelled_embeddings(self, result_type: str, region: str, key_path: list[str] | None,
+                                  keys: list[str]) -> list[StoredEmbedding]:
+        """The latest successful `result_type` embedding on `region` for each of `keys`.
+
+        A key is the request_id (`key_path` None) or the metadata field at `key_path`, as text.
+        """
+        table = embedding_table(result_type)
+        await self.refresh_embedding_tables()
+        if table not in self.embedding_dims or not keys:
+            return []
+        key = sql.SQL("request_id") if key_path is None else sql.SQL("metadata #>> %(path)s")
+        query = sql.SQL(
+            "SELECT DISTINCT ON (k) k, embedding::text, model_name, model_weights, image_sha256 "
+            "FROM (SELECT {key} AS k, embedding, model_name, model_weights, image_sha256, completed_at, written_at "
+            "      FROM {table} WHERE region = %(region)s AND status = 'success') AS labelled "
+            "WHERE k = ANY(%(keys)s) ORDER BY k, completed_at DESC NULLS LAST, written_at DESC"
+        ).format(key=key, table=sql.Identifier(table))
+        cursor = await self.conn.execute(query, {"path": key_path, "keys": keys, "region": region})
+        return [StoredEmbedding(k, orjson.loads(text), name, weights, sha)
+                for k, text, name, weights, sha in await cursor.fetchall()]

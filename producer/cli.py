@@ -1,10 +1,11 @@
-"""The `imgstream` command line. Only `worker` imports torch (lazily)."""
+"""The `imgstream` command line. torch, psycopg and scikit-learn are imported only by the commands that use them."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 import orjson
@@ -75,6 +76,82 @@ def _add_sink_and_search_parsers(sub: Any) -> None:
                    help="Weights of the query model; only vectors from the same weights are compared.")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N.")
     p.add_argument("--json", action="store_true", help="One JSON object per match on stdout.")
+
+
+def _add_train_parser(sub: Any) -> None:
+    from typing import get_args
+
+    from schemas.config import RankMetric
+    from schemas.operations import TARGETS
+
+    p = sub.add_parser(
+        "train-classifiers", help="Train collection classifiers, bake them off against stored versions, "
+        "point best_models.json at the winners.",
+        description="Trains one classifier per collection in the labels (rows of collection_id, key, label and "
+        "optionally image), with embeddings from result events (--results), the sink's database (--dsn/--db) "
+        "and/or the engine for image files that have none. Every model is stored as a version with its "
+        "training keys, settings and metrics; all versions of a collection are scored on a held-out set "
+        "none of them trained on, the best --keep are kept and best_models.json points at the winner. "
+        "Exit codes: 0 every collection promoted or kept, 1 some collection skipped or failed, 2 usage.")
+    data = p.add_argument_group("data")
+    data.add_argument("--labels", type=Path, action="append", default=[], required=True, metavar="FILE",
+                      help="Labels: .csv, .jsonl or .parquet with columns collection_id, key, label "
+                      "(1/0/true/false), optional image (a path, relative to the file). Repeatable.")
+    data.add_argument("--results", type=Path, action="append", default=[], metavar="FILE",
+                      help="Result events, one JSON per line (imgstream submit --wait --json). Repeatable.")
+    data.add_argument("--db", action="store_true",
+                      help="Read embeddings from the sink's PostgreSQL tables (implied by --dsn or --data-dir).")
+    data.add_argument("--dsn", help="PostgreSQL URI of the sink's database (env IMGSTREAM_SINK__DSN).")
+    data.add_argument("--data-dir", metavar="DIR",
+                      help="The embedded database's data directory (default .imgstream/pgdata).")
+    data.add_argument("--key", default="request_id",
+                      help="What the labels' key matches: request_id (default) or metadata.<field>.")
+    data.add_argument("--collection-id", type=int, action="append", default=[], metavar="N",
+                      help="Train only these collections (repeatable); a labels file without a collection_id "
+                      "column belongs to the single one given.")
+    model = p.add_argument_group("model")
+    model.add_argument("--embedding-type", default="embed_clip_vit_b_32", metavar="TYPE",
+                       help="Features: an embedding operation (default embed_clip_vit_b_32), or a+b "
+                       "concatenated in that order.")
+    model.add_argument("--region", default="whole_image", choices=list(TARGETS),
+                       help="Image region the embeddings are of (default whole_image).")
+    model.add_argument("--c-grid", type=_float_list, metavar="C,C,...",
+                       help="Regularisation strengths for cross-validation (default 0.01,0.1,1,10).")
+    model.add_argument("--cv-folds", type=int, metavar="N", help="Stratified folds (default 5).")
+    model.add_argument("--target-precision", type=float, metavar="P",
+                       help="Threshold reaching this out-of-fold precision (highest recall); default: max F1.")
+    model.add_argument("--seed", type=int, metavar="N",
+                       help="Seed of the folds, the held-out draw and the solver (default 42).")
+    bake = p.add_argument_group("bake-off and versions")
+    bake.add_argument("--metric", choices=list(get_args(RankMetric)),
+                      help="Held-out metric that ranks versions (default average_precision).")
+    bake.add_argument("--keep", type=int, metavar="N", help="Versions kept per collection (default 10).")
+    bake.add_argument("--holdout-fraction", type=float, metavar="F",
+                      help="Share of each class held out, 0..0.5 (default 0.2).")
+    bake.add_argument("--min-holdout", type=int, metavar="N",
+                      help="Held-out positives and negatives needed for a bake-off (default 5).")
+    bake.add_argument("--min-examples", type=int, metavar="N",
+                      help="Positives and negatives with embeddings needed to train (default 5).")
+    out = p.add_argument_group("output")
+    out.add_argument("--classifiers-dir", "--out", dest="classifiers_dir", metavar="DIR",
+                     help="Classifier folder with best_models.json (env IMGSTREAM_MODELS__CLASSIFIERS_DIR; "
+                     "default trained_classifiers).")
+    out.add_argument("--report", type=Path, metavar="PATH", help="Write the run's JSON report here.")
+    out.add_argument("--no-progress", action="store_true", help="No progress bar on stderr.")
+    out.add_argument("--log-level", default="WARNING", metavar="LEVEL", help="DEBUG, INFO, WARNING (default).")
+    engine = p.add_argument_group("engine (for image files without embeddings)")
+    engine.add_argument("--weights", choices=["pretrained", "random"], help="Embedding model weights.")
+    engine.add_argument("--device", help="auto (default), cpu, cuda or cuda:N.")
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one number")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="No progress lines on stderr.")
     _add_bootstrap(p)
     _add_sink_and_search_parsers(sub)
+    _add_train_parser(sub)
     return parser
 
 
@@ -261,8 +339,6 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_caption_folder(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from producer.caption_folder import caption_folder
 
     config = load_config(_overrides(args))
@@ -347,8 +423,6 @@ def _cmd_sink(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     if not Path(args.image).is_file():
         print(f"imgstream search: {args.image}: no such file", file=sys.stderr)
         return EXIT_USAGE
@@ -358,6 +432,32 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from consumer.search import run_search  # torch and psycopg are imported only here
 
     return run_search(load_config(_sink_overrides(args)), args.image, args.type, args.target, args.k, args.json)
+
+
+def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    training = {"c_grid": args.c_grid, "cv_folds": args.cv_folds, "target_precision": args.target_precision,
+                "seed": args.seed, "rank_metric": args.metric, "keep_versions": args.keep,
+                "holdout_fraction": args.holdout_fraction, "min_holdout_per_class": args.min_holdout,
+                "min_examples_per_class": args.min_examples}
+    return {"training": training, "sink": {"dsn": args.dsn, "data_dir": args.data_dir},
+            "models": {"classifiers_dir": args.classifiers_dir, "weights": args.weights, "device": args.device}}
+
+
+def _cmd_train_classifiers(args: argparse.Namespace) -> int:
+    # scikit-learn, and torch when image files need embedding, are imported only here
+    from training.command import PROG, run_command
+    from training.pipeline import RunInputs
+
+    try:
+        config = load_config(_train_overrides(args))
+    except ValueError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    inputs = RunInputs(labels=args.labels, results=args.results,
+                       use_database=bool(args.db or args.dsn or args.data_dir), key_field=args.key,
+                       collection_ids=args.collection_id, embedding_type=args.embedding_type, region=args.region,
+                       progress=not args.no_progress)
+    return run_command(config, inputs, args.report, args.log_level)
 
 
 COMMANDS = {
@@ -370,6 +470,7 @@ COMMANDS = {
     "replay": _cmd_replay,
     "sink": _cmd_sink,
     "search": _cmd_search,
+    "train-classifiers": _cmd_train_classifiers,
 }
 
 

@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PositiveFloat
 
 ENV_PREFIX = "IMGSTREAM_"
 
@@ -129,6 +129,36 @@ class SinkConfig(BaseModel):
     )
 
 
+RankMetric = Literal["average_precision", "f1", "precision", "recall"]
+
+
+class TrainingConfig(BaseModel):
+    """`imgstream train-classifiers`: how models are fitted, compared and kept."""
+
+    keep_versions: int = Field(default=10, ge=1, description="Versions kept per collection (the best ranked).")
+    rank_metric: RankMetric = Field(default="average_precision",
+                                    description="Held-out metric the bake-off ranks versions by.")
+    holdout_fraction: float = Field(
+        default=0.2, ge=0.0, le=0.5,
+        description="Share of each class held out from training, drawn from keys no stored version trained on.",
+    )
+    min_holdout_per_class: int = Field(
+        default=5, ge=1, description="Positives and negatives the held-out set needs for a bake-off.",
+    )
+    min_examples_per_class: int = Field(
+        default=5, ge=2, description="Positives and negatives with embeddings a collection needs to train.",
+    )
+    c_grid: list[PositiveFloat] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0], min_length=1,
+                                description="Inverse regularisation strengths tried by cross-validation.")
+    cv_folds: int = Field(default=5, ge=2, description="Stratified folds for C and the threshold.")
+    target_precision: float | None = Field(
+        default=None, gt=0.0, le=1.0,
+        description="Choose the threshold that reaches this out-of-fold precision (highest recall); "
+        "unset: the threshold that maximises F1.",
+    )
+    seed: int = 42
+
+
 class WorkerConfig(BaseModel):
     kafka: KafkaConfig = Field(default_factory=KafkaConfig)
     fetch: FetchConfig = Field(default_factory=FetchConfig)
@@ -136,6 +166,7 @@ class WorkerConfig(BaseModel):
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     blobs: BlobConfig = Field(default_factory=BlobConfig)
     sink: SinkConfig = Field(default_factory=SinkConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
     max_in_flight: int = Field(default=64, ge=1, description="Requests being processed at once.")
     max_in_flight_image_bytes: int = Field(
         default=512 * 1024 * 1024, ge=1,

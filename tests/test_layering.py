@@ -1,4 +1,4 @@
-"""The rooms import one way only (DESIGN "Rooms"): schemas <- blobs, analysis <- consumer; schemas, blobs <- producer."""
+"""The rooms import one way only (DESIGN "Rooms"): schemas <- analysis <- consumer <- training; schemas, blobs <- producer."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-ROOMS = ("schemas", "blobs", "analysis", "consumer", "producer")
+ROOMS = ("schemas", "blobs", "analysis", "consumer", "producer", "training")
 # The project rooms each room may import at module level.
 ALLOWED = {
     "schemas": {"schemas"},
@@ -16,6 +16,8 @@ ALLOWED = {
     "analysis": {"analysis", "schemas"},
     "consumer": {"consumer", "analysis", "schemas", "blobs"},
     "producer": {"producer", "schemas", "blobs"},
+    # Classifier training reads the sink's tables and embeds images through the engine.
+    "training": {"training", "analysis", "consumer", "schemas", "blobs"},
 }
 # The CLI is the one place that dispatches to every room: `worker`, `sink` and `search` import
 # the consumer inside their handlers, so a crawler's light install never loads it.
