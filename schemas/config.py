@@ -85,7 +85,8 @@ class KafkaConfig(BaseModel):
     )
     session_timeout_ms: int = Field(default=10_000, description="A worker that sends no heartbeat this long is "
                                     "dropped from the group. Raise it on networks with long pauses.")
-    max_poll_interval_ms: int = Field(default=300_000, description="Kafka's bound between two polls of one worker.")
+    max_poll_interval_ms: int = Field(default=300_000, description="Kafka's bound between two polls of one "
+                                      "worker; the worker keeps polling while paused, so it rarely needs changing.")
 
     @model_validator(mode="after")
     def _results_topic_takes_results(self) -> KafkaConfig:
@@ -98,7 +99,8 @@ class KafkaConfig(BaseModel):
 
 
 class FetchConfig(BaseModel):
-    total_timeout_s: float = Field(default=20.0, gt=0, description="Deadline for one fetch, retries included.")
+    total_timeout_s: float = Field(default=20.0, gt=0, description="Deadline for one fetch, retries included. "
+                                   "Raise it for slow image hosts.")
     connect_timeout_s: float = Field(default=5.0, gt=0, description="Deadline for the TCP and TLS connect.")
     max_bytes: int = Field(default=20 * 1024 * 1024, gt=0, description="Larger images are `image_too_large`. "
                            "Raise it for very large originals; it is also a worker's memory per fetch.")
@@ -113,13 +115,16 @@ class FetchConfig(BaseModel):
                             "ask for a contact address in it.")
     blob_roots: list[str] = Field(
         default_factory=list,
-        description="Directories that file:// blob references may point into; empty allows any path.",
+        description="Directories that file:// blob references may point into; empty allows any path. Set it "
+        "wherever request producers are not trusted to name any file of the worker's host.",
     )
-    max_concurrent: int = Field(default=32, gt=0, description="Fetches at once per worker.")
+    max_concurrent: int = Field(default=32, gt=0, description="Fetches at once per worker. Raise it for "
+                                "slow image hosts (high fetch latency while the models idle).")
 
 
 class DecodeConfig(BaseModel):
-    max_pixels: int = Field(default=40_000_000, gt=0, description="Larger images are refused (decompression bombs).")
+    max_pixels: int = Field(default=40_000_000, gt=0, description="Larger images are refused (decompression "
+                            "bombs). A decoded pixel costs 3 bytes of the in-flight image bound.")
 
 
 class BatchConfig(BaseModel):
@@ -145,18 +150,26 @@ class ModelsConfig(BaseModel):
         default="pretrained", description="pretrained: the real weights; random: the same architectures with "
         "seeded random weights (tests, machines without the weights).")
     seed: int = Field(default=0, description="Seed of the random weights.")
-    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
-    require_gpu: bool = Field(default=False, description="Refuse to start when no GPU is available.")
-    fp16: bool = Field(default=True, description="Half precision on CUDA where it is numerically safe.")
-    clip_weights_path: str | None = Field(default=None, description="Local open_clip checkpoint for CLIP.")
-    dino_model: str = Field(default="facebook/dinov2-base", description="Hugging Face id or local directory.")
+    device: str = Field(default="auto", description="auto (a GPU when there is one), cpu, cuda or cuda:N. "
+                        "One worker per GPU: give each its own cuda:N, or one visible GPU per container.")
+    require_gpu: bool = Field(default=False, description="Refuse to start when no GPU is available. Set it on GPU "
+                             "workers: a host whose GPU is missing then fails at once instead of crawling on the CPU.")
+    fp16: bool = Field(default=True, description="Half precision on CUDA where it is numerically safe. Turn "
+                      "off to compare with fp32 results.")
+    clip_weights_path: str | None = Field(default=None, description="Local open_clip checkpoint for CLIP, "
+                                             "for hosts that cannot download weights.")
+    dino_model: str = Field(default="facebook/dinov2-base", description="Hugging Face id or local directory (a "
+                            "local copy for hosts without hub access).")
     caption_model: str = Field(
-        default="Salesforce/blip-image-captioning-base", description="Hugging Face id or local directory."
+        default="Salesforce/blip-image-captioning-base", description="Any image-to-text model: a Hugging Face id "
+        "or a local directory."
     )
-    person_weights_path: str | None = Field(default=None, description="Local Faster R-CNN state dict.")
+    person_weights_path: str | None = Field(default=None, description="Local Faster R-CNN state dict, for "
+                                               "hosts that cannot download weights.")
     preload: list[str] = Field(
         default_factory=lambda: ["clip", "dino", "person", "face", "caption"],
-        description="Models loaded at start-up; others load on first use.",
+        description="Models loaded at start-up; others load on first use. Leave out models a deployment never "
+        "uses: they cost memory and start-up time.",
     )
     batching: dict[str, BatchConfig] = Field(default_factory=_default_batching)
     classifiers_dir: str = Field(default="trained_classifiers", description="Folder of classifier files and "
@@ -179,7 +192,8 @@ class ModelsConfig(BaseModel):
 class BlobConfig(BaseModel):
     dir: str = Field(
         default=".imgstream/blobs",
-        description="Where `submit` puts local files: a directory (file:// references) or s3://bucket/prefix.",
+        description="Where `submit` puts local files (and workers put crops too large to inline): a directory "
+        "(file:// references) or s3://bucket/prefix. Producers and workers must see the same store.",
     )
     s3_endpoint_url: str | None = Field(
         default=None, description="S3-compatible endpoint (MinIO, Ceph, ...); unset: AWS. Credentials come "
@@ -192,14 +206,18 @@ class SinkConfig(BaseModel):
     """`imgstream sink pgvector`: which database, which consumer group, how big a batch."""
 
     dsn: str | None = Field(
-        default=None, description="PostgreSQL URI; when unset the embedded server (pgserver) starts on data_dir."
+        default=None, description="PostgreSQL URI, e.g. postgresql://user:password@host:5432/db?sslmode=require; "
+        "unset: the embedded server (pgserver) starts on data_dir, for development."
     )
     data_dir: str = Field(default=".imgstream/pgdata", description="Data directory of the embedded PostgreSQL.")
     group: str = Field(default="imgstream-sink", description="The sinks' consumer group; more sinks in it write "
                        "in parallel, one per few results partitions.")
-    batch_max_records: int = Field(default=500, ge=1, description="A batch is written at this many records,")
-    batch_max_ms: float = Field(default=500.0, ge=0, description="or this many ms after its first record.")
-    hnsw_m: int = Field(default=16, ge=2, le=100, description="HNSW graph degree of new embedding tables.")
+    batch_max_records: int = Field(default=500, ge=1, description="Records per database transaction: larger "
+                                   "batches write faster, smaller ones show results sooner.")
+    batch_max_ms: float = Field(default=500.0, ge=0, description="A batch is written at the latest this many ms "
+                                "after its first record.")
+    hnsw_m: int = Field(default=16, ge=2, le=100, description="HNSW graph degree of new embedding "
+                        "tables (pgvector's default); higher: better recall, more memory, slower inserts.")
     hnsw_ef_construction: int = Field(
         default=64, ge=4, le=1000, description="HNSW build breadth of new embedding tables (higher: better recall, "
         "slower inserts).",
@@ -213,15 +231,20 @@ class WorkerConfig(BaseModel):
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     blobs: BlobConfig = Field(default_factory=BlobConfig)
     sink: SinkConfig = Field(default_factory=SinkConfig)
-    max_in_flight: int = Field(default=64, ge=1, description="Requests being processed at once.")
+    max_in_flight: int = Field(default=64, ge=1, description="Requests being processed at once. Raise it when the "
+                               "model batches stay small while lag grows (fetches are the wall); see DEPLOY.md "
+                               "\"Sizing a worker\".")
     max_in_flight_image_bytes: int = Field(
         default=512 * 1024 * 1024, ge=1,
         description="Fetched plus decoded (RGB) image bytes held by requests in flight. At the bound the "
-        "worker pauses its partitions and starts no new fetch until requests finish.",
+        "worker pauses its partitions and starts no new fetch until requests finish. Size it to the worker's "
+        "memory (DEPLOY.md \"Sizing a worker\").",
     )
-    http_port: int | None = Field(default=None, description="Port of /healthz, /readyz, /operations, /metrics.")
+    http_port: int | None = Field(default=None, description="Port of /healthz, /readyz, /operations, "
+                                      "/metrics; unset: no HTTP server. Set it wherever Prometheus scrapes.")
     drain_timeout_s: float = Field(default=30.0, ge=0,
-                                   description="On SIGTERM/SIGINT: time to finish the requests in flight.")
+                                   description="On SIGTERM/SIGINT: time to finish the requests in flight. "
+                                   "Keep it under the container's stop grace period (60 s in docker-compose.yml).")
     revoke_timeout_s: float = Field(
         default=10.0, ge=0,
         description="On a rebalance: time to finish the revoked partitions' requests before they are abandoned "
