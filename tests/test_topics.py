@@ -110,3 +110,21 @@ def test_a_results_topic_smaller_than_the_result_limit_is_refused() -> None:
                                     "topic_settings": {"results": {"max_message_bytes": 1_000_000}}})
     with pytest.raises(ValueError, match="compression_type"):
         load_config(environ={"IMGSTREAM_KAFKA__TOPIC_SETTINGS__RESULTS__COMPRESSION_TYPE": "brotli"})
+
+
+async def test_zstd_compressed_results_are_readable(broker: str, topics) -> None:
+    # Apache Kafka stores the results topic zstd-compressed (its compression.type), whatever the
+    # worker sent: every imgstream consumer must decode zstd batches (aiokafka[zstd]).
+    from aiokafka import AIOKafkaProducer
+
+    from tests.kafka_helpers import consume_all
+
+    producer = AIOKafkaProducer(bootstrap_servers=broker, compression_type="zstd", linger_ms=20)
+    await producer.start()
+    try:
+        sent = [await producer.send(topics.results, b'{"n": %d}' % i, key=b"r") for i in range(50)]
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+    records = await consume_all(broker, topics.results, 50)
+    assert [r.value for r in records] == [b'{"n": %d}' % i for i in range(50)]
