@@ -7,6 +7,7 @@ when its tool is missing. Structural checks that need no tool always run.
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import importlib.util
 import json
@@ -15,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from producer.cli import build_parser
+from producer.embedded_broker import find_free_port
 from producer.topics import topic_plans
 from schemas.config import WorkerConfig, load_config
 from schemas.settings_doc import DEPLOY_DOC, settings, with_tables
@@ -437,21 +440,23 @@ def test_prometheus_config_and_alert_rules_pass_promtool():
 
 
 async def test_dashboard_and_alert_metrics_exist_on_a_running_worker(broker, topics, workers, tmp_path):
-    from producer.embedded_broker import find_free_port
-    from tests.test_observability import _until_ready, parse_prometheus
-
     worker = workers.start(http_port=find_free_port())
-    await _until_ready(worker)
+    deadline = time.monotonic() + 90
+    while worker.get("/readyz")[0] != 200:
+        assert worker.alive() and time.monotonic() < deadline, f"worker not ready; log:\n{worker.tail()}"
+        await asyncio.sleep(0.3)
     image = {"blob": small_photo(tmp_path / "face.jpg").as_uri()}
     await produce_paced(broker, topics.requests, [(b"dash-0", request_bytes("dash-0", image)), (b"bad", b"{nope")])
     assert len(await consume_all(broker, topics.results, 2, timeout_s=60)) == 2
+    assert len(await consume_all(broker, topics.dlq, 1, timeout_s=30)) == 1
     status, body, _ = worker.get("/metrics")
     assert status == 200
     text = body.decode()
-    parse_prometheus(text)  # valid exposition format
+    # families from the TYPE lines (present before any sample), and every sample's own name
     families = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.MULTILINE))
-    exposed = set(families) | {f"{name}_{suffix}" for name, kind in families.items() if kind == "histogram"
-                               for suffix in ("bucket", "sum", "count")}
+    exposed = set(families) | set(re.findall(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)[{ ]", text, re.MULTILINE))
+    exposed |= {f"{name}_{suffix}" for name, kind in families.items() if kind == "histogram"
+                for suffix in ("bucket", "sum", "count")}
     queries = [q for qs in _dashboard_exprs().values() for q in qs] + list(_alert_exprs().values())
     used = set().union(*map(_metric_names, queries)) - {"up"}  # `up` is Prometheus's own
     assert {"imgstream_results_total", "imgstream_consumer_lag", "imgstream_model_batch_size_bucket"} <= used
