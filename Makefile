@@ -27,8 +27,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest --durations=15
 
+# JSON Schema files and docs/DEPLOY.md's settings tables (tests fail when either is stale)
 schemas: $(STAMP)
 	$(PY) -m schemas.export
+	$(PY) -m schemas.settings_doc
 
 bench: $(STAMP)
 	$(PY) scripts/bench_engine.py

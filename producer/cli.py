@@ -169,10 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("topics", help="Manage imgstream's topics.")
     tsub = p.add_subparsers(dest="topics_command", required=True, metavar="ACTION")
-    tc = tsub.add_parser("create", help="Create the requests, replay, results and DLQ topics (idempotent).")
+    tc = tsub.add_parser("create", help="Create the requests, replay, results and DLQ topics (idempotent).",
+                         description="Creates each topic that does not exist yet with its partitions, retention.ms, "
+                         "compression.type and max.message.bytes (IMGSTREAM_KAFKA__TOPIC_SETTINGS__<TOPIC>__*, "
+                         "see docs/DEPLOY.md). Existing topics are left alone; where one differs from its "
+                         "settings, the difference is printed.")
     _add_bootstrap(tc)
-    tc.add_argument("--partitions", type=int, default=4, help="Partitions per topic (default 4).")
-    tc.add_argument("--replication", type=int, default=1, help="Replication factor (default 1).")
+    tc.add_argument("--partitions", type=int,
+                    help="Partitions for every topic (default: per topic, 12 each and 1 for the DLQ).")
+    tc.add_argument("--replication", type=int, default=1, help="Replication factor (default 1; 3 in production).")
 
     p = sub.add_parser("worker", help="Consume requests, run the task engine, publish results.",
                        description="Run a worker of the consumer group until SIGTERM/SIGINT (drains, then exits 0).")
@@ -256,13 +261,30 @@ def _cmd_broker(args: argparse.Namespace) -> int:
 
 
 def _cmd_topics(args: argparse.Namespace) -> int:
-    from producer.topics import create_topics, topic_names
+    from producer.topics import create_topics, topic_differences, topic_plans
 
-    config = load_config(_overrides(args))
-    created = asyncio.run(create_topics(config.kafka.bootstrap, config.kafka.topics, args.partitions,
-                                        args.replication, max_message_bytes=config.kafka.max_message_bytes))
-    for name in topic_names(config.kafka.topics):
-        print(f"{name}: {'created' if name in created else 'exists'}")
+    if args.partitions is not None and args.partitions < 1:
+        print("imgstream topics create: --partitions must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    kafka = load_config(_overrides(args)).kafka
+    plans = topic_plans(kafka.topics, kafka.topic_settings, partitions=args.partitions,
+                        max_message_bytes=kafka.max_message_bytes)
+
+    async def create_and_compare() -> tuple[list[str], dict[str, list[str]]]:
+        created = await create_topics(kafka.bootstrap, kafka.topics, args.partitions, args.replication,
+                                      max_message_bytes=kafka.max_message_bytes, settings=kafka.topic_settings)
+        existing = [plan for plan in plans if plan.name not in created]
+        return created, (await topic_differences(kafka.bootstrap, existing) if existing else {})
+
+    created, differences = asyncio.run(create_and_compare())
+    for plan in plans:
+        settings = ", ".join([f"{plan.partitions} partitions"] + [f"{k}={v}" for k, v in plan.configs.items()])
+        if plan.name in created:
+            print(f"{plan.name}: created ({settings})")
+        elif differences.get(plan.name):
+            print(f"{plan.name}: exists, differs from its settings: {'; '.join(differences[plan.name])}")
+        else:
+            print(f"{plan.name}: exists")
     return EXIT_OK
 
 

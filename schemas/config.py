@@ -12,58 +12,126 @@ import json
 import os
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, Field, PositiveFloat
+from pydantic import BaseModel, Field, PositiveFloat, ValidationInfo, field_validator, model_validator
 
 ENV_PREFIX = "IMGSTREAM_"
+DAY_MS = 24 * 3600 * 1000
 
 
 class Topics(BaseModel):
-    requests: str = "imgstream.requests"
-    replay: str = "imgstream.replay"
-    results: str = "imgstream.results"
-    dlq: str = "imgstream.dlq"
+    requests: str = Field(default="imgstream.requests", description="Topic crawlers and `submit` publish requests to.")
+    replay: str = Field(default="imgstream.replay", description="Topic `imgstream replay` publishes to; workers "
+                        "read it beside the requests topic.")
+    results: str = Field(default="imgstream.results", description="Topic workers publish one result per task to.")
+    dlq: str = Field(default="imgstream.dlq", description="Topic for events that are not valid requests.")
+
+
+CompressionType = Literal["producer", "uncompressed", "gzip", "snappy", "lz4", "zstd"]
+
+
+class TopicSettings(BaseModel):
+    """How `imgstream topics create` makes one topic; a topic that exists already is left as it is."""
+
+    partitions: int = Field(default=12, ge=1, description="Partitions: the most workers (or sinks) that can share "
+                            "the topic's load. Set before the first event: adding partitions later moves keys.")
+    retention_ms: int = Field(default=7 * DAY_MS, ge=-1, description="`retention.ms`: how long records are kept "
+                              "(-1: forever).")
+    compression_type: CompressionType = Field(default="producer", description="`compression.type`: `producer` "
+                                              "keeps what producers send; a codec makes the broker store that.")
+    max_message_bytes: int | None = Field(default=None, ge=1, description="`max.message.bytes`; unset: "
+                                          "`kafka.max_message_bytes`.")
+
+
+# Why each topic differs from the TopicSettings defaults: docs/DEPLOY.md "Topics".
+_TOPIC_DEFAULTS: dict[str, dict[str, Any]] = {
+    "requests": {},  # the replay horizon: `imgstream replay` can only reach back this far
+    "replay": {"retention_ms": 3 * DAY_MS},  # consumed soon after it is written
+    "results": {"compression_type": "zstd"},  # embeddings as JSON text: zstd stores about 40% of the bytes
+    "dlq": {"partitions": 1, "retention_ms": 30 * DAY_MS},  # few records, read by people, later
+}
+
+
+def _with_role_defaults(role: str, given: Any) -> Any:
+    """`given` (a partial dict from env or flags) on top of `role`'s defaults."""
+    if isinstance(given, Mapping):
+        return {**_TOPIC_DEFAULTS[role], **given}
+    return given
+
+
+class TopicSettingsByTopic(BaseModel):
+    """`TopicSettings` for each of the four topics (keyed like `Topics`)."""
+
+    requests: TopicSettings = Field(default_factory=lambda: TopicSettings(**_TOPIC_DEFAULTS["requests"]))
+    replay: TopicSettings = Field(default_factory=lambda: TopicSettings(**_TOPIC_DEFAULTS["replay"]))
+    results: TopicSettings = Field(default_factory=lambda: TopicSettings(**_TOPIC_DEFAULTS["results"]))
+    dlq: TopicSettings = Field(default_factory=lambda: TopicSettings(**_TOPIC_DEFAULTS["dlq"]))
+
+    @field_validator("requests", "replay", "results", "dlq", mode="before")
+    @classmethod
+    def _role_defaults(cls, value: Any, info: ValidationInfo) -> Any:
+        return _with_role_defaults(info.field_name, value)
 
 
 class KafkaConfig(BaseModel):
-    bootstrap: str = "127.0.0.1:9092"
-    group: str = "imgstream-workers"
-    client_id: str = "imgstream"
+    bootstrap: str = Field(default="127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port].")
+    group: str = Field(default="imgstream-workers", description="The workers' consumer group; every worker of one "
+                       "deployment shares it. A second group would process every request again.")
+    client_id: str = Field(default="imgstream", description="Prefix of the Kafka client ids (broker logs, quotas).")
     topics: Topics = Field(default_factory=Topics)
+    topic_settings: TopicSettingsByTopic = Field(default_factory=TopicSettingsByTopic)
     max_message_bytes: int = Field(
-        default=1_000_000, description="Results are kept under this size (Apache Kafka's default message limit)."
+        default=1_000_000, description="Results are kept under this size (Apache Kafka's default message limit). "
+        "Raise it only with the broker's and the results topic's limit."
     )
-    session_timeout_ms: int = 10_000
-    max_poll_interval_ms: int = 300_000
+    session_timeout_ms: int = Field(default=10_000, description="A worker that sends no heartbeat this long is "
+                                    "dropped from the group. Raise it on networks with long pauses.")
+    max_poll_interval_ms: int = Field(default=300_000, description="Kafka's bound between two polls of one "
+                                      "worker; the worker keeps polling while paused, so it rarely needs changing.")
+
+    @model_validator(mode="after")
+    def _results_topic_takes_results(self) -> KafkaConfig:
+        limit = self.topic_settings.results.max_message_bytes
+        if limit is not None and limit < self.max_message_bytes:
+            raise ValueError(f"kafka.topic_settings.results.max_message_bytes ({limit}) is below "
+                             f"kafka.max_message_bytes ({self.max_message_bytes}): the results topic would refuse "
+                             "results the worker is allowed to publish")
+        return self
 
 
 class FetchConfig(BaseModel):
-    total_timeout_s: float = Field(default=20.0, gt=0, description="Deadline for one fetch, retries included.")
-    connect_timeout_s: float = Field(default=5.0, gt=0)
-    max_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
-    max_redirects: int = Field(default=5, ge=0)
+    total_timeout_s: float = Field(default=20.0, gt=0, description="Deadline for one fetch, retries included. "
+                                   "Raise it for slow image hosts.")
+    connect_timeout_s: float = Field(default=5.0, gt=0, description="Deadline for the TCP and TLS connect.")
+    max_bytes: int = Field(default=20 * 1024 * 1024, gt=0, description="Larger images are `image_too_large`. "
+                           "Raise it for very large originals; it is also a worker's memory per fetch.")
+    max_redirects: int = Field(default=5, ge=0, description="Redirects followed per fetch.")
     retries: int = Field(default=2, ge=0, description="Retries for timeouts, 5xx and 429.")
-    backoff_s: float = Field(default=0.5, ge=0)
+    backoff_s: float = Field(default=0.5, ge=0, description="First retry delay; it doubles per retry.")
     allow_private_addresses: bool = Field(
         default=False,
         description="Allow URLs that resolve to loopback, private, link-local or metadata addresses.",
     )
-    user_agent: str = "imgstream/0.1"
+    user_agent: str = Field(default="imgstream/0.1", description="User-Agent of image fetches; image hosts may "
+                            "ask for a contact address in it.")
     blob_roots: list[str] | None = Field(
         default=None,
         description="Directories that file:// blob references may point into (symlinks resolved). Unset: the "
         "blob store directory (blobs.dir). An empty list refuses every file:// reference.",
     )
-    max_concurrent: int = Field(default=32, gt=0)
+    max_concurrent: int = Field(default=32, gt=0, description="Fetches at once per worker. Raise it for "
+                                "slow image hosts (high fetch latency while the models idle).")
 
 
 class DecodeConfig(BaseModel):
-    max_pixels: int = Field(default=40_000_000, gt=0)
+    max_pixels: int = Field(default=40_000_000, gt=0, description="Larger images are refused (decompression "
+                            "bombs). A decoded pixel costs 3 bytes of the in-flight image bound.")
 
 
 class BatchConfig(BaseModel):
-    max_batch_size: int = Field(default=16, ge=1)
-    max_wait_ms: float = Field(default=5.0, ge=0)
-    max_queue: int = Field(default=1024, ge=1)
+    max_batch_size: int = Field(default=16, ge=1, description="Items per model call. Larger keeps a GPU busier; "
+                                "on a CPU-only worker detection is faster at 1.")
+    max_wait_ms: float = Field(default=5.0, ge=0, description="How long the first item of a batch waits for more.")
+    max_queue: int = Field(default=1024, ge=1, description="Items that may wait for this model.")
 
 
 def _default_batching() -> dict[str, BatchConfig]:
@@ -78,23 +146,44 @@ def _default_batching() -> dict[str, BatchConfig]:
 
 
 class ModelsConfig(BaseModel):
-    weights: Literal["pretrained", "random"] = "pretrained"
-    seed: int = 0
-    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
-    require_gpu: bool = Field(default=False, description="Refuse to start when no GPU is available.")
-    fp16: bool = Field(default=True, description="Half precision on CUDA where it is numerically safe.")
-    clip_weights_path: str | None = Field(default=None, description="Local open_clip checkpoint for CLIP.")
-    dino_model: str = Field(default="facebook/dinov2-base", description="Hugging Face id or local directory.")
+    weights: Literal["pretrained", "random"] = Field(
+        default="pretrained", description="pretrained: the real weights; random: the same architectures with "
+        "seeded random weights (tests, machines without the weights).")
+    seed: int = Field(default=0, description="Seed of the random weights.")
+    device: str = Field(default="auto", description="auto (a GPU when there is one), cpu, cuda or cuda:N. "
+                        "One worker per GPU: give each its own cuda:N, or one visible GPU per container.")
+    require_gpu: bool = Field(default=False, description="Refuse to start when no GPU is available. Set it on GPU "
+                             "workers: a host whose GPU is missing then fails at once instead of crawling on the CPU.")
+    fp16: bool = Field(default=True, description="Half precision on CUDA where it is numerically safe. Turn "
+                      "off to compare with fp32 results.")
+    clip_weights_path: str | None = Field(default=None, description="Local open_clip checkpoint for CLIP, "
+                                             "for hosts that cannot download weights.")
+    dino_model: str = Field(default="facebook/dinov2-base", description="Hugging Face id or local directory (a "
+                            "local copy for hosts without hub access).")
     caption_model: str = Field(
-        default="Salesforce/blip-image-captioning-base", description="Hugging Face id or local directory."
+        default="Salesforce/blip-image-captioning-base", description="Any image-to-text model: a Hugging Face id "
+        "or a local directory."
     )
-    person_weights_path: str | None = Field(default=None, description="Local Faster R-CNN state dict.")
+    person_weights_path: str | None = Field(default=None, description="Local Faster R-CNN state dict, for "
+                                               "hosts that cannot download weights.")
     preload: list[str] = Field(
         default_factory=lambda: ["clip", "dino", "person", "face", "caption"],
-        description="Models loaded at start-up; others load on first use.",
+        description="Models loaded at start-up; others load on first use. Leave out models a deployment never "
+        "uses: they cost memory and start-up time.",
     )
     batching: dict[str, BatchConfig] = Field(default_factory=_default_batching)
-    classifiers_dir: str = "trained_classifiers"
+    classifiers_dir: str = Field(default="trained_classifiers", description="Folder of classifier files and "
+                                 "best_models.json; changes are picked up without a restart.")
+
+    @field_validator("batching", mode="before")
+    @classmethod
+    def _batching_over_defaults(cls, value: Any) -> Any:
+        # One knob from the environment (MODELS__BATCHING__CAPTION__MAX_BATCH_SIZE) keeps the model's other defaults.
+        if not isinstance(value, Mapping):
+            return value
+        defaults = {name: config.model_dump() for name, config in _default_batching().items()}
+        return {**defaults, **{name: {**defaults.get(name, {}), **given} if isinstance(given, Mapping) else given
+                               for name, given in value.items()}}
 
     def batch(self, model: str) -> BatchConfig:
         return self.batching.get(model) or _default_batching().get(model) or BatchConfig()
@@ -103,26 +192,32 @@ class ModelsConfig(BaseModel):
 class BlobConfig(BaseModel):
     dir: str = Field(
         default=".imgstream/blobs",
-        description="Where `submit` puts local files: a directory (file:// references) or s3://bucket/prefix.",
+        description="Where `submit` puts local files (and workers put crops too large to inline): a directory "
+        "(file:// references) or s3://bucket/prefix. Producers and workers must see the same store.",
     )
     s3_endpoint_url: str | None = Field(
         default=None, description="S3-compatible endpoint (MinIO, Ceph, ...); unset: AWS. Credentials come "
         "from the usual AWS environment variables or config files.",
     )
-    s3_region: str | None = None
+    s3_region: str | None = Field(default=None, description="Region of the S3 bucket; unset: the AWS default chain.")
 
 
 class SinkConfig(BaseModel):
     """`imgstream sink pgvector`: which database, which consumer group, how big a batch."""
 
     dsn: str | None = Field(
-        default=None, description="PostgreSQL URI; when unset the embedded server (pgserver) starts on data_dir."
+        default=None, description="PostgreSQL URI, e.g. postgresql://user:password@host:5432/db?sslmode=require; "
+        "unset: the embedded server (pgserver) starts on data_dir, for development."
     )
     data_dir: str = Field(default=".imgstream/pgdata", description="Data directory of the embedded PostgreSQL.")
-    group: str = "imgstream-sink"
-    batch_max_records: int = Field(default=500, ge=1, description="A batch is written at this many records,")
-    batch_max_ms: float = Field(default=500.0, ge=0, description="or this many ms after its first record.")
-    hnsw_m: int = Field(default=16, ge=2, le=100, description="HNSW graph degree of new embedding tables.")
+    group: str = Field(default="imgstream-sink", description="The sinks' consumer group; more sinks in it write "
+                       "in parallel, one per few results partitions.")
+    batch_max_records: int = Field(default=500, ge=1, description="Records per database transaction: larger "
+                                   "batches write faster, smaller ones show results sooner.")
+    batch_max_ms: float = Field(default=500.0, ge=0, description="A batch is written at the latest this many ms "
+                                "after its first record.")
+    hnsw_m: int = Field(default=16, ge=2, le=100, description="HNSW graph degree of new embedding "
+                        "tables (pgvector's default); higher: better recall, more memory, slower inserts.")
     hnsw_ef_construction: int = Field(
         default=64, ge=4, le=1000, description="HNSW build breadth of new embedding tables (higher: better recall, "
         "slower inserts).",
@@ -167,21 +262,26 @@ class WorkerConfig(BaseModel):
     blobs: BlobConfig = Field(default_factory=BlobConfig)
     sink: SinkConfig = Field(default_factory=SinkConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
-    max_in_flight: int = Field(default=64, ge=1, description="Requests being processed at once.")
+    max_in_flight: int = Field(default=64, ge=1, description="Requests being processed at once. Raise it when the "
+                               "model batches stay small while lag grows (fetches are the wall); see DEPLOY.md "
+                               "\"Sizing a worker\".")
     max_in_flight_image_bytes: int = Field(
         default=512 * 1024 * 1024, ge=1,
         description="Fetched plus decoded (RGB) image bytes held by requests in flight. At the bound the "
-        "worker pauses its partitions and starts no new fetch until requests finish.",
+        "worker pauses its partitions and starts no new fetch until requests finish. Size it to the worker's "
+        "memory (DEPLOY.md \"Sizing a worker\").",
     )
-    http_port: int | None = Field(default=None, description="Port of /healthz, /readyz, /operations, /metrics.")
+    http_port: int | None = Field(default=None, description="Port of /healthz, /readyz, /operations, "
+                                      "/metrics; unset: no HTTP server. Set it wherever Prometheus scrapes.")
     drain_timeout_s: float = Field(default=30.0, ge=0,
-                                   description="On SIGTERM/SIGINT: time to finish the requests in flight.")
+                                   description="On SIGTERM/SIGINT: time to finish the requests in flight. "
+                                   "Keep it under the container's stop grace period (60 s in docker-compose.yml).")
     revoke_timeout_s: float = Field(
         default=10.0, ge=0,
         description="On a rebalance: time to finish the revoked partitions' requests before they are abandoned "
         "to the new owner (keep it under the group's rebalance timeout).",
     )
-    log_level: str = "INFO"
+    log_level: str = Field(default="INFO", description="DEBUG, INFO or WARNING.")
 
     def file_blob_roots(self) -> list[str]:
         """Where file:// references may point: fetch.blob_roots, else the blob store directory submit writes to."""
