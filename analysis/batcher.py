@@ -1,8 +1,14 @@
-"""A per-model micro-batcher: callers await one item, the model sees batches.
+"""Micro-batching across requests: callers await one item, the models see batches.
 
-Items from every request in flight are collected until `max_batch_size` is reached or
-`max_wait_ms` has passed since the first item, then run as one model call on the
-device's worker thread, so the event loop (heartbeats, fetches, publishing) never blocks.
+One queue per model collects items from every request in flight. A device takes the next
+batch as soon as it has room: the queue whose oldest item has waited longest hands over
+everything it holds, up to `max_batch_size`. So a batch never waits for a timer when the
+device could run it; while the device is busy the queues grow, and the next batch with
+them. `max_wait_ms` is only a ceiling: a free device holds a small batch back only while
+images that could join it are still being decoded, and never longer than that.
+
+With several devices (GPUs) every model has a replica on each, and a batch goes to the
+free device that has been least busy.
 """
 
 from __future__ import annotations
@@ -10,21 +16,40 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import Executor
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
+from analysis.devices import Device
+from analysis.models.base import Model
 from schemas.config import BatchConfig
 
-T = TypeVar("T")
 R = TypeVar("R")
 
 log = logging.getLogger(__name__)
 
+# The largest batch per model when models.batching leaves it unset. On a GPU a batch of one
+# leaves the device idle, and embeddings keep scaling into the hundreds (DESIGN "Batching"). On
+# the CPU, measured on 2 cores (docs/BENCHMARKS.md): CLIP gains 1.5x from batching, DINOv2 and
+# captions nothing, Faster R-CNN and MTCNN lose (0.7x and worse), so detection runs one image
+# at a time there and a caption batch stays small enough not to hold the device for long.
+DEFAULT_MAX_BATCH = {
+    "cuda": {"clip": 256, "dino": 128, "caption": 64, "face": 32, "person": 8, "decode": 128},
+    "cpu": {"clip": 32, "dino": 16, "caption": 4, "face": 1, "person": 1, "decode": 1},
+}
+
+
+def resolve(config: BatchConfig, key: str, device_type: str) -> BatchConfig:
+    """`config` with its unset max_batch_size filled from DEFAULT_MAX_BATCH for the device."""
+    if config.max_batch_size is not None:
+        return config
+    size = DEFAULT_MAX_BATCH["cuda" if device_type == "cuda" else "cpu"].get(key, 16)
+    return config.model_copy(update={"max_batch_size": size})
+
 
 @dataclass
 class BatchStats:
-    """Counters of one batcher, read by tests, benchmarks and /metrics."""
+    """Counters of one model's queue, read by tests, benchmarks and /metrics."""
 
     calls: int = 0
     items: int = 0
@@ -57,7 +82,7 @@ class BatchStats:
 
 @dataclass
 class Timed(Generic[R]):
-    """A batcher's answer for one item, with the time it queued and the batch's compute time."""
+    """A model's answer for one item, with the time it queued and its batch's compute time."""
 
     value: R
     queue_ms: float
@@ -65,125 +90,195 @@ class Timed(Generic[R]):
 
 
 @dataclass
-class _Pending(Generic[T]):
-    item: T
+class _Pending:
+    item: Any
     future: asyncio.Future
     enqueued: float
 
 
-class MicroBatcher(Generic[T, R]):
-    """Collects items into batches for `run_batch(list[T]) -> list[R]` on `executor`."""
-
-    def __init__(
-        self,
-        name: str,
-        run_batch: Callable[[list[T]], list[R]],
-        executor: Executor,
-        config: BatchConfig,
-    ) -> None:
-        self.name = name
-        self._run_batch = run_batch
-        self._executor = executor
+class _ModelQueue:
+    def __init__(self, key: str, config: BatchConfig, replicas: dict[int, Model], prepare_only: bool) -> None:
+        assert config.max_batch_size is not None, "resolve() the batch config first"
+        self.key = key
         self.config = config
+        self.replicas = replicas  # device index -> the model loaded there
+        self.prepare_only = prepare_only
+        self.items: deque[_Pending] = deque()
         self.stats = BatchStats()
-        self._queue: asyncio.Queue[_Pending[T]] | None = None
-        self._runner: asyncio.Task | None = None
+        self.space = asyncio.Event()
+        self.space.set()
 
-    def _ensure_running(self) -> asyncio.Queue[_Pending[T]]:
-        # Created lazily so the batcher binds to the loop that first uses it.
-        if self._queue is None:
-            self._queue = asyncio.Queue(maxsize=self.config.max_queue)
-        if self._runner is None or self._runner.done():
-            self._runner = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
-        return self._queue
+    def oldest(self) -> float:
+        return self.items[0].enqueued
 
-    @property
-    def queued(self) -> int:
-        return self._queue.qsize() if self._queue is not None else 0
-
-    async def submit(self, item: T) -> Timed[R]:
-        """Queue one item (waiting while the queue is full) and await its result."""
-        queue = self._ensure_running()
-        future: asyncio.Future = asyncio.get_running_loop().create_future()
-        await queue.put(_Pending(item, future, time.perf_counter()))
-        return await future
-
-    async def _collect(self, queue: asyncio.Queue[_Pending[T]]) -> list[_Pending[T]]:
-        batch = [await queue.get()]
-        deadline = time.perf_counter() + self.config.max_wait_ms / 1000.0
-        while len(batch) < self.config.max_batch_size:
-            try:
-                batch.append(queue.get_nowait())
-                continue
-            except asyncio.QueueEmpty:
-                pass
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(queue.get(), remaining))
-            except asyncio.TimeoutError:
-                break
+    def take(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        while self.items and len(batch) < self.config.max_batch_size:
+            pending = self.items.popleft()
+            if not pending.future.cancelled():
+                batch.append(pending)
+        if len(self.items) < self.config.max_queue:
+            self.space.set()
         return batch
 
+
+class Scheduler:
+    """Hands batches from the models' queues to free devices."""
+
+    def __init__(self, devices: list[Device]) -> None:
+        if not devices:
+            raise ValueError("a scheduler needs at least one device")
+        self.devices = devices
+        self._queues: dict[str, _ModelQueue] = {}
+        self._wake: asyncio.Event | None = None
+        self._runner: asyncio.Task | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._running: set[asyncio.Task] = set()
+        # Images being decoded: items they will add may join a small batch that lingers.
+        self.decoding = 0
+
+    def add(self, key: str, config: BatchConfig, replicas: dict[int, Model], prepare_only: bool = False) -> None:
+        """Serve `key` from one replica per device index (prepare_only: it runs wholly on the preparing thread)."""
+        device_type = self.devices[0].torch_device.type
+        self._queues[key] = _ModelQueue(key, resolve(config, key, device_type), replicas, prepare_only)
+
+    def config(self, key: str) -> BatchConfig:
+        return self._queues[key].config
+
+    def has(self, key: str) -> bool:
+        return key in self._queues
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        return {key: q.stats.snapshot() for key, q in self._queues.items()}
+
+    def queued(self) -> dict[str, int]:
+        return {key: len(q.items) for key, q in self._queues.items()}
+
+    # -- submitting -----------------------------------------------------------------------
+
+    async def submit(self, key: str, item: Any) -> Timed:
+        """Queue one item for `key` (waiting while its queue is full) and await its result."""
+        queue = self._queues[key]
+        self._ensure_running()
+        while len(queue.items) >= queue.config.max_queue:
+            queue.space.clear()
+            await queue.space.wait()
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        queue.items.append(_Pending(item, future, time.perf_counter()))
+        self.wake()
+        return await future
+
+    def wake(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _ensure_running(self) -> None:
+        # Created lazily so the scheduler binds to the loop that first uses it.
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.get_running_loop().create_task(self._run(), name="imgstream-scheduler")
+
+    # -- dispatching ----------------------------------------------------------------------
+
     async def _run(self) -> None:
-        assert self._queue is not None
-        loop = asyncio.get_running_loop()
+        assert self._wake is not None
         while True:
-            batch = await self._collect(self._queue)
-            batch = [p for p in batch if not p.future.cancelled()]
-            if not batch:
-                continue
-            started = time.perf_counter()
-            queue_ms = [(started - p.enqueued) * 1000.0 for p in batch]
+            await self._wake.wait()
+            self._wake.clear()
+            # Items submitted by callbacks of this same loop turn join this round.
+            await asyncio.sleep(0)
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        now = time.perf_counter()
+        linger_until: float | None = None
+        for device in sorted(self.devices, key=lambda d: (d.running, d.busy_s)):
+            while device.free:
+                waiting = [q for q in self._queues.values() if q.items and device.index in q.replicas]
+                if not waiting:
+                    break
+                queue = min(waiting, key=_ModelQueue.oldest)
+                deadline = queue.oldest() + queue.config.max_wait_ms / 1000.0
+                if len(queue.items) < queue.config.max_batch_size and self.decoding and now < deadline:
+                    # More images are being decoded and may join: hold back, up to max_wait_ms.
+                    linger_until = deadline if linger_until is None else min(linger_until, deadline)
+                    break
+                batch = queue.take()
+                if batch:
+                    device.running += 1
+                    task = asyncio.create_task(self._execute(device, queue, batch))
+                    self._running.add(task)
+                    task.add_done_callback(self._running.discard)
+        if linger_until is not None:
+            if self._timer is not None:
+                self._timer.cancel()
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(loop.time() + max(0.0, linger_until - now), self.wake)
+
+    async def _execute(self, device: Device, queue: _ModelQueue, batch: list[_Pending]) -> None:
+        started = time.perf_counter()
+        queue_ms = [(started - p.enqueued) * 1000.0 for p in batch]
+        model = queue.replicas[device.index]
+        try:
             try:
-                outputs = await loop.run_in_executor(self._executor, self._run_batch, [p.item for p in batch])
+                outputs = await device.run(model, [p.item for p in batch], queue.prepare_only)
                 if len(outputs) != len(batch):
-                    raise RuntimeError(f"{self.name}: model returned {len(outputs)} outputs for {len(batch)} items")
+                    raise RuntimeError(f"{queue.key}: model returned {len(outputs)} outputs for {len(batch)} items")
             except Exception as exc:  # noqa: BLE001 - isolate the failing item instead of failing the batch
-                self.stats.failed_calls += 1
-                await self._run_singly(batch, queue_ms, exc)
-                continue
+                queue.stats.failed_calls += 1
+                await self._run_singly(device, queue, batch, queue_ms, exc)
+                return
             compute_ms = (time.perf_counter() - started) * 1000.0
-            self.stats.record(len(batch), sum(queue_ms), compute_ms)
+            queue.stats.record(len(batch), sum(queue_ms), compute_ms)
             for pending, output, waited in zip(batch, outputs, queue_ms):
                 if not pending.future.done():
                     pending.future.set_result(Timed(output, waited, compute_ms))
+        finally:
+            device.running -= 1
+            self.wake()
 
-    async def _run_singly(self, batch: list[_Pending[T]], queue_ms: list[float], exc: Exception) -> None:
+    async def _run_singly(self, device: Device, queue: _ModelQueue, batch: list[_Pending], queue_ms: list[float],
+                          exc: Exception) -> None:
         """After a failed batch, run each item alone so one bad item fails only its own request."""
         if len(batch) == 1:
-            log.warning("batcher %s: model call failed: %s", self.name, exc)
+            log.warning("%s on %s: model call failed: %s", queue.key, device.name, exc)
             if not batch[0].future.done():
                 batch[0].future.set_exception(exc)
             return
-        log.warning("batcher %s: batch of %d failed (%s); retrying items one by one", self.name, len(batch), exc)
-        loop = asyncio.get_running_loop()
+        log.warning("%s on %s: batch of %d failed (%s); retrying items one by one", queue.key, device.name,
+                    len(batch), exc)
+        model = queue.replicas[device.index]
         for pending, waited in zip(batch, queue_ms):
             started = time.perf_counter()
             try:
-                (output,) = await loop.run_in_executor(self._executor, self._run_batch, [pending.item])
+                (output,) = await device.run(model, [pending.item], queue.prepare_only)
             except Exception as item_exc:  # noqa: BLE001
-                self.stats.failed_calls += 1
+                queue.stats.failed_calls += 1
                 if not pending.future.done():
                     pending.future.set_exception(item_exc)
                 continue
             compute_ms = (time.perf_counter() - started) * 1000.0
-            self.stats.record(1, waited, compute_ms)
+            queue.stats.record(1, waited, compute_ms)
             if not pending.future.done():
                 pending.future.set_result(Timed(output, waited, compute_ms))
 
     async def close(self) -> None:
-        """Stop the runner; items still queued get a cancelled future."""
-        if self._runner is not None:
-            self._runner.cancel()
-            try:
-                await self._runner
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._runner = None
-        if self._queue is not None:
-            while not self._queue.empty():
-                pending = self._queue.get_nowait()
+        """Stop dispatching; items still queued get a cancelled future."""
+        if self._timer is not None:
+            self._timer.cancel()
+        for task in [self._runner, *self._running]:
+            if task is not None:
+                task.cancel()
+        for task in [self._runner, *self._running]:
+            if task is not None:
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+        self._runner = None
+        for queue in self._queues.values():
+            while queue.items:
+                pending = queue.items.popleft()
                 if not pending.future.done():
                     pending.future.cancel()

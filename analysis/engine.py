@@ -13,18 +13,21 @@ import logging
 import os
 import time
 from collections import Counter
+import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 import numpy as np
+import torch
 from PIL import Image
 
 from analysis import imaging
-from analysis.batcher import MicroBatcher, Timed
+from analysis.batcher import Scheduler, Timed
+from analysis.devices import Device
 from analysis.classifiers import ClassifierEntry, ClassifierInvalid, ClassifierNotFound, ClassifierStore
 from analysis.results import image_info, task_result
-from schemas.config import ModelsConfig
+from schemas.config import DecodeConfig, ModelsConfig
 from schemas.events import AnalysisRequest, ModelInfo, ResultEvent, Task
 from schemas.operations import (
     FACE_MIN_SCORE,
@@ -77,18 +80,18 @@ class _Outcome:
 
 
 class Engine:
-    """Owns the models, their batchers and the device thread; runs requests."""
+    """Owns the devices, the models (a replica per device) and the scheduler; runs requests."""
 
     def __init__(self, config: ModelsConfig, *, models: dict[str, Any] | None = None) -> None:
-        from analysis.models import select_device
+        from analysis.models import select_devices
 
         self.config = config
-        self.device = select_device(config)
-        # One thread per device: model calls never block the event loop and never race each other.
-        self._device_executor = ThreadPoolExecutor(1, thread_name_prefix="imgstream-device")
+        self.devices = [Device(device, index) for index, device in enumerate(select_devices(config))]
+        self.device = self.devices[0].torch_device
+        self.scheduler = Scheduler(self.devices)
         self._cpu_executor = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="imgstream-cpu")
-        self._models: dict[str, Any] = dict(models or {})
-        self._batchers: dict[str, MicroBatcher] = {}
+        # Models handed in (tests, benchmarks) serve from the first device only.
+        self._replicas: dict[str, dict[int, Any]] = {key: {0: model} for key, model in (models or {}).items()}
         self._load_locks: dict[str, asyncio.Lock] = {}
         self.classifiers = ClassifierStore(config.classifiers_dir)
         self.stage_counts: Counter[str] = Counter()
@@ -96,64 +99,107 @@ class Engine:
 
     # -- models ---------------------------------------------------------------------------
 
-    def _load_sync(self, key: str) -> Any:
+    def _load_sync(self, key: str, device: Device) -> Any:
         from analysis.models import load_model
 
         started = time.perf_counter()
-        model = load_model(key, self.config, self.device)
+        model = load_model(key, self.config, device.torch_device)
         log.info(
             "model %s loaded: %s weights=%s on %s in %.1fs",
-            key, model.info.name, model.info.weights, self.device, time.perf_counter() - started,
+            key, model.info.name, model.info.weights, device.name, time.perf_counter() - started,
         )
         return model
 
+    async def _load(self, key: str) -> None:
+        """One replica of `key` per device, each loaded on its device's thread; then a warm-up batch."""
+        loop = asyncio.get_running_loop()
+        if key not in self._replicas:
+            replicas = await asyncio.gather(*(loop.run_in_executor(d.compute, self._load_sync, key, d)
+                                              for d in self.devices))
+            self._replicas[key] = dict(enumerate(replicas))
+        if not self.scheduler.has(key):
+            self.scheduler.add(key, self.config.batch(key), self._replicas[key])
+            if self.config.warmup:
+                await self._warm_up(key)
+
+    async def _warm_up(self, key: str) -> None:
+        """A first batch per replica at start, so the first requests do not pay for lazy set-up."""
+        gray = torch.full((3, 64, 64), 128, dtype=torch.uint8)
+        item: Any = (gray, 1) if key == "caption" else gray
+        started = time.perf_counter()
+        for index, model in self._replicas[key].items():
+            await self.devices[index].run(model, [item])
+        log.debug("model %s warmed up in %.2fs", key, time.perf_counter() - started)
+
     async def start(self) -> None:
         """Load the configured models once, before any request is taken."""
-        loop = asyncio.get_running_loop()
+        if self.device_decode:
+            self.scheduler.add("decode", self.config.batch("decode"),
+                               {d.index: JpegDecoder(d.torch_device) for d in self.devices}, prepare_only=True)
         for key in self.config.preload:
-            if key not in self._models:
-                self._models[key] = await loop.run_in_executor(self._device_executor, self._load_sync, key)
+            await self._load(key)
         self.ready = True
 
+    @property
+    def device_decode(self) -> bool:
+        """Whether JPEGs are decoded on the models' device (nvJPEG on a GPU); the rest takes Pillow."""
+        choice = self.config.jpeg_decoder
+        return choice == "device" or choice == "auto" and all(d.is_cuda for d in self.devices)
+
     async def model(self, key: str) -> Any:
-        """The loaded model for `key`, loading it on first use if it was not preloaded."""
-        model = self._models.get(key)
-        if model is not None:
-            return model
-        lock = self._load_locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            if key not in self._models:
-                loop = asyncio.get_running_loop()
-                self._models[key] = await loop.run_in_executor(self._device_executor, self._load_sync, key)
-        return self._models[key]
+        """The loaded model for `key` (its first replica), loading it on first use if it was not preloaded."""
+        if not self.scheduler.has(key):
+            lock = self._load_locks.setdefault(key, asyncio.Lock())
+            async with lock:
+                await self._load(key)
+        return self._replicas[key][0]
 
     def model_infos(self) -> dict[str, ModelInfo]:
-        return {key: model.info for key, model in self._models.items()}
-
-    def _batcher(self, key: str, model: Any) -> MicroBatcher:
-        batcher = self._batchers.get(key)
-        if batcher is None:
-            batcher = MicroBatcher(key, model.run_batch, self._device_executor, self.config.batch(key))
-            self._batchers[key] = batcher
-        return batcher
+        return {key: replicas[0].info for key, replicas in self._replicas.items()}
 
     def batch_stats(self) -> dict[str, dict[str, Any]]:
         """Per model: calls, items, batch sizes and queue wait (for tests, benchmarks, /metrics)."""
-        return {key: batcher.stats.snapshot() for key, batcher in self._batchers.items()}
+        return self.scheduler.stats()
 
     def queued(self) -> dict[str, int]:
-        return {key: batcher.queued for key, batcher in self._batchers.items()}
+        return self.scheduler.queued()
 
-    async def infer(self, key: str, image: Image.Image, extra: Any = None) -> Timed:
-        """Preprocess `image` on a CPU thread and run it through `key`'s batcher."""
-        model = await self.model(key)
-        loop = asyncio.get_running_loop()
-        item = await loop.run_in_executor(self._cpu_executor, model.preprocess, image)
-        return await self._batcher(key, model).submit(item if extra is None else (item, extra))
+    def device_stats(self) -> dict[str, dict[str, float]]:
+        """Per device: batches run and seconds busy (a utilisation proxy for /metrics)."""
+        return {d.name: {"batches": d.batches, "busy_s": d.busy_s} for d in self.devices}
+
+    async def infer(self, key: str, item: Any) -> Timed:
+        """Run one item (an image tensor, or a crop of one) through `key`'s batches."""
+        await self.model(key)
+        return await self.scheduler.submit(key, item)
 
     async def off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run CPU work (crops, PNG encoding, classifier files) off the event loop."""
+        """Run CPU work (decoding, PNG encoding, classifier files) off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._cpu_executor, fn, *args)
+
+    # -- images ---------------------------------------------------------------------------
+
+    async def decode(self, data: bytes, config: DecodeConfig) -> imaging.DecodedImage:
+        """Image bytes to an upright RGB tensor: JPEGs on the GPU in batches where there is one,
+        everything else (and anything the device decoder refuses) by Pillow on a CPU thread.
+        Raises ImageError."""
+        self.scheduler.decoding += 1
+        try:
+            if self.device_decode:
+                header = await self.off_loop(imaging.read_jpeg_header, data, config)
+                if header is not None:
+                    try:
+                        timed = await self.scheduler.submit("decode", torch.frombuffer(bytearray(data), dtype=torch.uint8))
+                        pixels = imaging.apply_orientation(timed.value, header.orientation)
+                        _, height, width = pixels.shape
+                        sha256 = await self.off_loop(_sha256, data)
+                        return imaging.DecodedImage(pixels, width, height, sha256, "jpeg")
+                    except Exception as exc:  # noqa: BLE001 - nvJPEG refuses some valid files: decode on the CPU
+                        log.debug("device decode failed (%s); decoding with Pillow", exc)
+            return await self.off_loop(imaging.decode_image, data, config)
+        finally:
+            self.scheduler.decoding -= 1
+            self.scheduler.wake()
 
     # -- requests -------------------------------------------------------------------------
 
@@ -166,16 +212,37 @@ class Engine:
     ) -> list[ResultEvent]:
         """Run every task of `request` on `image`; returns one result per task, in task order."""
         if isinstance(image, Image.Image):
-            image = imaging.DecodedImage(image=image.convert("RGB"), width=image.width, height=image.height,
-                                         sha256=None, format=None)
+            image = imaging.DecodedImage.from_pil(image)
         run = _RequestRun(self, request, image, dict(timings_ms or {}))
         return list(await asyncio.gather(*(run.result(task) for task in request.tasks)))
 
     async def close(self) -> None:
-        for batcher in self._batchers.values():
-            await batcher.close()
-        self._device_executor.shutdown(wait=False, cancel_futures=True)
+        await self.scheduler.close()
+        for device in self.devices:
+            device.shutdown()
         self._cpu_executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class JpegDecoder:
+    """nvJPEG as a batched stage: a list of JPEG byte tensors in, uint8 3xHxW tensors on the GPU out."""
+
+    key = "decode"
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.info = ModelInfo(name="nvjpeg", weights="none")
+
+    def collate(self, items: list[torch.Tensor]) -> list[torch.Tensor]:
+        return items
+
+    def forward(self, batch: list[torch.Tensor]) -> list[torch.Tensor]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        return list(decode_jpeg(batch, mode=ImageReadMode.RGB, device=self.device))
 
 
 class _RequestRun:
@@ -186,7 +253,7 @@ class _RequestRun:
         self.engine = engine
         self.request = request
         self.decoded = decoded
-        self.image = decoded.image
+        self.pixels = decoded.pixels
         self.timings_ms = timings_ms
         self.image_info = image_info(request, decoded.width, decoded.height, decoded.sha256)
         self._stages: dict[tuple, asyncio.Future] = {}
@@ -208,8 +275,11 @@ class _RequestRun:
 
     # -- stages ---------------------------------------------------------------------------
 
-    async def crop(self, box: list[int], clock: _TaskClock) -> Image.Image:
-        return await self._stage(("crop", tuple(box)), lambda: self.engine.off_loop(imaging.crop, self.image, box), clock)
+    async def crop(self, box: list[int], clock: _TaskClock) -> torch.Tensor:
+        async def view() -> torch.Tensor:  # a view of the decoded pixels: no copy, no thread
+            return imaging.crop(self.pixels, box)
+
+        return await self._stage(("crop", tuple(box)), view, clock)
 
     async def crop_png(self, box: list[int], clock: _TaskClock) -> str:
         async def encode() -> str:
@@ -218,7 +288,7 @@ class _RequestRun:
         return await self._stage(("png", tuple(box)), encode, clock)
 
     async def prominent_person(self, min_score: float, clock: _TaskClock) -> list[int] | None:
-        candidates = await self._stage(("person",), lambda: self.engine.infer("person", self.image), clock)
+        candidates = await self._stage(("person",), lambda: self.engine.infer("person", self.pixels), clock)
         return self._best_box(candidates, min_score)
 
     def _best_box(self, candidates: list[tuple[float, list[float]]], min_score: float) -> list[int] | None:
@@ -237,7 +307,7 @@ class _RequestRun:
             region = await self.prominent_person(PERSON_MIN_SCORE, clock)
 
         async def detect() -> Timed:
-            source = self.image if region is None else await self.crop(region, clock)
+            source = self.pixels if region is None else await self.crop(region, clock)
             timed = await self.engine.infer("face", source)
             if region is None:
                 return timed
@@ -267,15 +337,15 @@ class _RequestRun:
 
     async def embedding(self, model_key: str, box: list[int] | None, clock: _TaskClock) -> np.ndarray:
         async def embed() -> Timed:
-            source = self.image if box is None else await self.crop(box, clock)
+            source = self.pixels if box is None else await self.crop(box, clock)
             return await self.engine.infer(model_key, source)
 
         return await self._stage(("embed", model_key, tuple(box) if box else None), embed, clock)
 
     async def caption(self, box: list[int] | None, max_length: int, clock: _TaskClock) -> str:
         async def describe() -> Timed:
-            source = self.image if box is None else await self.crop(box, clock)
-            return await self.engine.infer("caption", source, max_length)
+            source = self.pixels if box is None else await self.crop(box, clock)
+            return await self.engine.infer("caption", (source, max_length))
 
         return await self._stage(("caption", tuple(box) if box else None, max_length), describe, clock)
 
@@ -304,7 +374,8 @@ class _RequestRun:
             vector = vector / norm if norm > 0 else vector
         bbox, b64 = await self._crop_fields(box, params, clock)
         model = (await self.engine.model(model_key)).info
-        return _Outcome(data=np.asarray(vector, dtype=np.float32).tolist(), region=region, box=bbox,
+        # A float32 array: the codec writes it straight from numpy (no Python float per value).
+        return _Outcome(data=np.asarray(vector, dtype=np.float32), region=region, box=bbox,
                         crop_base64=b64, model=model)
 
     async def classify(self, task: Task, params: dict[str, Any], clock: _TaskClock) -> _Outcome:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Final, Literal, Sequence
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from schemas.config import DecodeConfig
@@ -56,13 +57,37 @@ class ImageError(Exception):
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """An upright RGB image and what we know of the bytes it came from."""
+    """An upright RGB image as a uint8 3xHxW tensor (on the CPU or a GPU), and what we know of its bytes."""
 
-    image: Image.Image
+    pixels: torch.Tensor
     width: int
     height: int
-    sha256: str
-    format: str
+    sha256: str | None
+    format: str | None
+
+    @classmethod
+    def from_pil(cls, image: Image.Image, sha256: str | None = None, format: str | None = None) -> DecodedImage:
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        return cls(pixels_of(rgb), rgb.width, rgb.height, sha256, format)
+
+    @property
+    def image(self) -> Image.Image:
+        """The image as a PIL image (a copy on the CPU)."""
+        return to_pil(self.pixels)
+
+    @property
+    def nbytes(self) -> int:
+        return self.width * self.height * 3
+
+
+def pixels_of(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as a uint8 3xHxW tensor (a view of one HxWx3 copy of its pixels)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def to_pil(pixels: torch.Tensor) -> Image.Image:
+    """A uint8 3xHxW tensor as an RGB PIL image."""
+    return Image.fromarray(np.ascontiguousarray(pixels.permute(1, 2, 0).cpu().numpy()), "RGB")
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -106,7 +131,58 @@ def decode_image(data: bytes, config: DecodeConfig) -> DecodedImage:
         rgb = _decode_pixels(image, fmt)
     finally:
         image.close()
-    return DecodedImage(rgb, rgb.width, rgb.height, hashlib.sha256(data).hexdigest(), fmt)
+    return DecodedImage.from_pil(rgb, hashlib.sha256(data).hexdigest(), fmt)
+
+
+@dataclass(frozen=True)
+class JpegHeader:
+    """What a JPEG's header says, read without decoding its pixels (for a decoder on the GPU)."""
+
+    width: int  # as stored, before the EXIF orientation
+    height: int
+    orientation: int  # EXIF orientation 1..8 (1: as stored)
+    mode: str
+
+
+def read_jpeg_header(data: bytes, config: DecodeConfig) -> JpegHeader | None:
+    """The header of a JPEG a GPU decoder can take (8-bit RGB or greyscale), or None for anything else.
+
+    The pixel limit applies here, before any pixel is decoded; other formats, CMYK and broken
+    headers return None and take the CPU path, which reports their errors.
+    """
+    if sniff_format(data) != "jpeg":
+        return None
+    try:
+        image = _open_checked(data, "jpeg", config.max_pixels)
+    except ImageError as exc:
+        if exc.code == TOO_LARGE:
+            raise
+        return None
+    with image:
+        if image.mode not in ("RGB", "L"):
+            return None
+        try:
+            orientation = int(image.getexif().get(0x0112, 1))
+        except (SyntaxError, ValueError, TypeError, KeyError, IndexError, OSError):
+            orientation = 1  # broken EXIF says nothing about the pixels, as on the CPU path
+        return JpegHeader(image.width, image.height, orientation if 1 <= orientation <= 8 else 1, image.mode)
+
+
+def apply_orientation(pixels: torch.Tensor, orientation: int) -> torch.Tensor:
+    """A 3xHxW tensor turned upright for EXIF `orientation`, as PIL's exif_transpose does."""
+    if orientation in (2, 4):  # mirrored left-right / top-bottom
+        return pixels.flip(2 if orientation == 2 else 1)
+    if orientation == 3:
+        return pixels.flip(1, 2)
+    if orientation == 5:  # transpose
+        return pixels.transpose(1, 2)
+    if orientation == 6:  # rotate 90 degrees clockwise to display
+        return pixels.transpose(1, 2).flip(2)
+    if orientation == 7:  # transverse
+        return pixels.transpose(1, 2).flip(1, 2)
+    if orientation == 8:  # rotate 90 degrees counter-clockwise to display
+        return pixels.transpose(1, 2).flip(1)
+    return pixels
 
 
 def _open_checked(data: bytes, fmt: str, max_pixels: int) -> Image.Image:
@@ -193,19 +269,19 @@ def clamp_box(box: Sequence[float], width: int, height: int) -> list[int] | None
     return [xmin, ymin, xmax, ymax]
 
 
-def crop(image: Image.Image, box: Sequence[int]) -> Image.Image:
-    """The region [xmin, ymin, xmax, ymax] of `image` (a box from `clamp_box`), as is."""
+def crop(pixels: torch.Tensor, box: Sequence[int]) -> torch.Tensor:
+    """The region [xmin, ymin, xmax, ymax] of a 3xHxW tensor (a box from `clamp_box`), as is: a view."""
     xmin, ymin, xmax, ymax = (int(v) for v in box)
-    return image.crop((xmin, ymin, xmax, ymax))
+    return pixels[:, ymin:ymax, xmin:xmax]
 
 
-def png_bytes(image: Image.Image) -> bytes:
-    """`image` encoded as PNG."""
+def png_bytes(pixels: torch.Tensor) -> bytes:
+    """A uint8 3xHxW tensor encoded as PNG."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    to_pil(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def png_base64(image: Image.Image) -> str:
-    """`image` as a PNG in plain base64 (no `data:` prefix), as results carry crops."""
-    return base64.b64encode(png_bytes(image)).decode("ascii")
+def png_base64(pixels: torch.Tensor) -> str:
+    """A uint8 3xHxW tensor as a PNG in plain base64 (no `data:` prefix), as results carry crops."""
+    return base64.b64encode(png_bytes(pixels)).decode("ascii")

@@ -346,10 +346,10 @@ class Worker:
             timings["fetch"] = fetched.elapsed_ms
             self.metrics.fetch_ms.labels(outcome="ok").observe(fetched.elapsed_ms)
             t0 = time.perf_counter()
-            decoded = await asyncio.to_thread(imaging.decode_image, fetched.data, self.config.decode)
+            decoded = await self.engine.decode(fetched.data, self.config.decode)
             del fetched
             timings["decode"] = (time.perf_counter() - t0) * 1000.0
-            self.images.add(hold, decoded.width * decoded.height * 3)
+            self.images.add(hold, decoded.nbytes)
             self.images.settle(hold)
             return await self.engine.run(request, decoded, timings_ms=timings)
         except imaging.ImageError as exc:

@@ -19,9 +19,14 @@ class InvalidEvent(Exception):
         self.reason = reason
 
 
+# numpy arrays (embeddings) are written by orjson directly, float32 as the shortest text that reads
+# back to the same float32; datetimes as RFC 3339 with a Z.
+_DUMPS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_UTC_Z
+
+
 def encode(event: BaseModel) -> bytes:
     """Serialise an event to compact JSON bytes."""
-    return orjson.dumps(event.model_dump(mode="json", exclude_none=False))
+    return orjson.dumps(event.model_dump(exclude_none=False), option=_DUMPS)
 
 
 def encode_json(value: Any) -> bytes:

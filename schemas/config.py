@@ -128,21 +128,20 @@ class DecodeConfig(BaseModel):
 
 
 class BatchConfig(BaseModel):
-    max_batch_size: int = Field(default=16, ge=1, description="Items per model call. Larger keeps a GPU busier; "
-                                "on a CPU-only worker detection is faster at 1.")
-    max_wait_ms: float = Field(default=5.0, ge=0, description="How long the first item of a batch waits for more.")
+    max_batch_size: int | None = Field(
+        default=None, ge=1, description="Items per model call at most. Unset: the model's default for its device "
+        "(GPU: clip 256, dino 128, caption 64, face 32, person 8, decode 128; CPU: clip 32, dino 16, caption 4, "
+        "face and person 1, where batching detection is slower than one image at a time).")
+    max_wait_ms: float = Field(default=5.0, ge=0, description="A ceiling, not a tax: a free device starts a "
+                               "batch at once, and holds a small one back at most this long, only while more "
+                               "images are being decoded.")
     max_queue: int = Field(default=1024, ge=1, description="Items that may wait for this model.")
 
 
 def _default_batching() -> dict[str, BatchConfig]:
-    # Detection and captioning saturate at small batches, embeddings keep scaling (DESIGN "Batching").
-    return {
-        "clip": BatchConfig(max_batch_size=64, max_wait_ms=5),
-        "dino": BatchConfig(max_batch_size=32, max_wait_ms=5),
-        "person": BatchConfig(max_batch_size=8, max_wait_ms=5),
-        "face": BatchConfig(max_batch_size=8, max_wait_ms=5),
-        "caption": BatchConfig(max_batch_size=8, max_wait_ms=10),
-    }
+    # Sizes default per device (analysis.batcher.DEFAULT_MAX_BATCH); captions wait a little longer.
+    return {key: BatchConfig(max_wait_ms=10 if key == "caption" else 5)
+            for key in ("clip", "dino", "person", "face", "caption", "decode")}
 
 
 class ModelsConfig(BaseModel):
@@ -150,12 +149,20 @@ class ModelsConfig(BaseModel):
         default="pretrained", description="pretrained: the real weights; random: the same architectures with "
         "seeded random weights (tests, machines without the weights).")
     seed: int = Field(default=0, description="Seed of the random weights.")
-    device: str = Field(default="auto", description="auto (a GPU when there is one), cpu, cuda or cuda:N. "
-                        "One worker per GPU: give each its own cuda:N, or one visible GPU per container.")
+    device: str = Field(default="auto", description="auto (every GPU when there are any, else the CPU), cpu, "
+                        "cuda (every visible GPU: a model replica on each, every batch to the least busy), cuda:N "
+                        "(that one), or a list such as cuda:0,cuda:2.")
     require_gpu: bool = Field(default=False, description="Refuse to start when no GPU is available. Set it on GPU "
                              "workers: a host whose GPU is missing then fails at once instead of crawling on the CPU.")
-    fp16: bool = Field(default=True, description="Half precision on CUDA where it is numerically safe. Turn "
-                      "off to compare with fp32 results.")
+    fp16: bool = Field(default=True, description="Half precision on CUDA where it is numerically safe (CLIP, "
+                      "DINOv2, captions; detectors stay fp32). Turn off to compare with fp32 results.")
+    jpeg_decoder: Literal["auto", "device", "cpu"] = Field(
+        default="auto", description="Where JPEGs are decoded. auto: on the GPU (nvJPEG, in batches across "
+        "requests) when the models run on CUDA, else on CPU threads with Pillow; device: torchvision's decoder "
+        "on the models' device, also on a CPU (it checks the GPU path there); cpu: always Pillow. Other formats, "
+        "and files the device decoder refuses, are decoded by Pillow.")
+    warmup: bool = Field(default=True, description="Run each model once at start-up, before the worker reports "
+                         "ready, so the first requests do not pay for lazy initialisation.")
     clip_weights_path: str | None = Field(default=None, description="Local open_clip checkpoint for CLIP, "
                                              "for hosts that cannot download weights.")
     dino_model: str = Field(default="facebook/dinov2-base", description="Hugging Face id or local directory (a "

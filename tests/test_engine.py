@@ -17,6 +17,7 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
 from analysis.classifiers import ClassifierStore
+from schemas.codec import decode_result, encode
 from tests.engine_helpers import by_op, photo, request
 
 ASTRONAUT_FACE = (170, 40, 290, 200)  # generous box around the astronaut's face (512x512 photo)
@@ -44,7 +45,11 @@ async def test_embeddings_for_every_target(engine, op_type, dim, target):
     results = by_op(await engine.run(request(("e", op_type, {"target": target})), photo("astronaut")))
     result = results["e"]
     assert result.status == "success", result.error_message
-    assert len(result.data) == dim and all(isinstance(v, float) for v in result.data)
+    # In process an embedding is a float32 array; on the wire, a list of floats.
+    assert isinstance(result.data, np.ndarray) and result.data.shape == (dim,) and result.data.dtype == np.float32
+    wire = decode_result(encode(result))
+    assert len(wire.data) == dim and all(isinstance(v, float) for v in wire.data)
+    assert np.array_equal(np.asarray(wire.data, dtype=np.float32), result.data)  # float32 text reads back exactly
     assert result.model.weights == "random" and result.model.dim == dim
     if target == "prominent_face":
         assert result.region == "prominent_face"
@@ -97,7 +102,7 @@ async def test_person_fallback_to_whole_image(engine):
     assert emb.status == "success" and emb.region == "whole_image"
     assert emb.cropped_image_bbox is None and emb.cropped_image_base64 is None
     # Exact: the fallback and the whole-image task share one embedding stage (one computation).
-    assert emb.data == results["whole"].data
+    assert np.array_equal(emb.data, results["whole"].data)
 
 
 async def test_no_face_is_skipped_with_the_spec_message(engine):

@@ -10,16 +10,21 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from analysis.imaging import (
     DecodedImage,
     ImageError,
+    JpegHeader,
+    apply_orientation,
     clamp_box,
     crop,
     decode_image,
+    pixels_of,
     png_base64,
     png_bytes,
+    read_jpeg_header,
     sniff_format,
 )
 from schemas.config import DecodeConfig
@@ -224,8 +229,8 @@ def test_crop_and_png_round_trip() -> None:
     image.paste((0, 255, 0), (10, 5, 30, 25))
     box = clamp_box([10.2, 4.8, 29.6, 25.1], 50, 40)
     assert box == [10, 5, 30, 25]
-    region = crop(image, box)
-    assert region.size == (20, 20)
+    region = crop(pixels_of(image), box)
+    assert tuple(region.shape) == (3, 20, 20)  # a view of the pixels: no copy
     raw = png_bytes(region)
     assert raw.startswith(b"\x89PNG\r\n\x1a\n")
     encoded = png_base64(region)
@@ -234,3 +239,46 @@ def test_crop_and_png_round_trip() -> None:
     decoded = decode_image(raw, CONFIG)
     assert decoded.format == "png"
     assert set(decoded.image.getdata()) == {(0, 255, 0)}
+
+
+# --- the decode path a GPU takes, run here with torchvision's CPU decoder ---------------------
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orientation_on_tensors_matches_pil(orientation: int) -> None:
+    image = Image.effect_noise((24, 16), 80).convert("RGB")  # not square, no symmetry
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored = encode(image, "PNG", exif=exif.tobytes())
+    upright = decode_image(stored, CONFIG)  # PIL's exif_transpose
+    assert torch.equal(apply_orientation(pixels_of(image), orientation), upright.pixels)
+
+
+def test_jpeg_header_is_read_without_decoding_and_enforces_the_pixel_limit() -> None:
+    image = Image.new("RGB", (40, 20), (10, 20, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    header = read_jpeg_header(encode(image, "JPEG", exif=exif.tobytes()), CONFIG)
+    assert header == JpegHeader(width=40, height=20, orientation=6, mode="RGB")
+    assert read_jpeg_header(encode(image, "PNG"), CONFIG) is None  # other formats take the CPU path
+    assert read_jpeg_header(encode(image.convert("CMYK"), "JPEG"), CONFIG) is None
+    assert read_jpeg_header(b"\xff\xd8\xff garbage", CONFIG) is None  # the CPU path reports it
+    with pytest.raises(ImageError) as info:
+        read_jpeg_header(encode(image, "JPEG"), DecodeConfig(max_pixels=799))
+    assert info.value.code == "image_too_large"
+
+
+def test_torchvision_decode_with_orientation_matches_the_pil_decode() -> None:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    image = Image.fromarray(np.asarray(Image.effect_noise((64, 48), 60).convert("RGB")))
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    data = encode(image, "JPEG", exif=exif.tobytes(), quality=95)
+    header = read_jpeg_header(data, CONFIG)
+    on_device = apply_orientation(decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                              mode=ImageReadMode.RGB), header.orientation)
+    reference = decode_image(data, CONFIG).pixels
+    assert on_device.shape == reference.shape == (3, 64, 48)
+    # Two JPEG decoders (libjpeg-turbo in both, maybe other IDCTs): within a few levels.
+    assert (on_device.int() - reference.int()).abs().max() <= 3

@@ -94,7 +94,7 @@ class TestSelectDeviceWithoutCuda:
 
     @pytest.mark.parametrize("device", ["tpu", "mps", "gpu0"])
     def test_unknown_device_is_refused(self, device: str) -> None:
-        with pytest.raises(RuntimeError, match="use auto, cpu, cuda or cuda:N"):
+        with pytest.raises(RuntimeError, match="use auto, cpu, cuda, cuda:N"):
             select_device(ModelsConfig(device=device))
 
 
@@ -142,8 +142,9 @@ def test_embedding_batch_gives_one_float32_vector_per_image(
 ) -> None:
     model = request.getfixturevalue(key)
     items = [model.preprocess(image) for image in (astronaut, small, blank(50, 300))]
-    assert all(item.shape == (3, 224, 224) and item.dtype == torch.float32 for item in items)
-    embeddings = model.run_batch(items)
+    batch = model.collate(items)
+    assert batch.shape == (3, 3, 224, 224) and batch.dtype == torch.float32
+    embeddings = model.forward(batch)
     assert len(embeddings) == 3
     assert all(e.shape == (dim,) and e.dtype == np.float32 and np.isfinite(e).all() for e in embeddings)
     assert not np.allclose(embeddings[0], embeddings[1])
@@ -222,11 +223,10 @@ def test_person_detector_returns_a_sorted_list_per_image(person: Model, small: P
         assert all(0 <= d.box[0] <= d.box[2] <= width and 0 <= d.box[1] <= d.box[3] <= height for d in detections)
 
 
-def test_person_preprocess_shrinks_large_images_only(person: Model) -> None:
-    large = person.preprocess(blank(2666, 1000))
+def test_person_collate_shrinks_large_images_only(person: Model) -> None:
+    large, kept = person.collate([person.preprocess(blank(2666, 1000)), person.preprocess(blank(160, 120))])
     assert (large.width, large.height) == (2666, 1000)
     assert tuple(large.pixels.shape) == (3, 500, 1333)  # torchvision's rule: longer side <= 1333
-    kept = person.preprocess(blank(160, 120))
     assert tuple(kept.pixels.shape) == (3, 120, 160)  # the model upsamples small images itself
     assert kept.pixels.dtype == torch.float32 and 0.99 <= kept.pixels.max() <= 1.0
 
@@ -260,9 +260,10 @@ def words(text: str) -> int:
 def test_caption_batch_gives_one_string_per_image(
     caption: Model, astronaut: PIL.Image.Image, small: PIL.Image.Image
 ) -> None:
-    pixels = [caption.preprocess(image) for image in (astronaut, small, blank(30, 500))]
-    assert all(p.shape == (3, 384, 384) for p in pixels)
-    captions = caption.run_batch([(p, 4) for p in pixels])
+    images = [caption.preprocess(image) for image in (astronaut, small, blank(30, 500))]
+    [(indices, pixel_values, budgets)] = caption.collate([(p, 4) for p in images])
+    assert indices == [0, 1, 2] and budgets == [4, 4, 4] and pixel_values.shape == (3, 3, 384, 384)
+    captions = caption.run_batch([(p, 4) for p in images])
     assert len(captions) == 3
     assert all(isinstance(c, str) and c == " ".join(c.split()) and 1 <= words(c) <= 4 for c in captions)
 

@@ -15,19 +15,38 @@ from schemas.events import ModelInfo
 
 @runtime_checkable
 class Model(Protocol):
-    """A loaded model: CPU preprocessing per image, one device call per batch."""
+    """A loaded model: items are uint8 3xHxW image tensors (or crops, views of them) on any device.
+
+    `collate` preprocesses a whole batch as tensors on the model's device (resize, crop,
+    normalise, stack); `forward` is the one model call. They are separate so a device can
+    prepare the next batch while it computes the current one.
+    """
 
     key: str
     info: ModelInfo
     device: torch.device
 
-    def preprocess(self, image: PIL.Image.Image) -> Any:
-        """Turn one RGB image into a model input; CPU only and thread-safe."""
+    def collate(self, items: list[Any]) -> Any:
+        """A batch of items as the model's input, on its device."""
         ...
 
-    def run_batch(self, items: list[Any]) -> list[Any]:
-        """Run the model once over preprocessed items; one output per item, in order."""
+    def forward(self, batch: Any) -> list[Any]:
+        """Run the model once over a collated batch; one output per item, in order."""
         ...
+
+
+class TensorModel:
+    """What every loader shares: PIL in for convenience, and collate + forward as one call."""
+
+    def preprocess(self, image: PIL.Image.Image) -> torch.Tensor:
+        """An image as the item this model takes (uint8 3xHxW on the CPU)."""
+        from analysis.imaging import pixels_of
+
+        return pixels_of(image if image.mode == "RGB" else image.convert("RGB"))
+
+    def run_batch(self, items: list[Any]) -> list[Any]:
+        """`forward(collate(items))`: preprocessing and the model call in one go."""
+        return self.forward(self.collate(items))  # type: ignore[attr-defined]
 
 
 class Detection(NamedTuple):
@@ -52,6 +71,15 @@ def seeded(seed: int) -> Iterator[None]:
 def half_precision(config: ModelsConfig, device: torch.device) -> bool:
     """Whether numerically safe models run in fp16: only on CUDA, and only when enabled."""
     return config.fp16 and device.type == "cuda"
+
+
+def channels_last(module: torch.nn.Module) -> torch.nn.Module:
+    """Run a convolutional network in channels-last layout (weights and input): oneDNN's and
+    cuDNN's fast convolution path; the same numbers, in another memory order."""
+    module.to(memory_format=torch.channels_last)
+    module.register_forward_pre_hook(
+        lambda _, args: (args[0].contiguous(memory_format=torch.channels_last), *args[1:]))
+    return module
 
 
 def sorted_detections(detections: list[Detection]) -> list[Detection]:

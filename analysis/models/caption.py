@@ -21,7 +21,9 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from analysis.models.base import half_precision, seeded
+from analysis.imaging import to_pil
+from analysis.models.base import TensorModel, half_precision, seeded
+from analysis.preprocess import from_hf_processor
 from schemas.config import ModelsConfig
 from schemas.events import ModelInfo
 
@@ -29,7 +31,9 @@ RANDOM_NAME = "Salesforce/blip-image-captioning-base"
 # BLIP's BERT vocabulary (30522) plus its two added tokens, [DEC] (bos) and [ENC].
 VOCAB_SIZE = 30524
 
-CaptionItem = tuple[torch.Tensor, int]  # (pixel_values CxHxW, max_new_tokens)
+CaptionItem = tuple[torch.Tensor, int]  # (uint8 3xHxW image, max_new_tokens)
+# Items of one input size, ready to generate: (their indices, pixel_values NxCxHxW, budgets).
+CaptionGroup = tuple[list[int], torch.Tensor, list[int]]
 
 
 def base_config() -> BlipConfig:
@@ -75,12 +79,13 @@ class _PromptLength(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-class Captioner:
+class Captioner(TensorModel):
     """An image-to-text model; outputs one caption per image, greedy and deterministic."""
 
     key = "caption"
 
-    def __init__(self, config: ModelsConfig, device: torch.device) -> None:
+    def __init__(self, config: ModelsConfig, device: torch.device, *, half: bool | None = None) -> None:
+        """`half` overrides the fp16 rule (CUDA and models.fp16), e.g. to test fp16 on a CPU."""
         if config.weights == "random":
             with seeded(config.seed):
                 model = BlipForConditionalGeneration(base_config())
@@ -93,37 +98,43 @@ class Captioner:
             processor = AutoProcessor.from_pretrained(config.caption_model)
             name, weights = config.caption_model, "pretrained"
         self.device = device
-        self.dtype = torch.float16 if half_precision(config, device) else torch.float32
+        self.dtype = torch.float16 if (half_precision(config, device) if half is None else half) else torch.float32
         self.info = ModelInfo(name=name, weights=weights)
         self._model = model.to(device=device, dtype=self.dtype).eval()
         self._processor = processor
         # Some captioners ship an image processor only; their tokenizer is stored beside it.
         tokenizer = getattr(processor, "tokenizer", None) or AutoTokenizer.from_pretrained(config.caption_model)
         self._tokenizer: PreTrainedTokenizerBase = tokenizer
+        # The processor's resize + normalise as tensor ops when that is all it does (None: use it as is).
+        self.transform = from_hf_processor(getattr(processor, "image_processor", processor))
 
-    def preprocess(self, image: PIL.Image.Image) -> torch.Tensor:
-        """The model's own image preprocessing (BLIP: 384x384 bicubic, OpenAI mean/std)."""
-        return self._processor(images=image, return_tensors="pt")["pixel_values"][0]
-
-    def run_batch(self, items: list[CaptionItem]) -> list[str]:
-        """Caption a batch of (pixel_values, max_new_tokens); each caption has at most its own budget."""
-        captions: list[str] = [""] * len(items)
-        # Fixed-size processors give one group; processors with variable sizes are grouped.
+    def collate(self, items: list[CaptionItem]) -> list[CaptionGroup]:
+        """Images as the model's pixel_values: as tensor ops on the device when the processor only
+        resizes and normalises (BLIP: 384x384 bicubic, OpenAI mean/std), else by the processor."""
+        budgets = [max_new_tokens for _, max_new_tokens in items]
+        if self.transform is not None:
+            pixels = self.transform.batch([image for image, _ in items], self.device, self.dtype)
+            return [(list(range(len(items))), pixels, budgets)]
+        processed = [self._processor(images=to_pil(image), return_tensors="pt")["pixel_values"][0]
+                     for image, _ in items]
         by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for index, (pixels, _) in enumerate(items):
-            by_shape[tuple(pixels.shape)].append(index)
-        for indices in by_shape.values():
-            group = [items[i] for i in indices]
-            for index, caption in zip(indices, self._generate(group)):
+        for index, pixel_values in enumerate(processed):
+            by_shape[tuple(pixel_values.shape)].append(index)
+        return [(indices, torch.stack([processed[i] for i in indices]).to(self.device, dtype=self.dtype),
+                 [budgets[i] for i in indices]) for indices in by_shape.values()]
+
+    def forward(self, groups: list[CaptionGroup]) -> list[str]:
+        """Caption each group; each caption has at most its own budget of new tokens."""
+        captions: list[str] = [""] * sum(len(indices) for indices, _, _ in groups)
+        for indices, pixels, budgets in groups:
+            for index, caption in zip(indices, self._generate(pixels, budgets)):
                 captions[index] = caption
         return captions
 
-    def _generate(self, items: list[CaptionItem]) -> list[str]:
+    def _generate(self, pixels: torch.Tensor, budgets: list[int]) -> list[str]:
         """One greedy generate call for the longest budget, then each sequence cut to its own."""
-        budgets = [max_new_tokens for _, max_new_tokens in items]
         prompt = _PromptLength()
         with torch.inference_mode():
-            pixels = torch.stack([p for p, _ in items]).to(self.device, dtype=self.dtype, non_blocking=True)
             sequences = self._model.generate(
                 pixel_values=pixels,
                 max_new_tokens=max(budgets),

@@ -7,7 +7,8 @@ import PIL.Image
 import torch
 from transformers import AutoImageProcessor, BitImageProcessor, Dinov2Config, Dinov2Model
 
-from analysis.models.base import half_precision, seeded
+from analysis.models.base import TensorModel, half_precision, seeded
+from analysis.preprocess import ImageTransform, hf_transform
 from schemas.config import ModelsConfig
 from schemas.events import ModelInfo
 
@@ -48,12 +49,13 @@ def base_processor() -> BitImageProcessor:
     )
 
 
-class DinoModel:
+class DinoModel(TensorModel):
     """DINOv2 base; outputs the CLS token after the final layer norm (768 floats)."""
 
     key = "dino"
 
-    def __init__(self, config: ModelsConfig, device: torch.device) -> None:
+    def __init__(self, config: ModelsConfig, device: torch.device, *, half: bool | None = None) -> None:
+        """`half` overrides the fp16 rule (CUDA and models.fp16), e.g. to test fp16 on a CPU."""
         if config.weights == "random":
             with seeded(config.seed):
                 model = Dinov2Model(base_config())
@@ -65,20 +67,20 @@ class DinoModel:
             processor = AutoImageProcessor.from_pretrained(config.dino_model)
             name, weights = config.dino_model, "pretrained"
         self.device = device
-        self.dtype = torch.float16 if half_precision(config, device) else torch.float32
+        self.dtype = torch.float16 if (half_precision(config, device) if half is None else half) else torch.float32
         self.info = ModelInfo(name=name, weights=weights, dim=model.config.hidden_size)
         self._model = model.to(device=device, dtype=self.dtype).eval()
-        self._processor = processor
+        self._processor = processor  # the reference the tensor transform is tested against
+        self.transform: ImageTransform = hf_transform(processor, name)
 
-    def preprocess(self, image: PIL.Image.Image) -> torch.Tensor:
-        """The model's image processor: shortest side 256 (bicubic), centre crop 224, ImageNet mean/std."""
-        return self._processor(images=image, return_tensors="pt")["pixel_values"][0]
+    def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
+        """The image processor's steps as tensor ops: shorter side 256 (bicubic), centre crop 224, mean/std."""
+        return self.transform.batch(items, self.device, self.dtype)
 
-    def run_batch(self, items: list[torch.Tensor]) -> list[np.ndarray]:
+    def forward(self, batch: torch.Tensor) -> list[np.ndarray]:
         """Embed a batch of 3x224x224 tensors; one float32 (768,) array each."""
         with torch.inference_mode():
-            pixels = torch.stack(items).to(self.device, dtype=self.dtype, non_blocking=True)
             # Dinov2Model's pooler_output is last_hidden_state[:, 0] after the final layernorm.
-            cls = self._model(pixel_values=pixels).pooler_output
+            cls = self._model(pixel_values=batch).pooler_output
             embeddings = cls.float().cpu().numpy()
         return list(embeddings)

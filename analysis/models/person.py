@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import PIL.Image
 import torch
 from torchvision.models.detection import FasterRCNN, FasterRCNN_ResNet50_FPN_Weights, fasterrcnn_resnet50_fpn
-from torchvision.transforms.functional import pil_to_tensor
 
-from analysis.models.base import Detection, clamp_box, seeded, sorted_detections
+from analysis.models.base import Detection, TensorModel, clamp_box, seeded, sorted_detections
+from analysis.preprocess import BILINEAR, resize_to, to_device
 from schemas.config import ModelsConfig
 from schemas.events import ModelInfo
 
@@ -25,12 +24,12 @@ BOX_SCORE_THRESH = 0.001
 class DetectorInput:
     """An image as the detector's input tensor, plus what maps its boxes back to the original."""
 
-    pixels: torch.Tensor  # float CxHxW in [0, 1], possibly downscaled
+    pixels: torch.Tensor  # float CxHxW in [0, 1] on the model's device, possibly downscaled
     width: int  # of the original image
     height: int
 
 
-class PersonDetector:
+class PersonDetector(TensorModel):
     """Faster R-CNN (COCO); outputs person detections sorted by score, in input pixels."""
 
     key = "person"
@@ -58,26 +57,33 @@ class PersonDetector:
         self._min_size = model.transform.min_size[-1]
         self._max_size = model.transform.max_size
 
-    def preprocess(self, image: PIL.Image.Image) -> DetectorInput:
-        """RGB image to a [0, 1] tensor, shrunk on the CPU to the size the model would resize to."""
-        width, height = image.size
-        # The same scale rule as torchvision's GeneralizedRCNNTransform; shrinking here (with
-        # PIL's antialiasing) saves memory and transfer for large photos, and the model's own
-        # resize then is a no-op.
+    def shrink(self, pixels: torch.Tensor) -> DetectorInput:
+        """A uint8 image as a [0, 1] tensor on the device, shrunk to the size the model would resize to.
+
+        The same scale rule as torchvision's GeneralizedRCNNTransform; shrinking here (antialiased,
+        as PIL does) saves memory and transfer for large photos, and the model's own resize is
+        then a no-op.
+        """
+        _, height, width = pixels.shape
+        pixels = to_device(pixels, self.device)
         scale = min(self._min_size / min(width, height), self._max_size / max(width, height))
         if scale < 1.0:
-            size = (max(1, round(width * scale)), max(1, round(height * scale)))
-            image = image.resize(size, PIL.Image.Resampling.BILINEAR)
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        pixels = pil_to_tensor(image).float().div_(255.0)
-        return DetectorInput(pixels=pixels, width=width, height=height)
+            size = (max(1, round(height * scale)), max(1, round(width * scale)))
+            pixels = resize_to(pixels, *size, interpolation=BILINEAR)
+        # A new tensor either way (a uint8 image is copied by the cast), so dividing in place is safe.
+        return DetectorInput(pixels=pixels.to(torch.float32).div_(255.0), width=width, height=height)
 
-    def run_batch(self, items: list[DetectorInput]) -> list[list[Detection]]:
+    def collate(self, items: list[torch.Tensor]) -> list[DetectorInput]:
+        return [self.shrink(pixels) for pixels in items]
+
+    def forward(self, batch: list[DetectorInput]) -> list[list[Detection]]:
         """Detect people in a batch of images (sizes may differ)."""
         with torch.inference_mode():
-            outputs = self._model([item.pixels.to(self.device, non_blocking=True) for item in items])
-        return [person_detections(output, item) for output, item in zip(outputs, items)]
+            if self.device.type == "cuda":
+                outputs = self._model([item.pixels for item in batch])
+            else:  # on the CPU a padded batch is slower than one image at a time (docs/BENCHMARKS.md)
+                outputs = [self._model([item.pixels])[0] for item in batch]
+        return [person_detections(output, item) for output, item in zip(outputs, batch)]
 
 
 def _untrained() -> FasterRCNN:
