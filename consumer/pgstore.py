@@ -169,6 +169,8 @@ def is_embedding(event: ResultEvent) -> bool:
 
 def _vector(event: ResultEvent) -> list[float]:
     data = event.data
+    if hasattr(data, "tolist") and getattr(data, "ndim", None) == 1:  # an engine result in process: a numpy array
+        data = data.tolist()
     if not isinstance(data, list) or not data:
         raise RejectedEvent(f"{event.type} success without a vector (data is {type(data).__name__})")
     if not all(type(x) in (float, int) and math.isfinite(x) for x in data):
@@ -179,7 +181,8 @@ def _vector(event: ResultEvent) -> list[float]:
 
 
 def _json(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
+    # numpy arrays too: the engine's embeddings in process (search's query vector)
+    return None if value is None else orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
 
 
 def row_from_event(event: ResultEvent, source: SourcePosition | None = None) -> Row:

@@ -32,6 +32,8 @@ POLL_TIMEOUT_MS = 200
 # getmany waits without a timeout while a rebalance is in progress; bounding each call keeps
 # the loop responsive to SIGTERM and to backpressure even then.
 POLL_GUARD_S = 1.0
+# At a bound the consumer waits for a request to finish; a bound that lasts longer pauses the partitions.
+PAUSE_AFTER_S = 0.5
 BROKER_PROBE_INTERVAL_S = 2.0
 BROKER_PROBE_TIMEOUT_S = 3.0
 CLOSE_TIMEOUT_S = 5.0
@@ -68,6 +70,7 @@ class Worker:
         self._tasks: dict[tuple[TopicPartition, int], asyncio.Task] = {}
         self._revoking: set[TopicPartition] = set()
         self._busy = False
+        self._room_freed = asyncio.Event()  # set whenever a request or its image bytes are let go
         self._positions: dict[TopicPartition, int] = {}
         self._last_commit = 0.0
         self._watcher: asyncio.Task | None = None
@@ -177,10 +180,14 @@ class Worker:
     async def _consume(self) -> None:
         assert self.consumer is not None
         while not self.stopping.is_set():
-            room = self._apply_backpressure()
+            room = self._room()
+            if room <= 0:
+                await self._wait_for_room()
+                continue
+            self._pause(set())
             try:
                 batches = await asyncio.wait_for(
-                    self.consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=max(1, room)), POLL_GUARD_S)
+                    self.consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=room), POLL_GUARD_S)
             except asyncio.TimeoutError:
                 batches = {}
             except KafkaError as exc:
@@ -190,17 +197,41 @@ class Worker:
             self._take(batches, room)
             await self.commit()
 
-    def _apply_backpressure(self) -> int:
-        """Pause every assigned partition at a bound, resume below it; returns the room left.
+    def _room(self) -> int:
+        """How many more requests may start now (0 at either bound)."""
+        if self.images.full():
+            return 0
+        return max(0, self.config.max_in_flight - self.tracker.in_flight())
 
-        Polling goes on while paused, so heartbeats and max.poll.interval stay healthy.
+    async def _wait_for_room(self) -> None:
+        """At a bound: wait for a request to finish, not for a poll timer.
+
+        A bound that lasts (PAUSE_AFTER_S) pauses every assigned partition and keeps polling, so
+        the member stays in its group (heartbeats, max.poll.interval); a short one pauses nothing,
+        which keeps the records aiokafka has prefetched (pausing discards them).
         """
         assert self.consumer is not None
-        room = self.config.max_in_flight - self.tracker.in_flight()
-        busy = room <= 0 or self.images.full()
-        assigned = self.consumer.assignment()
+        self._room_freed.clear()
+        if self._room() > 0:
+            return
+        try:
+            await asyncio.wait_for(self._room_freed.wait(), PAUSE_AFTER_S)
+            return
+        except asyncio.TimeoutError:
+            pass
         # Checked every round: partitions assigned by a rebalance arrive unpaused.
-        want = set(assigned) if busy else set()
+        self._pause(self.consumer.assignment())
+        try:
+            await asyncio.wait_for(self.consumer.getmany(timeout_ms=0), POLL_GUARD_S)
+        except (asyncio.TimeoutError, KafkaError):
+            pass
+        await self.commit()
+
+    def _pause(self, partitions: set[TopicPartition]) -> None:
+        """Pause exactly `partitions` of the assignment; resume the others."""
+        assert self.consumer is not None
+        assigned = self.consumer.assignment()
+        want = set(partitions) & assigned
         paused = self.consumer.paused() & assigned
         try:
             if want - paused:
@@ -208,13 +239,13 @@ class Worker:
             if paused - want:
                 self.consumer.resume(*(paused - want))
         except IllegalStateError:  # the assignment changed under us; next round sees the new one
-            pass
+            return
+        busy = bool(want)
         if busy != self._busy:
             self._busy = busy
             log.debug("%s: %d requests and %d image bytes in flight (bounds %d and %d)",
-                     "paused partitions" if busy else "resumed partitions", self.tracker.in_flight(),
-                     self.images.held, self.config.max_in_flight, self.config.max_in_flight_image_bytes)
-        return room if not busy else 0
+                      "paused partitions" if busy else "resumed partitions", self.tracker.in_flight(),
+                      self.images.held, self.config.max_in_flight, self.config.max_in_flight_image_bytes)
 
     def _take(self, batches: dict[TopicPartition, list[Any]], room: int) -> None:
         """Start the fetched records that fit; rewind each partition to its first one left over."""
@@ -255,6 +286,7 @@ class Worker:
             log.exception("%s[%d]@%d could be neither answered nor dead-lettered; its offset is released",
                           tp.topic, tp.partition, record.offset)
         self.tracker.finish(tp, record.offset)
+        self._room_freed.set()
         self.metrics.request_ms.observe((time.perf_counter() - started) * 1000.0)
 
     async def _handle(self, tp: TopicPartition, record: Any) -> None:
@@ -267,8 +299,11 @@ class Worker:
         request_id_var.set(request.request_id)
         try:
             results = await self._analyse(request)
-            # Off the loop: a crop too large to inline is written to the blob store (a file or an S3 put).
-            fitted = await asyncio.to_thread(self._fit_all, results)
+            if any(r.cropped_image_base64 for r in results):
+                # Off the loop: a crop too large to inline is written to the blob store (a file or an S3 put).
+                fitted = await asyncio.to_thread(self._fit_all, results)
+            else:  # encoding alone costs less than a thread hop
+                fitted = self._fit_all(results)
         except Exception as exc:  # noqa: BLE001 - the whole request failed: every task gets its error result
             log.exception("request %s: failed", request.request_id)
             message = f"Internal error: {type(exc).__name__}: {exc}"
@@ -361,6 +396,7 @@ class Worker:
                                  image=image_info(request), timings_ms=timings)
         finally:
             self.images.release(hold)
+            self._room_freed.set()
 
     # -- commits, rebalances, shutdown ----------------------------------------------------
 
@@ -497,6 +533,12 @@ class Worker:
                            "shutdown; refused for good).",
                            lambda: [({"kind": kind, "outcome": outcome}, n)
                                     for (kind, outcome), n in (self.publisher.outcomes if self.publisher else {}).items()])
+        m.add_live_counter("imgstream_device_busy_seconds_total",
+                           "Seconds each device (cpu, cuda:N) spent running batches; its rate is the "
+                           "device's utilisation.",
+                           lambda: [({"device": k}, v["busy_s"]) for k, v in self.engine.device_stats().items()])
+        m.add_live_counter("imgstream_device_batches_total", "Batches each device ran.",
+                           lambda: [({"device": k}, v["batches"]) for k, v in self.engine.device_stats().items()])
         m.add_gauge("imgstream_model_queue_depth", "Items waiting in each model's batcher.",
                     lambda: [({"model": k}, v) for k, v in self.engine.queued().items()])
 

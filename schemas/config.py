@@ -258,7 +258,8 @@ class TrainingConfig(BaseModel):
         description="Choose the threshold that reaches this out-of-fold precision (highest recall); "
         "unset: the threshold that maximises F1.",
     )
-    seed: int = 42
+    seed: int = Field(default=42, description="Seed of the held-out split and the folds, so a run can be "
+                      "repeated exactly.")
 
 
 class WorkerConfig(BaseModel):

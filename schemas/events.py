@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 from typing import Any, ClassVar, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 MAX_TASKS = 64
@@ -143,6 +143,12 @@ class ResultEvent(BaseModel):
     timings_ms: dict[str, float] = Field(default_factory=dict)
     replayed: bool = False
     completed_at: datetime = Field(default_factory=utc_now)
+
+    @field_serializer("data", when_used="json")
+    def _data_as_json(self, data: Any) -> Any:
+        # In process an embedding is a numpy array (the codec writes it without a Python float
+        # per value); pydantic's own JSON output takes it as a list.
+        return data.tolist() if hasattr(data, "tolist") else data
 
 
 class DeadLetter(BaseModel):

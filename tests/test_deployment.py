@@ -349,9 +349,10 @@ def test_slim_image_dependencies_run_producers_and_the_sink_without_torch(tmp_pa
     checked = subprocess.run([python, "-m", "pip", "check"], env=pip_env, capture_output=True, text=True, timeout=120)
     assert checked.returncode == 0, checked.stdout  # the lock file is a complete dependency set
 
-    # every light package pyproject lists (a new one included); of `consumer`, only the sink's modules
+    # every light package pyproject lists (a new one included; analysis and training need torch or
+    # scikit-learn); of `consumer`, only the sink's modules
     light = sorted({name for name in PYPROJECT["tool"]["setuptools"]["packages"]
-                    if name.split(".")[0] not in ("analysis", "consumer")})
+                    if name.split(".")[0] not in ("analysis", "consumer", "training")})
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(ROOT)}
     run = subprocess.run([python, "-c", _SLIM_IMPORTS, json.dumps(light)], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)
