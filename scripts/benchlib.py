@@ -94,6 +94,12 @@ def cpu_seconds(pid: int | None) -> float | None:
     return times.user + times.system
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (all cores, every process), for telling noise apart."""
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
 def embedded_broker_pid() -> int | None:
     """The pid of the embedded broker this process started (its Tansu subprocess), if any."""
     from producer.embedded_broker import broker_binary
