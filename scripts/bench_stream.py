@@ -127,8 +127,9 @@ def _task(operation_id: str, type_: str, **params: Any) -> dict[str, Any]:
     return {"operation_id": operation_id, "type": type_, "params": params}
 
 
-# Sized so that on 2 CPU cores the default run takes ~10-15 min and --quick under 4 min (Faster
-# R-CNN ~1.7 s and BLIP's 20 tokens ~8 s per image there); CUDA sizes are for one H100/H200.
+# Sized so that on 2 CPU cores the default run takes ~10-15 min and --quick 3-4 min (measured there,
+# undisturbed: Faster R-CNN ~1.7 s and BLIP's 20 tokens ~1.5 s per image, W2 ~0.3 and W5 ~3
+# requests/s through the stream); CUDA sizes are for one H100/H200.
 WORKLOADS: dict[str, Workload] = {
     w.name: w
     for w in (
@@ -144,7 +145,7 @@ WORKLOADS: dict[str, Workload] = {
                  ("clip", "person", "face"), _per_profile(20, 4, 2_000, 300), _per_profile(6, 2, 200, 50)),
         Workload("W3", f"captions (BLIP, {CAPTION_TOKENS} tokens)",
                  (_task("caption", "describe_image", target="whole_image", max_length=CAPTION_TOKENS),),
-                 ("caption",), _per_profile(12, 2, 2_000, 256), _per_profile(2, 1, 60, 20)),
+                 ("caption",), _per_profile(24, 2, 2_000, 256), _per_profile(4, 1, 60, 20)),
         # An unknown type: the worker fetches and decodes the image, then answers `skipped`.
         Workload("W4", "pipeline overhead: fetch + decode only, 64 px",
                  (_task("noop", "benchmark_decode_only"),),
@@ -664,10 +665,10 @@ def model_only_parts(workload: Workload, models: dict[str, Any], images: list[An
         regions = []
         for image, detections in zip(images, person.run_batch(person_items)):
             box = _prominent_box(detections, PERSON_MIN_SCORE)
-            regions.append((image, box, image if box is None else _crop(image, box)))
-        face_items = [face.preprocess(region) for _, _, region in regions]
+            regions.append(image if box is None else _crop(image, box))
+        face_items = [face.preprocess(region) for region in regions]
         face_crops = []
-        for (image, box, region), faces in zip(regions, face.run_batch(face_items)):
+        for region, faces in zip(regions, face.run_batch(face_items)):
             found = _prominent_box(faces, FACE_MIN_SCORE)
             if found is not None:
                 face_crops.append(_crop(region, found))
