@@ -24,7 +24,6 @@ import gc
 import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -32,12 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib, also when loaded by path
+
+from benchlib import PHOTOS, load_average, load_photos, machine_info, progress_logger  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "rocket")
 CLASSIFIER_COLLECTION = 1
 
 
@@ -73,18 +72,10 @@ WORKLOADS: dict[str, Workload] = {
 ALIASES = {"detect_bounding_box": ["detect_bounding_box:prominent_face", "detect_bounding_box:prominent_person"]}
 
 
-def progress(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+progress = progress_logger("bench")
 
 
 # -- setup ----------------------------------------------------------------------------------
-
-
-def load_photos() -> list[Any]:
-    from PIL import Image
-    from skimage import data
-
-    return [Image.fromarray(getattr(data, name)()).convert("RGB") for name in PHOTOS]
 
 
 def train_classifier(directory: Path, dim: int = 512) -> None:
@@ -101,41 +92,6 @@ def train_classifier(directory: Path, dim: int = 512) -> None:
     index = {str(CLASSIFIER_COLLECTION): {"model_file": name, "derivative_type": "whole_image",
                                           "embedding_type": "embed_clip_vit_b_32", "threshold": 0.5}}
     (directory / "best_models.json").write_text(json.dumps(index))
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def machine_info(device: Any) -> dict[str, Any]:
-    import torch
-
-    info: dict[str, Any] = {
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "loadavg_start": _loadavg(),
-    }
-    if device.type == "cuda":
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 # -- one measured run -----------------------------------------------------------------------
@@ -323,7 +279,7 @@ async def bench(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-    machine["loadavg_end"] = _loadavg()
+    machine["loadavg_end"] = load_average()
     settings = {
         "weights": args.weights,
         "concurrency": args.concurrency,

@@ -20,29 +20,34 @@ import asyncio
 import json
 import os
 import platform
-import re
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
 import orjson
 import psutil
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib, also when loaded by path
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
+from benchlib import (  # noqa: E402
+    WorkerFailed,
+    WorkerProcess,
+    fresh_topics,
+    jpeg_bytes,
+    machine_info,
+    photo,
+    progress_logger,
+    scrape_metrics,
+    worker_env,
+)
 
 from producer.embedded_broker import EmbeddedBroker, find_free_port  # noqa: E402
 from producer.topics import create_topics  # noqa: E402
-from schemas.config import Topics  # noqa: E402
 
 TASKS: dict[str, list[dict[str, Any]]] = {
     # MTCNN alone (face_context=whole_image), the cheapest model task.
@@ -54,15 +59,11 @@ TASKS: dict[str, list[dict[str, Any]]] = {
 }
 
 
-def log(message: str) -> None:
-    print(f"[bench_memory {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+log = progress_logger("bench_memory")
 
 
 def save_photo(path: Path, size: int) -> int:
-    from PIL import Image
-    from skimage import data
-
-    Image.fromarray(data.astronaut()).convert("RGB").resize((size, size)).save(path, "JPEG", quality=90)
+    path.write_bytes(jpeg_bytes(photo("astronaut").resize((size, size)), quality=90))
     return path.stat().st_size
 
 
@@ -92,27 +93,15 @@ class RssSampler(threading.Thread):
         self.join()
 
 
+GAUGES = ("imgstream_requests_in_flight", "imgstream_image_bytes_in_flight")
+
+
 def scrape(port: int) -> dict[str, float]:
     """The worker's unlabelled gauges of interest from /metrics (empty if it does not answer)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
-            text = response.read().decode()
-    except OSError:
+    snapshot = scrape_metrics(port)
+    if snapshot is None:
         return {}
-    out = {}
-    for name in ("imgstream_requests_in_flight", "imgstream_image_bytes_in_flight"):
-        match = re.search(rf"^{name} (\S+)$", text, re.M)
-        if match:
-            out[name] = float(match.group(1))
-    return out
-
-
-def ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
+    return {name: value for name in GAUGES if (value := snapshot.value(name)) is not None}
 
 
 async def produce_backlog(bootstrap: str, topic: str, count: int, image: dict[str, str],
@@ -133,21 +122,25 @@ async def produce_backlog(bootstrap: str, topic: str, count: int, image: dict[st
 
 
 async def wait_for_results(bootstrap: str, topic: str, expected: int, timeout_s: float,
-                           worker: subprocess.Popen[bytes], on_progress) -> int:
+                           worker: WorkerProcess, on_progress) -> dict[str, int]:
+    """Read results until `expected` distinct ones arrived (or the deadline, or the worker exits); by status."""
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest")
     await consumer.start()
-    seen: set[tuple[str, str]] = set()
+    seen: dict[tuple[str, str], str] = {}
     deadline = time.monotonic() + timeout_s
     try:
-        while len(seen) < expected and time.monotonic() < deadline and worker.poll() is None:
+        while len(seen) < expected and time.monotonic() < deadline and worker.exited() is None:
             for records in (await consumer.getmany(timeout_ms=500, max_records=5000)).values():
                 for record in records:
                     result = orjson.loads(record.value)
-                    seen.add((result["request_id"], result["operation_id"]))
+                    seen[(result["request_id"], result["operation_id"])] = result["status"]
             on_progress(len(seen))
     finally:
         await consumer.stop()
-    return len(seen)
+    statuses: dict[str, int] = {}
+    for status in seen.values():
+        statuses[status] = statuses.get(status, 0) + 1
+    return statuses
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -157,54 +150,38 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     if bootstrap is None:
         embedded = EmbeddedBroker().start()
         bootstrap = embedded.bootstrap
-    u = uuid.uuid4().hex[:8]
-    topics = Topics(requests=f"bench-{u}.requests", replay=f"bench-{u}.replay", results=f"bench-{u}.results",
-                    dlq=f"bench-{u}.dlq")
+    topics = fresh_topics("bench")
     await create_topics(bootstrap, topics, partitions=args.partitions)
-    photo = workdir / "photo.jpg"
-    photo_bytes = save_photo(photo, args.image_size)
+    photo_path = workdir / "photo.jpg"
+    photo_bytes = save_photo(photo_path, args.image_size)
     tasks = TASKS[args.task]
-    http_port = find_free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGSTREAM_")}
-    env.update({
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "IMGSTREAM_KAFKA__BOOTSTRAP": bootstrap,
-        "IMGSTREAM_KAFKA__GROUP": f"bench-{u}",
-        "IMGSTREAM_KAFKA__SESSION_TIMEOUT_MS": "3000",
-        "IMGSTREAM_KAFKA__TOPICS__REQUESTS": topics.requests,
-        "IMGSTREAM_KAFKA__TOPICS__REPLAY": topics.replay,
-        "IMGSTREAM_KAFKA__TOPICS__RESULTS": topics.results,
-        "IMGSTREAM_KAFKA__TOPICS__DLQ": topics.dlq,
-        "IMGSTREAM_MODELS__WEIGHTS": "random",
-        "IMGSTREAM_MODELS__DEVICE": args.device,
-        "IMGSTREAM_MODELS__PRELOAD": json.dumps(["face"] if args.task == "face" else []),
-        "IMGSTREAM_BLOBS__DIR": str(workdir / "blobs"),
-        "IMGSTREAM_MAX_IN_FLIGHT": str(args.max_in_flight),
-    })
-    if args.max_in_flight_image_bytes is not None:
-        env["IMGSTREAM_MAX_IN_FLIGHT_IMAGE_BYTES"] = str(args.max_in_flight_image_bytes)
+    env = worker_env(
+        bootstrap=bootstrap, topics=topics, group=f"bench-{uuid.uuid4().hex[:8]}", device=args.device,
+        preload=["face"] if args.task == "face" else [], blob_dir=workdir / "blobs",
+        # file:// blobs are read only inside the blob roots; the photo lies in the workdir.
+        blob_roots=[str(workdir)], max_in_flight=args.max_in_flight,
+        max_in_flight_image_bytes=args.max_in_flight_image_bytes, session_timeout_ms=3000,
+    )
     log_path = workdir / "worker.log"
-    command = [sys.executable, "-m", "producer.cli", "worker", "--http-port", str(http_port)]
     log(f"worker log: {log_path}")
-    with open(log_path, "ab") as worker_log:
-        worker = subprocess.Popen(command, cwd=ROOT, env=env, stdout=worker_log, stderr=subprocess.STDOUT)
+    worker = WorkerProcess(env, find_free_port(), log_path).start()
     sampler = RssSampler(worker.pid)
+    http_port = worker.http_port
     try:
-        deadline = time.monotonic() + 300
-        while not (ready(http_port) and "partitions assigned" in log_path.read_text(errors="replace")):
-            if worker.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"worker did not become ready; log:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.2)
+        try:
+            worker.wait_ready(timeout_s=300)
+        except WorkerFailed as exc:
+            raise SystemExit(f"worker did not become ready: {exc}") from exc
         sampler.start()
         await asyncio.sleep(args.baseline_s)
         baseline = max(rss for _, rss in sampler.samples)
         log(f"baseline RSS {baseline / 2**20:.0f} MiB (models loaded, group joined, nothing consumed)")
 
-        produce_s = await produce_backlog(bootstrap, topics.requests, args.requests, {"blob": photo.as_uri()}, tasks)
+        produce_s = await produce_backlog(bootstrap, topics.requests, args.requests, {"blob": photo_path.as_uri()},
+                                          tasks)
         log(f"backlog of {args.requests} requests produced in {produce_s:.1f}s")
         started = time.perf_counter()
-        held = {"imgstream_requests_in_flight": 0.0, "imgstream_image_bytes_in_flight": 0.0}
+        held = {name: 0.0 for name in GAUGES}
         last_report = [0.0]
 
         def progress(done: int) -> None:
@@ -216,14 +193,13 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     f"peak {sampler.peak / 2**20:.0f} MiB")
 
         expected = args.requests * len(tasks)
-        got = await wait_for_results(bootstrap, topics.results, expected, args.timeout, worker, progress)
+        statuses = await wait_for_results(bootstrap, topics.results, expected, args.timeout, worker, progress)
+        got = sum(statuses.values())
         elapsed = time.perf_counter() - started
         sampler.stop()
-        worker.send_signal(signal.SIGTERM)
-        exit_code = worker.wait(timeout=60)
+        exit_code = worker.stop(timeout_s=60)
     finally:
-        if worker.poll() is None:
-            worker.kill()
+        worker.kill()
         if embedded is not None:
             embedded.stop()
     peak = sampler.peak
@@ -236,6 +212,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "max_in_flight_image_bytes": args.max_in_flight_image_bytes,
         "results": got,
         "results_expected": expected,
+        "statuses": statuses,
         "seconds": round(elapsed, 1),
         "requests_per_s": round(args.requests / elapsed, 1),
         "baseline_rss_mib": round(baseline / 2**20, 1),
@@ -248,6 +225,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "device": args.device,
+        "machine": machine_info(args.device),
         "command": " ".join(sys.argv),
     }
 
@@ -272,7 +250,9 @@ def main() -> int:
         print(f"{key:32} {value}")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
-    ok = summary["results"] == summary["results_expected"] and summary["worker_exit_code"] == 0
+    # An `error` result means the figures measured a failure path (a fetch refused, say), not the task.
+    ok = (summary["results"] == summary["results_expected"] and summary["worker_exit_code"] == 0
+          and not summary["statuses"].get("error"))
     return 0 if ok else 1
 
 

@@ -1,0 +1,1274 @@
+"""End-to-end stream benchmark: Kafka -> fetch -> decode -> engine -> result -> publish, beside two baselines.
+
+For each workload it pre-produces N requests on fresh topics of a broker (the embedded Tansu by
+default), starts a real `imgstream worker` subprocess through the CLI (random weights, only the
+workload's models) and measures from the worker's first consume (its /metrics, polled every
+20 ms) to the broker timestamp of the last result: images/s, and the latency of every result
+(result timestamp minus request timestamp; for requests published before the first consume,
+from that moment). Then, with the same worker, requests offered at a slow fixed rate give the
+light-load latency. In the same run, on the same photos and tasks, this process measures two
+baselines while the worker is stopped: the model-only limit (the engine's models on
+preprocessed tensors, run_batch timed alone, at their best batch size) and a seed-style
+pipeline (one request at a time: fetch, PIL decode, each task at batch size 1 with the stock
+library calls, crops as PNG base64, stdlib JSON), the way the per-request HTTP service worked.
+
+Images are real photos from scikit-image, the longest side resized to --image-size (W4: 64 px),
+JPEG quality 90, each request's bytes made unique by a JPEG comment segment (same pixels).
+Even-numbered requests reference file:// blobs, odd-numbered ones http URLs on a local aiohttp
+server (the worker runs with private addresses allowed).
+
+Workloads: W1 CLIP ViT-B/32 of the whole image; W2 the typical four tasks (CLIP whole image,
+person box, face box in the person context, CLIP of that face); W3 captions (describe_image,
+max_length 20); W4 pipeline overhead (an unknown task type on 64 px images: fetch, decode and a
+`skipped` result; no model-only entry); W5 face box (MTCNN, whole-image context).
+
+    python scripts/bench_stream.py --quick                          # all five, under 4 min on 2 CPU cores
+    python scripts/bench_stream.py --json bench_stream_cpu.json     # CPU defaults, ~10-15 min on 2 cores
+    python scripts/bench_stream.py --device cuda --json gpu.json    # sized for one H100/H200
+    python scripts/bench_stream.py --workloads W1,W5 --requests 2000 --batching '{"clip": {"max_batch_size": 128}}'
+    python scripts/bench_stream.py --bootstrap 127.0.0.1:9092 --workloads W4 --max-in-flight 256
+
+Progress goes to stderr and the table to stdout. The exit status is 1 when a stream run lost
+results (or timed out) or a worker exited non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import math
+import os
+import shutil
+import struct
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib, also when loaded by path
+
+from benchlib import (  # noqa: E402
+    MORE_PHOTOS,
+    PHOTOS,
+    WorkerFailed,
+    WorkerProcess,
+    cpu_seconds,
+    embedded_broker_pid,
+    fit_longest,
+    fresh_topics,
+    jpeg_bytes,
+    load_average,
+    machine_busy_seconds,
+    machine_info,
+    photo,
+    progress_logger,
+    scrape_metrics,
+    worker_env,
+)
+
+from producer.embedded_broker import EmbeddedBroker, find_free_port  # noqa: E402
+from producer.topics import create_topics  # noqa: E402
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+log = progress_logger("bench_stream")
+
+STREAM_PHOTOS = PHOTOS + MORE_PHOTOS
+HOST = "127.0.0.1"
+METRICS_POLL_S = 0.02
+# Minimum score of the prominent person and face (SPEC §4 defaults), used by both baselines so
+# that they do the work the stream does (the same regions get searched and cropped).
+PERSON_MIN_SCORE = 0.5
+FACE_MIN_SCORE = 0.95
+CAPTION_TOKENS = 20
+
+
+# -- workloads ------------------------------------------------------------------------------
+
+
+def _per_profile(cpu: int, cpu_quick: int, cuda: int, cuda_quick: int) -> dict[str, int]:
+    return {"cpu": cpu, "cpu-quick": cpu_quick, "cuda": cuda, "cuda-quick": cuda_quick}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One benchmarked request shape: its tasks, the worker's models, and N (stream) and M (seed) per profile."""
+
+    name: str
+    title: str
+    tasks: tuple[dict[str, Any], ...]
+    models: tuple[str, ...]
+    requests: dict[str, int]
+    seed_requests: dict[str, int]
+    image_size: int | None = None  # None: --image-size
+    model_only: bool = True
+    ok_statuses: tuple[tuple[str, str | None], ...] = (("success", None),)
+
+    def ok(self, status: str, error_code: str | None) -> bool:
+        return (status, error_code) in self.ok_statuses
+
+
+def _task(operation_id: str, type_: str, **params: Any) -> dict[str, Any]:
+    return {"operation_id": operation_id, "type": type_, "params": params}
+
+
+# Sized so that on 2 CPU cores the default run takes ~10-15 min and --quick 3-4 min (measured there,
+# undisturbed: Faster R-CNN ~1.7 s and BLIP's 20 tokens ~1.5 s per image, W2 ~0.3 and W5 ~3
+# requests/s through the stream); CUDA sizes are for one H100/H200.
+WORKLOADS: dict[str, Workload] = {
+    w.name: w
+    for w in (
+        Workload("W1", "CLIP ViT-B/32, whole image",
+                 (_task("clip", "embed_clip_vit_b_32", target="whole_image"),),
+                 ("clip",), _per_profile(600, 48, 20_000, 2_000), _per_profile(60, 12, 500, 100)),
+        Workload("W2", "CLIP + person box + face box + CLIP of the face (person context)",
+                 (_task("clip_whole", "embed_clip_vit_b_32", target="whole_image"),
+                  _task("person_box", "detect_bounding_box", target="prominent_person"),
+                  _task("face_box", "detect_bounding_box", target="prominent_face", face_context="prominent_person"),
+                  _task("clip_face", "embed_clip_vit_b_32", target="prominent_face",
+                        face_context="prominent_person")),
+                 ("clip", "person", "face"), _per_profile(20, 4, 2_000, 300), _per_profile(6, 2, 200, 50)),
+        Workload("W3", f"captions (BLIP, {CAPTION_TOKENS} tokens)",
+                 (_task("caption", "describe_image", target="whole_image", max_length=CAPTION_TOKENS),),
+                 ("caption",), _per_profile(24, 2, 2_000, 256), _per_profile(4, 1, 60, 20)),
+        # An unknown type: the worker fetches and decodes the image, then answers `skipped`.
+        Workload("W4", "pipeline overhead: fetch + decode only, 64 px",
+                 (_task("noop", "benchmark_decode_only"),),
+                 (), _per_profile(3_000, 400, 20_000, 4_000), _per_profile(500, 100, 2_000, 500),
+                 image_size=64, model_only=False, ok_statuses=(("skipped", "unsupported_operation"),)),
+        Workload("W5", "face box (MTCNN, whole image)",
+                 (_task("face", "detect_bounding_box", target="prominent_face", face_context="whole_image"),),
+                 ("face",), _per_profile(200, 24, 2_000, 300), _per_profile(40, 6, 200, 50)),
+    )
+}
+
+# Model-only batch sizes swept per model, and the least time each point is timed for.
+SWEEPS: dict[str, dict[str, tuple[int, ...]]] = {
+    "cpu": {"clip": (1, 4, 16, 32), "face": (1, 4, 8), "person": (1, 2, 4), "caption": (1, 4)},
+    "cpu-quick": {"clip": (1, 16), "face": (1, 4), "person": (1,), "caption": (1,)},
+    "cuda": {"clip": (16, 64, 128, 256), "face": (8, 16, 32), "person": (4, 8, 16), "caption": (8, 32, 64)},
+    "cuda-quick": {"clip": (64, 256), "face": (16,), "person": (8,), "caption": (32,)},
+}
+MIN_TIMED_S = {"cpu": 2.0, "cpu-quick": 0.5, "cuda": 1.0, "cuda-quick": 0.5}
+
+
+# -- images ---------------------------------------------------------------------------------
+
+
+def unique_jpeg(jpeg: bytes, tag: bytes) -> bytes:
+    """`jpeg` with a comment (COM) segment holding `tag` right after SOI: new bytes and sha256, same pixels."""
+    if jpeg[:2] != b"\xff\xd8":
+        raise ValueError("not a JPEG (no SOI marker)")
+    if len(tag) > 0xFFFF - 2:
+        raise ValueError("a JPEG comment holds at most 65533 bytes")
+    # The segment length counts its own two bytes, not the marker.
+    return jpeg[:2] + b"\xff\xfe" + struct.pack(">H", len(tag) + 2) + tag + jpeg[2:]
+
+
+class ImageBank:
+    """The base JPEGs (one per photo) at each size, and their decoded pixels, made once."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self._jpegs: dict[int, list[bytes]] = {}
+
+    def jpegs(self, size: int) -> list[bytes]:
+        if size not in self._jpegs:
+            self._jpegs[size] = [jpeg_bytes(fit_longest(photo(name), size), quality=90) for name in self.names]
+        return self._jpegs[size]
+
+    def decoded(self, size: int) -> list[Any]:
+        """What the worker decodes from each base JPEG (RGB PIL images)."""
+        from PIL import Image
+
+        return [Image.open(io.BytesIO(data)).convert("RGB") for data in self.jpegs(size)]
+
+
+class RequestImages:
+    """One workload's request images, unique per index: even indices as file:// blobs, odd as http URLs."""
+
+    def __init__(self, name: str, bases: list[bytes], directory: Path, server: ImageServer, run_id: str) -> None:
+        self.name = name
+        self.bases = bases
+        self.directory = directory
+        self.server = server
+        self.run_id = run_id
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def bytes_of(self, index: int) -> bytes:
+        tag = f"imgstream-bench {self.run_id} {self.name} {index}".encode()
+        return unique_jpeg(self.bases[index % len(self.bases)], tag)
+
+    def ref(self, index: int) -> dict[str, str]:
+        """The request's `image` field; writes the blob file for even indices."""
+        if index % 2 == 0:
+            path = self.directory / f"{index}.jpg"
+            path.write_bytes(self.bytes_of(index))
+            return {"blob": path.as_uri()}
+        return {"url": self.server.url(f"{self.name}/{index}.jpg")}
+
+    def remove_files(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class ImageServer:
+    """An aiohttp server on 127.0.0.1 in a thread with its own event loop, serving request images from memory."""
+
+    def __init__(self) -> None:
+        self.sets: dict[str, RequestImages] = {}
+        self.port = find_free_port(HOST)
+        self.served = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+
+    def url(self, path: str) -> str:
+        return f"http://{HOST}:{self.port}/{path}"
+
+    def start(self) -> ImageServer:
+        self._thread = threading.Thread(target=self._serve, name="image-server", daemon=True)
+        self._thread.start()
+        if not self._started.wait(10) or self._error is not None:
+            raise RuntimeError(f"the image server did not start: {self._error!r}")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+
+    def _serve(self) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self._loop = loop
+        app = web.Application()
+        app.router.add_get("/{set}/{index}.jpg", self._image)
+        runner = web.AppRunner(app, access_log=None)
+        try:
+            loop.run_until_complete(runner.setup())
+            loop.run_until_complete(web.TCPSite(runner, HOST, self.port).start())
+        except BaseException as exc:  # noqa: BLE001 - reported by start()
+            self._error = exc
+            self._started.set()
+            return
+        self._started.set()
+        loop.run_forever()
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
+
+    async def _image(self, request: web.Request) -> web.Response:
+        images = self.sets.get(request.match_info["set"])
+        index = request.match_info["index"]
+        if images is None or not index.isdigit():
+            raise web.HTTPNotFound()
+        self.served += 1
+        return web.Response(body=images.bytes_of(int(index)), content_type="image/jpeg")
+
+
+# -- the stream -----------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    timestamp_ms: int
+    status: str
+    error_code: str | None
+
+
+class ResultCollector:
+    """Reads a results topic from its start in the background; keeps each (request_id, operation_id) once."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.results: dict[tuple[str, str], Result] = {}
+        self.duplicates = 0
+        self.timestamp_types: set[int] = set()
+        self._per_phase: Counter[str] = Counter()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._consumer = AIOKafkaConsumer(
+            self.topic, bootstrap_servers=self.bootstrap, group_id=None, auto_offset_reset="earliest",
+            max_partition_fetch_bytes=16 * 2**20, fetch_max_bytes=64 * 2**20)
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._read(), name="results")
+
+    def count(self, phase: str) -> int:
+        return self._per_phase[phase]
+
+    async def _read(self) -> None:
+        assert self._consumer is not None
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=100, max_records=10_000)
+            for records in batches.values():
+                for record in records:
+                    result = orjson.loads(record.value)
+                    key = (result["request_id"], result["operation_id"])
+                    if key in self.results:
+                        self.duplicates += 1
+                        continue
+                    self.timestamp_types.add(record.timestamp_type)
+                    self.results[key] = Result(record.timestamp, result["status"], result.get("error_code"))
+                    self._per_phase[phase_of(key[0])] += 1
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+
+def request_id(run_id: str, workload: str, phase: str, index: int) -> str:
+    return f"{run_id}-{workload}-{phase}-{index:06d}"
+
+
+def phase_of(rid: str) -> str:
+    """'b' (backlog) or 'l' (light load), from request_id()."""
+    return rid.rsplit("-", 2)[1]
+
+
+def cpu_now(pids: dict[str, int | None]) -> dict[str, float | None]:
+    """CPU seconds so far of each named process, and of the whole machine under "machine"."""
+    return {**{name: cpu_seconds(pid) for name, pid in pids.items()}, "machine": machine_busy_seconds()}
+
+
+def cpu_since(start: dict[str, float | None], pids: dict[str, int | None]) -> dict[str, float | None]:
+    """CPU seconds each process used since `start` (cpu_now), and "other": the rest of the machine's."""
+    end = cpu_now(pids)
+    used = {name: None if end[name] is None or start.get(name) is None else end[name] - start[name] for name in end}
+    machine = used.pop("machine")
+    # What else kept the cores busy meanwhile (other jobs on a shared machine): noise, not the stream's.
+    if machine is not None:
+        used["other"] = max(0.0, machine - sum(v for v in used.values() if v is not None))
+    return used
+
+
+class FirstConsume(threading.Thread):
+    """Polls the worker's /metrics every 20 ms until it has consumed a request: t0, and CPU times then."""
+
+    def __init__(self, port: int, pids: dict[str, int | None], halt: threading.Event) -> None:
+        super().__init__(name="first-consume", daemon=True)
+        self.port = port
+        self.pids = pids
+        self.halt = halt
+        self.found = threading.Event()
+        self.t0: float | None = None  # epoch seconds
+        self.resolution_s: float | None = None  # since the last scrape that saw nothing; None: the first did
+        self.cpu_at_t0: dict[str, float | None] = {}
+
+    def run(self) -> None:
+        previous: float | None = None
+        while not self.halt.is_set():
+            asked = time.time()
+            snapshot = scrape_metrics(self.port, timeout_s=1.0)
+            if snapshot is not None:
+                if snapshot.total("imgstream_requests_consumed_total") > 0:
+                    self.cpu_at_t0 = cpu_now(self.pids)
+                    self.t0 = asked
+                    self.resolution_s = None if previous is None else asked - previous
+                    self.found.set()
+                    return
+                previous = asked
+            self.halt.wait(METRICS_POLL_S)
+
+
+@dataclass
+class StreamRun:
+    """What one workload's stream phase measured (timestamps in epoch ms, from the broker's records)."""
+
+    requests: int
+    tasks: int
+    t0_ms: float | None = None
+    t0_resolution_ms: float | None = None
+    end_ms: float | None = None
+    latencies_ms: list[float] = field(default_factory=list)
+    published_before_t0: int = 0
+    results_received: int = 0
+    results_ok: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+    duplicates: int = 0
+    light_rate: float | None = None
+    light_requests: int = 0
+    light_latencies_ms: list[float] = field(default_factory=list)
+    light_received: int = 0
+    worker_exit_code: int | None = None
+    startup_s: float | None = None
+    cpu_s: dict[str, float | None] = field(default_factory=dict)
+    mean_batch: dict[str, float] = field(default_factory=dict)
+    mean_queue_wait_ms: dict[str, float] = field(default_factory=dict)
+    mean_fetch_ms: float | None = None
+    timestamp_types: list[int] = field(default_factory=list)
+    error: str | None = None
+    worker_log: str = ""
+    worker_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def results_expected(self) -> int:
+        return self.requests * self.tasks
+
+    @property
+    def light_expected(self) -> int:
+        return self.light_requests * self.tasks
+
+    @property
+    def window_s(self) -> float | None:
+        if self.t0_ms is None or self.end_ms is None:
+            return None
+        return (self.end_ms - self.t0_ms) / 1000.0
+
+    @property
+    def images_per_s(self) -> float | None:
+        window = self.window_s
+        return self.requests / window if window and self.results_received == self.results_expected else None
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    profile: str
+    bootstrap: str
+    broker_pid: int | None
+    workdir: Path
+    run_id: str
+    light_requests: int
+    light_max_s: float
+
+
+async def produce(producer: AIOKafkaProducer, topic: str, rid: str, image: dict[str, str],
+                  tasks: list[dict[str, Any]]) -> tuple[asyncio.Future[Any], int]:
+    """Send one request stamped with the current time (its CreateTime); the send future and the stamp."""
+    value = orjson.dumps({"schema_version": 1, "request_id": rid, "image": image, "tasks": tasks})
+    stamp = int(time.time() * 1000)
+    return await producer.send(topic, value, key=rid.encode(), timestamp_ms=stamp), stamp
+
+
+async def wait_for_results(collector: ResultCollector, phase: str, expected: int, worker: WorkerProcess,
+                           timeout_s: float, label: str) -> bool:
+    """Until `expected` distinct results of `phase` arrived: True; False at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    last_report = time.monotonic()
+    while collector.count(phase) < expected:
+        code = worker.exited()
+        if code is not None:
+            raise WorkerFailed(f"the worker exited with status {code} during {label}; log ends:\n{worker.log_tail()}")
+        if time.monotonic() > deadline:
+            log(f"{label}: timed out after {timeout_s:.0f}s with {collector.count(phase)}/{expected} results")
+            return False
+        if time.monotonic() - last_report > 10:
+            last_report = time.monotonic()
+            log(f"{label}: {collector.count(phase)}/{expected} results")
+        await asyncio.sleep(0.05)
+    return True
+
+
+async def run_stream(ctx: Context, workload: Workload, images: RequestImages, n: int) -> StreamRun:
+    """Backlog of n requests, a fresh worker from its first consume to the last result, then light load."""
+    args = ctx.args
+    tasks = [dict(task) for task in workload.tasks]
+    run = StreamRun(requests=n, tasks=len(tasks))
+    topics = fresh_topics(f"bench-{workload.name.lower()}")
+    await create_topics(ctx.bootstrap, topics, partitions=args.partitions)
+    env = worker_env(
+        bootstrap=ctx.bootstrap, topics=topics, group=f"bench-{ctx.run_id}-{workload.name}", device=args.device,
+        preload=list(workload.models), blob_dir=ctx.workdir / "blobs", blob_roots=[str(ctx.workdir)],
+        allow_private_addresses=True, max_in_flight=args.max_in_flight,
+        max_in_flight_image_bytes=args.max_in_flight_image_bytes, batching=args.batching,
+    )
+    worker = WorkerProcess(env, find_free_port(), ctx.workdir / f"worker-{workload.name}.log")
+    run.worker_log = str(worker.log_path)
+    run.worker_env = {k: v for k, v in env.items() if k.startswith("IMGSTREAM_") and "__TOPICS__" not in k}
+    collector = ResultCollector(ctx.bootstrap, topics.results)
+    await collector.start()
+    published: dict[str, int] = {}
+    halt = threading.Event()
+    producer = AIOKafkaProducer(bootstrap_servers=ctx.bootstrap, acks="all", linger_ms=20)
+    await producer.start()
+    try:
+        started = time.monotonic()
+        pending = []
+        for i in range(n):
+            rid = request_id(ctx.run_id, workload.name, "b", i)
+            future, published[rid] = await produce(producer, topics.requests, rid, images.ref(i), tasks)
+            pending.append(future)
+        await asyncio.gather(*pending)
+        log(f"{workload.name}: {n} requests produced in {time.monotonic() - started:.1f}s; starting the worker "
+            f"(models {list(workload.models)}, log {worker.log_path})")
+
+        worker.start()
+        watch = FirstConsume(worker.http_port, {"worker": worker.pid, "broker": ctx.broker_pid,
+                                                "bench": os.getpid()}, halt)
+        watch.start()
+        run.startup_s = await asyncio.to_thread(worker.wait_ready, args.startup_timeout)
+        while not watch.found.is_set():
+            if worker.exited() is not None:
+                raise WorkerFailed(f"the worker exited with status {worker.exited()}; log ends:\n{worker.log_tail()}")
+            await asyncio.sleep(0.02)
+        assert watch.t0 is not None
+        run.t0_ms = watch.t0 * 1000.0
+        run.t0_resolution_ms = None if watch.resolution_s is None else watch.resolution_s * 1000.0
+        log(f"{workload.name}: worker ready in {run.startup_s:.1f}s; consuming the backlog")
+
+        complete = await wait_for_results(collector, "b", run.results_expected, worker, args.timeout,
+                                          f"{workload.name} backlog")
+        run.cpu_s = cpu_since(watch.cpu_at_t0, watch.pids)
+        read_batch_metrics(run, worker.http_port)
+        if complete:
+            await light_load(ctx, run, workload, images, producer, topics.requests, tasks, published, collector,
+                             worker)
+        run.worker_exit_code = await asyncio.to_thread(worker.stop)
+        if run.worker_exit_code != 0:
+            log(f"{workload.name}: the worker exited with status {run.worker_exit_code}; log ends:\n"
+                f"{worker.log_tail()}")
+    except WorkerFailed as exc:
+        run.error = str(exc)
+        run.worker_exit_code = worker.exited()
+        log(f"{workload.name}: {exc}")
+    finally:
+        halt.set()
+        worker.kill()
+        await producer.stop()
+        await collector.stop()
+    tally(run, workload, collector, published)
+    return run
+
+
+async def light_load(ctx: Context, run: StreamRun, workload: Workload, images: RequestImages,
+                     producer: AIOKafkaProducer, topic: str, tasks: list[dict[str, Any]], published: dict[str, int],
+                     collector: ResultCollector, worker: WorkerProcess) -> None:
+    """Requests at a fixed slow rate (at most a quarter of the backlog's), so the worker is never saturated."""
+    backlog_end_ms = max(r.timestamp_ms for r in collector.results.values())
+    assert run.t0_ms is not None
+    throughput = run.requests / max((backlog_end_ms - run.t0_ms) / 1000.0, 1e-3)
+    rate = min(ctx.args.light_rate, 0.25 * throughput)
+    count = min(ctx.light_requests, 1 + math.floor(rate * ctx.light_max_s))
+    run.light_rate, run.light_requests = rate, count
+    log(f"{workload.name}: light load, {count} requests at {rate:.3g}/s")
+    started = time.monotonic()
+    pending = []
+    for k in range(count):
+        await asyncio.sleep(max(0.0, started + k / rate - time.monotonic()))
+        rid = request_id(ctx.run_id, workload.name, "l", k)
+        future, published[rid] = await produce(producer, topic, rid, images.ref(run.requests + k), tasks)
+        # Flushed at once: the linger would add to every light-load latency.
+        await producer.flush()
+        pending.append(future)
+    await asyncio.gather(*pending)
+    await wait_for_results(collector, "l", count * len(tasks), worker, ctx.args.timeout, f"{workload.name} light load")
+
+
+def read_batch_metrics(run: StreamRun, port: int) -> None:
+    """Mean batch size and queue wait per model, mean fetch time: the worker's /metrics after the backlog."""
+    snapshot = scrape_metrics(port)
+    if snapshot is None:
+        return
+    items = snapshot.by_label("imgstream_model_items_total", "model")
+    batches = snapshot.by_label("imgstream_model_batches_total", "model")
+    waits = snapshot.by_label("imgstream_model_queue_wait_ms_total", "model")
+    run.mean_batch = {m: items[m] / batches[m] for m in items if batches.get(m)}
+    run.mean_queue_wait_ms = {m: waits.get(m, 0.0) / items[m] for m in items if items[m]}
+    fetch_sum = snapshot.value("imgstream_fetch_latency_ms_sum", outcome="ok")
+    fetch_count = snapshot.value("imgstream_fetch_latency_ms_count", outcome="ok")
+    if fetch_sum is not None and fetch_count:
+        run.mean_fetch_ms = fetch_sum / fetch_count
+
+
+def tally(run: StreamRun, workload: Workload, collector: ResultCollector, published: dict[str, int]) -> None:
+    """Latencies, statuses and counts from the collected results."""
+    statuses: Counter[str] = Counter()
+    end = None
+    for (rid, _), result in collector.results.items():
+        sent = published.get(rid)
+        if sent is None:
+            continue
+        if phase_of(rid) == "l":
+            run.light_received += 1
+            run.light_latencies_ms.append(result.timestamp_ms - sent)
+            continue
+        run.results_received += 1
+        statuses[result.status if result.error_code is None else f"{result.status}:{result.error_code}"] += 1
+        run.results_ok += workload.ok(result.status, result.error_code)
+        end = result.timestamp_ms if end is None else max(end, result.timestamp_ms)
+        if run.t0_ms is not None:
+            run.latencies_ms.append(result.timestamp_ms - max(sent, run.t0_ms))
+    run.end_ms = end
+    if run.t0_ms is not None:
+        run.published_before_t0 = sum(1 for rid, sent in published.items() if phase_of(rid) == "b" and sent < run.t0_ms)
+    run.statuses = dict(statuses)
+    run.duplicates = collector.duplicates
+    run.timestamp_types = sorted(collector.timestamp_types)
+
+
+# == model-only limit =======================================================================
+# Everything here that touches the models goes through their interface (analysis/models/*.py):
+# load_model(key, ModelsConfig, device) -> model with preprocess(pil) -> item and
+# run_batch(list[item]) -> list[output]. Preprocessing happens outside the timed region; only
+# run_batch is timed, at each swept batch size. Adapt model_only_parts() when that interface changes.
+
+
+@dataclass
+class Part:
+    """One model call an image needs: its preprocessed items and how many of them per image."""
+
+    label: str
+    model: str
+    items: list[Any]
+    per_image: float
+
+
+def _prominent_box(detections: list[Any], min_score: float) -> list[float] | None:
+    """The box of the first (best) detection at or above `min_score` (run_batch sorts them)."""
+    for detection in detections:
+        if detection.score >= min_score:
+            return list(detection.box)
+    return None
+
+
+def _crop(image: Any, box: list[float]) -> Any:
+    return image.crop(tuple(int(round(v)) for v in box))
+
+
+def model_only_parts(workload: Workload, models: dict[str, Any], images: list[Any]) -> list[Part]:
+    """The model calls behind one request of `workload`, with items made from `images`."""
+    if workload.name == "W1":
+        return [Part("clip: whole image", "clip", [models["clip"].preprocess(im) for im in images], 1.0)]
+    if workload.name == "W3":
+        caption = models["caption"]
+        return [Part("caption", "caption", [(caption.preprocess(im), CAPTION_TOKENS) for im in images], 1.0)]
+    if workload.name == "W5":
+        return [Part("face: whole image", "face", [models["face"].preprocess(im) for im in images], 1.0)]
+    if workload.name == "W2":
+        clip, person, face = models["clip"], models["person"], models["face"]
+        person_items = [person.preprocess(im) for im in images]
+        # The regions the stream would search and crop, found once outside the timed region.
+        regions = []
+        for image, detections in zip(images, person.run_batch(person_items)):
+            box = _prominent_box(detections, PERSON_MIN_SCORE)
+            regions.append(image if box is None else _crop(image, box))
+        face_items = [face.preprocess(region) for region in regions]
+        face_crops = []
+        for region, faces in zip(regions, face.run_batch(face_items)):
+            found = _prominent_box(faces, FACE_MIN_SCORE)
+            if found is not None:
+                face_crops.append(_crop(region, found))
+        parts = [
+            Part("clip: whole image", "clip", [clip.preprocess(im) for im in images], 1.0),
+            Part("person: whole image", "person", person_items, 1.0),
+            Part("face: person context", "face", face_items, 1.0),
+        ]
+        if face_crops:
+            # Only images with a face get the CLIP of the face (the others are `skipped`).
+            parts.append(Part("clip: face crop", "clip", [clip.preprocess(c) for c in face_crops],
+                              len(face_crops) / len(images)))
+        return parts
+    raise ValueError(f"{workload.name} has no model-only entry")
+
+
+def _synchronize(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sweep_batch_sizes(model: Any, items: list[Any], sizes: tuple[int, ...], min_s: float,
+                      device: Any) -> dict[int, float]:
+    """Items/s of run_batch at each batch size (batches cycle through `items`), each timed >= min_s."""
+    rates: dict[int, float] = {}
+    for index, size in enumerate(sizes):
+        batch = [items[i % len(items)] for i in range(size)]
+        # A warm-up call per size on CUDA (new shapes); on the CPU one at the first size, which is
+        # also counted when it alone takes min_s (a slow model gains nothing from a second call).
+        calls, elapsed = 0, 0.0
+        if device.type == "cuda" or index == 0:
+            started = time.perf_counter()
+            model.run_batch(batch)
+            _synchronize(device)
+            warm = time.perf_counter() - started
+            if device.type == "cpu" and warm >= min_s:
+                calls, elapsed = 1, warm
+        while calls < 1 or elapsed < min_s:
+            started = time.perf_counter()
+            model.run_batch(batch)
+            _synchronize(device)
+            elapsed += time.perf_counter() - started
+            calls += 1
+        rates[size] = size * calls / elapsed
+    return rates
+
+
+def measure_model_only(workload: Workload, models: dict[str, Any], images: list[Any], profile: str,
+                       device: Any) -> dict[str, Any]:
+    """images/s = 1 / sum over parts of per_image / best items/s (W2 runs several models per image)."""
+    parts = model_only_parts(workload, models, images)
+    seconds_per_image = 0.0
+    out = []
+    for part in parts:
+        rates = sweep_batch_sizes(models[part.model], part.items, SWEEPS[profile][part.model],
+                                  MIN_TIMED_S[profile], device)
+        best = max(rates, key=lambda size: rates[size])
+        seconds_per_image += part.per_image / rates[best]
+        out.append({"part": part.label, "model": part.model, "per_image": round(part.per_image, 3),
+                    "batch_size": best, "items_per_s": round(rates[best], 2),
+                    "sweep": {str(size): round(rate, 2) for size, rate in rates.items()}})
+        log(f"{workload.name} model-only {part.label}: " + ", ".join(
+            f"batch {size} {rate:.1f}/s" for size, rate in rates.items()))
+    batch_size: Any = out[0]["batch_size"] if len(out) == 1 else {p["part"]: p["batch_size"] for p in out}
+    return {"images_per_s": round(1.0 / seconds_per_image, 2), "batch_size": batch_size, "parts": out}
+
+
+# == seed-style pipeline ====================================================================
+# One request at a time, the way the per-request HTTP service worked (shared/docs/reference/
+# seed-behaviour.md §§1-3, 6-7): fetch, PIL decode (no EXIF step), each task at batch size 1
+# in sequence with the stock library calls, detections reused within the request, crops
+# PNG-encoded to base64, the response serialised with the stdlib json module as FastAPI does.
+#
+# -- adapter: the library modules inside the engine's loaded models. These attribute names
+# -- (_transform, _model, _mtcnn, _processor, _tokenizer, dtype, device) are those of
+# -- analysis/models/*.py; keep every access to them in this block.
+
+
+def seed_clip(clip: Any, image: Any) -> list[float]:
+    """open_clip's eval transform, then encode_image on a batch of one."""
+    import torch
+
+    pixels = clip._transform(image).unsqueeze(0).to(clip.device, dtype=clip.dtype)
+    with torch.no_grad():
+        return clip._model.encode_image(pixels)[0].float().cpu().numpy().tolist()
+
+
+def seed_person_box(person: Any, image: Any) -> list[int] | None:
+    """torchvision Faster R-CNN on the full-size image (it resizes internally); the best person box."""
+    import torch
+    from torchvision.transforms.functional import to_tensor
+
+    with torch.no_grad():
+        output = person._model([to_tensor(image).to(person.device)])[0]
+    keep = (output["labels"] == 1) & (output["scores"] >= PERSON_MIN_SCORE)
+    if not bool(keep.any()):
+        return None
+    best = int(output["scores"][keep].argmax())
+    x0, y0, x1, y1 = output["boxes"][keep][best].cpu().numpy().astype(int).tolist()
+    width, height = image.size
+    return [max(0, min(x0, width)), max(0, min(y0, height)), max(0, min(x1, width)), max(0, min(y1, height))]
+
+
+def seed_face_box(face: Any, image: Any, region: list[int] | None) -> list[int] | None:
+    """facenet-pytorch MTCNN.detect on the region (or the whole image); the most probable face, offset back."""
+    import numpy as np
+
+    searched = image.crop(tuple(region)) if region is not None else image
+    boxes, probs = face._mtcnn.detect(searched)
+    if boxes is None or len(boxes) == 0:
+        return None
+    probs = np.asarray(probs, dtype=float)  # object arrays with numpy 2
+    best = int(probs.argmax())
+    if probs[best] < FACE_MIN_SCORE:
+        return None
+    dx, dy = (region[0], region[1]) if region is not None else (0, 0)
+    x0, y0, x1, y1 = (float(v) for v in boxes[best])
+    width, height = image.size
+    return [max(0, min(int(x0) + dx, width)), max(0, min(int(y0) + dy, height)),
+            max(0, min(int(x1) + dx, width)), max(0, min(int(y1) + dy, height))]
+
+
+def seed_caption(caption: Any, image: Any, max_new_tokens: int) -> str:
+    """The Hugging Face processor, generate on a batch of one, decode."""
+    import torch
+
+    pixels = caption._processor(images=image, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        tokens = caption._model.generate(pixel_values=pixels.to(caption.device, dtype=caption.dtype),
+                                         max_new_tokens=max_new_tokens)
+    return caption._tokenizer.decode(tokens[0], skip_special_tokens=True)
+
+
+# -- end of the adapter
+
+
+def seed_fetch(image: dict[str, str]) -> tuple[bytes, str]:
+    """The image bytes and where they came from: a file read, or a blocking GET as the seed did it."""
+    import requests
+
+    if "blob" in image:
+        path = urllib.request.url2pathname(urllib.parse.urlparse(image["blob"]).path)
+        return Path(path).read_bytes(), image["blob"]
+    response = requests.get(image["url"], stream=True, timeout=10, headers={"User-Agent": "ImageAnalysisAPI/0.2.1"})
+    response.raise_for_status()
+    return response.content, image["url"]
+
+
+def _operation_result(status: str = "success", data: Any = None, bbox: list[int] | None = None,
+                      crop_base64: str | None = None, error_message: str | None = None) -> dict[str, Any]:
+    return {"status": status, "data": data, "cropped_image_bbox": bbox, "cropped_image_base64": crop_base64,
+            "error_message": error_message}
+
+
+def _png_base64(image: Any) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("utf-8")
+
+
+def seed_task(task: dict[str, Any], image: Any, models: dict[str, Any], shared: dict[Any, Any]) -> dict[str, Any]:
+    """One task as the seed ran it; `shared` reuses the person and face detections within the request."""
+    params = task.get("params") or {}
+    target = params.get("target")
+
+    def person() -> list[int] | None:
+        if "person" not in shared:
+            shared["person"] = seed_person_box(models["person"], image)
+        return shared["person"]
+
+    def face(context: str) -> list[int] | None:
+        if ("face", context) not in shared:
+            region = person() if context == "prominent_person" else None
+            shared[("face", context)] = seed_face_box(models["face"], image, region)
+        return shared[("face", context)]
+
+    kind = task["type"]
+    if kind == "detect_bounding_box":
+        box = person() if target == "prominent_person" else face(params.get("face_context", "prominent_person"))
+        return _operation_result(data=box)
+    if kind == "embed_clip_vit_b_32":
+        if target in (None, "whole_image"):
+            return _operation_result(data=seed_clip(models["clip"], image))
+        box = face(params.get("face_context", "prominent_person")) if target == "prominent_face" else person()
+        if box is None:
+            if target == "prominent_face":
+                return _operation_result(
+                    "skipped", error_message=f"No prominent face found for operation '{task['operation_id']}'.")
+            return _operation_result(data=seed_clip(models["clip"], image))
+        crop = image.crop(tuple(box))
+        return _operation_result(data=seed_clip(models["clip"], crop), bbox=box, crop_base64=_png_base64(crop))
+    if kind == "describe_image":
+        return _operation_result(data=seed_caption(models["caption"], image, int(params.get("max_length", 50))))
+    return _operation_result("skipped", error_message=f"Unsupported operation type: '{kind}'")
+
+
+def seed_request(workload: Workload, models: dict[str, Any], image_ref: dict[str, str]) -> str:
+    """Fetch, decode, every task in order, the JSON response body."""
+    from PIL import Image
+
+    data, location = seed_fetch(image_ref)
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    shared: dict[Any, Any] = {}
+    results = {task["operation_id"]: seed_task(task, image, models, shared) for task in workload.tasks}
+    # What FastAPI's JSONResponse renders.
+    return json.dumps({"image_url": location, "results": results}, ensure_ascii=False, allow_nan=False,
+                      indent=None, separators=(",", ":"))
+
+
+def measure_seed_style(workload: Workload, models: dict[str, Any], images: RequestImages, m: int,
+                       device: Any) -> dict[str, Any]:
+    """M requests one after another (after M // 10 unmeasured ones); images/s over the whole loop."""
+    warmup = m // 10
+    refs = [images.ref(i) for i in range(m + warmup)]
+    for ref in refs[m:]:
+        seed_request(workload, models, ref)
+    _synchronize(device)
+    per_request = []
+    started = time.perf_counter()
+    for ref in refs[:m]:
+        began = time.perf_counter()
+        seed_request(workload, models, ref)
+        _synchronize(device)
+        per_request.append((time.perf_counter() - began) * 1000.0)
+    elapsed = time.perf_counter() - started
+    return {"images_per_s": round(m / elapsed, 2), "requests": m, "warmup_requests": warmup,
+            "p50_ms": _round(percentile(per_request, 50), 1), "p99_ms": _round(percentile(per_request, 99), 1)}
+
+
+# -- summaries ------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values, dtype=float), q))
+
+
+def _round(value: float | None, digits: int = 2) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def stream_summary(run: StreamRun) -> dict[str, Any]:
+    """The stream's figures, under the keys other tools read (plus the profiler evidence)."""
+    window = run.window_s
+    images = run.requests if run.results_received == run.results_expected else None
+    cpu = {name: _round(seconds) for name, seconds in run.cpu_s.items()}
+    return {
+        "images_per_s": _round(run.images_per_s),
+        "p50_ms": _round(percentile(run.latencies_ms, 50), 1),
+        "p95_ms": _round(percentile(run.latencies_ms, 95), 1),
+        "p99_ms": _round(percentile(run.latencies_ms, 99), 1),
+        "light_p50_ms": _round(percentile(run.light_latencies_ms, 50), 1),
+        "light_p99_ms": _round(percentile(run.light_latencies_ms, 99), 1),
+        "results_ok": run.results_ok,
+        "results_expected": run.results_expected,
+        "results_received": run.results_received,
+        "statuses": run.statuses,
+        "duplicates": run.duplicates,
+        "requests": run.requests,
+        "tasks_per_request": run.tasks,
+        "window_s": _round(window, 3),
+        "t0_resolution_ms": _round(run.t0_resolution_ms, 1),
+        "latency_from_t0_requests": run.published_before_t0,
+        "light_rate_per_s": _round(run.light_rate, 3),
+        "light_requests": run.light_requests,
+        "light_results": run.light_received,
+        "light_results_expected": run.light_expected,
+        "cpu_s": cpu,
+        "cpu_ms_per_image": {name: (None if s is None or not images else round(1000.0 * s / images, 2))
+                             for name, s in run.cpu_s.items()},
+        "mean_batch": {m: round(v, 2) for m, v in run.mean_batch.items()},
+        "mean_queue_wait_ms": {m: round(v, 1) for m, v in run.mean_queue_wait_ms.items()},
+        "mean_fetch_ms": _round(run.mean_fetch_ms, 2),
+        "worker_startup_s": _round(run.startup_s, 1),
+        "worker_exit_code": run.worker_exit_code,
+        "timestamp_types": run.timestamp_types,
+        "error": run.error,
+        "worker_log": run.worker_log,
+        "worker_env": run.worker_env,
+    }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if not a or not b else round(a / b, 3)
+
+
+def workload_summary(workload: Workload, stream: dict[str, Any], seed: dict[str, Any] | None,
+                     model_only: dict[str, Any] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"title": workload.title, "stream": stream,
+                           "seed_style": seed or {"images_per_s": None}}
+    if workload.model_only:
+        out["model_only"] = model_only or {"images_per_s": None, "batch_size": None}
+    out["stream_over_seed"] = _ratio(stream["images_per_s"], out["seed_style"]["images_per_s"])
+    if workload.model_only:
+        out["stream_over_model_only"] = _ratio(stream["images_per_s"], out["model_only"]["images_per_s"])
+    return out
+
+
+def failures(report: dict[str, Any]) -> list[str]:
+    """Why the run failed: lost results (backlog or light load), a worker that did not exit 0."""
+    out = []
+    for name, workload in report["workloads"].items():
+        stream = workload["stream"]
+        if stream["results_received"] < stream["results_expected"]:
+            out.append(f"{name}: {stream['results_received']}/{stream['results_expected']} backlog results")
+        if stream["light_results"] < stream["light_results_expected"]:
+            out.append(f"{name}: {stream['light_results']}/{stream['light_results_expected']} light-load results")
+        if stream["worker_exit_code"] != 0:
+            out.append(f"{name}: worker exit status {stream['worker_exit_code']}"
+                       + (f" ({stream['error'].splitlines()[0]})" if stream["error"] else ""))
+    return out
+
+
+def _fmt(value: float | None, spec: str = ".1f", suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _columns(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = [" | ".join(h.ljust(w) for h, w in zip(header, widths)),
+             "-|-".join("-" * w for w in widths)]
+    lines += [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def render(report: dict[str, Any]) -> str:
+    """The machine, the settings, the three-way table and the profiler evidence, as text."""
+    m, s = report["machine"], report["settings"]
+    out = [
+        f"machine: {m['cpu_model']}, {m['cpu_count']} cores, {m['memory_gib']} GiB; load average "
+        f"{m['loadavg_start']} at start, {m.get('loadavg_end')} at end",
+        f"device: {m['device']} ({m['device_name']}); torch {m['torch']} ({m['torch_threads']} threads in this "
+        f"process); Python {m['python']}" + (f"; CUDA {m['cuda']}" if m.get("cuda") else ""),
+        "settings: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in s.items() if k not in ("requests",
+                                                                                          "seed_requests")),
+        "requests per workload (stream N / seed-style M): " + ", ".join(
+            f"{w} {s['requests'][w]}/{s['seed_requests'][w]}" for w in s["requests"]),
+        "",
+    ]
+    rows = []
+    for name, w in report["workloads"].items():
+        st = w["stream"]
+        rows.append((
+            name, _fmt(st["images_per_s"]), _fmt(st["p50_ms"], ".0f"), _fmt(st["p95_ms"], ".0f"),
+            _fmt(st["p99_ms"], ".0f"), f"{_fmt(st['light_p50_ms'], '.0f')}/{_fmt(st['light_p99_ms'], '.0f')}",
+            f"{st['results_ok']}/{st['results_expected']}"
+            + (f" ({st['results_expected'] - st['results_received']} lost)"
+               if st["results_received"] < st["results_expected"] else ""),
+            _fmt(w["seed_style"]["images_per_s"]),
+            _fmt(w["model_only"]["images_per_s"]) if "model_only" in w else "n/a",
+            _fmt(w["stream_over_seed"], ".2f", "x"),
+            _fmt(w.get("stream_over_model_only"), ".2f", "x") if "model_only" in w else "n/a",
+        ))
+    out.append(_columns(("workload", "stream img/s", "p50 ms", "p95 ms", "p99 ms", "light p50/p99 ms",
+                         "results ok/expected", "seed-style img/s", "model-only img/s", "stream/seed",
+                         "stream/model-only"), rows))
+    out += ["", "Backlog latencies are measured from the worker's first consume (t0) for the requests published "
+            "before it (all of the pre-produced backlog); light-load latencies from each request's publish. "
+            "ok = status success (W4: skipped unsupported_operation); the statuses column below lists every "
+            "result received."]
+    rows = []
+    for name, w in report["workloads"].items():
+        st = w["stream"]
+        cpu = st["cpu_s"]
+        others = (cpu.get("other"), (w.get("model_only") or {}).get("other_cpu_s"), w["seed_style"].get("other_cpu_s"))
+        rows.append((
+            name, _fmt(st["window_s"], ".1f"),
+            " / ".join(_fmt(cpu.get(k), ".1f") for k in ("worker", "broker", "bench")),
+            " / ".join(_fmt(v, ".1f") for v in others),
+            " / ".join(_fmt(st["cpu_ms_per_image"].get(k), ".1f") for k in ("worker", "broker", "bench")),
+            " ".join(f"{k} {v:.1f}" for k, v in st["mean_batch"].items()) or "-",
+            " ".join(f"{k} {v:.0f}" for k, v in st["mean_queue_wait_ms"].items()) or "-",
+            _fmt(st["mean_fetch_ms"], ".1f"), _fmt(st["worker_startup_s"], ".1f"),
+            " ".join(f"{k} {v}" for k, v in sorted(st["statuses"].items())) or "-",
+            f"{st['light_requests']} at {_fmt(st['light_rate_per_s'], '.3g')}/s",
+        ))
+    out += ["", _columns(("workload", "window s", "CPU s worker/broker/bench",
+                          "other jobs' CPU s stream/model-only/seed", "CPU ms/img worker/broker/bench",
+                          "mean batch", "queue wait ms", "fetch ms", "worker start s", "statuses", "light load"),
+                         rows)]
+    for name, w in report["workloads"].items():
+        parts = (w.get("model_only") or {}).get("parts") or []
+        if len(parts) > 1:
+            out.append(f"{name} model-only parts: " + "; ".join(
+                f"{p['part']} x{p['per_image']} at batch {p['batch_size']}: {p['items_per_s']:.1f}/s" for p in parts))
+    out += ["", "CPU s are user+system seconds during the backlog window (t0 to the last result); other jobs' CPU s "
+            "is what the rest of the machine used meanwhile (during each baseline for the last two): well above "
+            "zero means the figures are disturbed."]
+    return "\n".join(out)
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+class OtherCpu:
+    """CPU seconds other processes used while a block ran in this one: the noise of a shared machine."""
+
+    def __enter__(self) -> OtherCpu:
+        self._busy, self._own = machine_busy_seconds(), cpu_seconds(os.getpid()) or 0.0
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        own = (cpu_seconds(os.getpid()) or 0.0) - self._own
+        self.seconds = round(max(0.0, machine_busy_seconds() - self._busy - own), 2)
+
+
+def load_models(keys: tuple[str, ...], models: dict[str, Any], device: Any) -> None:
+    """Load (once per run) the engine's models this process needs for the baselines."""
+    from analysis.models import load_model
+    from schemas.config import ModelsConfig
+
+    config = ModelsConfig(weights="random", device=str(device))
+    for key in keys:
+        if key not in models:
+            started = time.perf_counter()
+            models[key] = load_model(key, config, device)
+            log(f"model {key} loaded in this process in {time.perf_counter() - started:.1f}s")
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from analysis.models import select_device
+    from schemas.config import ModelsConfig
+
+    device = select_device(ModelsConfig(device=args.device))
+    profile = ("cuda" if device.type == "cuda" else "cpu") + ("-quick" if args.quick else "")
+    machine = machine_info(device)
+    workloads = [WORKLOADS[name] for name in args.workloads]
+    sizes = {w.name: args.requests or w.requests[profile] for w in workloads}
+    seed_sizes = {w.name: args.seed_requests or w.seed_requests[profile] for w in workloads}
+    light_requests = args.light_requests or (6 if args.quick else 20)
+    light_max_s = args.light_max_s or (5.0 if args.quick else 40.0)
+    log(f"device {device} ({machine['device_name']}), torch {machine['torch']}, {machine['cpu_count']} CPUs, "
+        f"profile {profile}, workloads {', '.join(args.workloads)}")
+    workdir = Path(tempfile.mkdtemp(prefix="imgstream-bench-stream-"))
+    embedded = None
+    server = None
+    report_workloads: dict[str, Any] = {}
+    try:
+        bootstrap = args.bootstrap
+        if bootstrap is None:
+            embedded = EmbeddedBroker().start()
+            bootstrap = embedded.bootstrap
+        ctx = Context(args=args, profile=profile, bootstrap=bootstrap,
+                      broker_pid=embedded_broker_pid() if embedded is not None else None, workdir=workdir,
+                      run_id=uuid.uuid4().hex[:8], light_requests=light_requests, light_max_s=light_max_s)
+        server = ImageServer().start()
+        bank = ImageBank(STREAM_PHOTOS)
+        models: dict[str, Any] = {}
+        for workload in workloads:
+            size = workload.image_size or args.image_size
+            images = RequestImages(workload.name, bank.jpegs(size), workdir / "images" / workload.name, server,
+                                   ctx.run_id)
+            server.sets[workload.name] = images
+            log(f"{workload.name}: {workload.title}; {sizes[workload.name]} requests, {len(STREAM_PHOTOS)} photos "
+                f"at {size} px")
+            run = await run_stream(ctx, workload, images, sizes[workload.name])
+            stream = stream_summary(run)
+            log(f"{workload.name} stream: {_fmt(stream['images_per_s'], '.2f')} img/s, p50 "
+                f"{_fmt(stream['p50_ms'], '.0f')} ms, {stream['results_received']}/{stream['results_expected']} "
+                f"results ({stream['results_ok']} ok)")
+            # The baselines run in this process while no worker runs.
+            load_models(workload.models, models, device)
+            model_only = None
+            if workload.model_only:
+                # The photos the stream's requests used (all of them unless N is smaller).
+                photos_used = bank.decoded(size)[:sizes[workload.name]]
+                with OtherCpu() as other:
+                    model_only = measure_model_only(workload, models, photos_used, profile, device)
+                model_only["other_cpu_s"] = other.seconds
+                log(f"{workload.name} model-only: {model_only['images_per_s']:.2f} img/s")
+            with OtherCpu() as other:
+                seed = measure_seed_style(workload, models, images, seed_sizes[workload.name], device)
+            seed["other_cpu_s"] = other.seconds
+            log(f"{workload.name} seed-style: {seed['images_per_s']:.2f} img/s over {seed['requests']} requests")
+            report_workloads[workload.name] = workload_summary(workload, stream, seed, model_only)
+            images.remove_files()
+            del server.sets[workload.name]
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        if server is not None:
+            server.stop()
+        if embedded is not None:
+            embedded.stop()
+    machine["loadavg_end"] = load_average()
+    settings = {
+        "profile": profile,
+        "quick": args.quick,
+        "broker": args.bootstrap or "embedded",
+        "weights": "random",
+        "image_size": args.image_size,
+        "photos": list(STREAM_PHOTOS),
+        "partitions": args.partitions,
+        "max_in_flight": args.max_in_flight,
+        "max_in_flight_image_bytes": args.max_in_flight_image_bytes,
+        "batching": args.batching,
+        "light_rate": args.light_rate,
+        "light_requests": light_requests,
+        "light_max_s": light_max_s,
+        "model_only_sweeps": {k: list(v) for k, v in SWEEPS[profile].items()},
+        "model_only_min_timed_s": MIN_TIMED_S[profile],
+        "requests": sizes,
+        "seed_requests": seed_sizes,
+        "workdir": str(workdir),
+    }
+    return {"device": str(device), "machine": machine, "settings": settings, "workloads": report_workloads,
+            "command": " ".join(sys.argv)}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    def defaults(attribute: str) -> str:
+        return "; ".join(f"{profile}: " + " ".join(f"{w.name} {getattr(w, attribute)[profile]}"
+                                                   for w in WORKLOADS.values())
+                         for profile in ("cpu", "cpu-quick", "cuda", "cuda-quick"))
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: the worker's and this "
+                        "process's (baselines)")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS),
+                        help="comma-separated (default all): " + "; ".join(f"{w.name} {w.title}"
+                                                                          for w in WORKLOADS.values()))
+    parser.add_argument("--quick", action="store_true",
+                        help="small N and M, short sweeps and light load: all five in under 4 min on 2 CPU cores")
+    parser.add_argument("--requests", type=int, metavar="N",
+                        help=f"stream requests per workload (default, by profile: {defaults('requests')})")
+    parser.add_argument("--seed-requests", type=int, metavar="M",
+                        help=f"seed-style requests per workload (default: {defaults('seed_requests')})")
+    parser.add_argument("--image-size", type=int, default=1024,
+                        help="longest side of the photos in px (default 1024; W4 always 64)")
+    parser.add_argument("--partitions", type=int, help="partitions of the requests topic (default: 4 CPU, 8 CUDA)")
+    parser.add_argument("--max-in-flight", type=int, help="the worker's bound (default: 64 CPU, 1024 CUDA)")
+    parser.add_argument("--max-in-flight-image-bytes", type=int,
+                        help="the worker's image byte bound (default: the worker's on CPU, 4 GiB on CUDA)")
+    parser.add_argument("--batching", type=json.loads, metavar="JSON",
+                        help='the worker\'s models.batching, e.g. \'{"clip": {"max_batch_size": 128}}\'')
+    parser.add_argument("--light-rate", type=float, default=2.0,
+                        help="light-load requests/s (default 2; capped at 0.25x the measured backlog throughput)")
+    parser.add_argument("--light-requests", type=int, help="light-load requests (default 20; 6 with --quick)")
+    parser.add_argument("--light-max-s", type=float,
+                        help="at most about this long at the light rate, at least one request (default 40; 5 quick)")
+    parser.add_argument("--bootstrap", help="use this Kafka broker instead of starting the embedded one")
+    parser.add_argument("--timeout", type=float, default=900.0,
+                        help="seconds to wait for one phase's results (default 900)")
+    parser.add_argument("--startup-timeout", type=float, default=300.0,
+                        help="seconds for the worker to get ready (default 300)")
+    parser.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
+    parser.add_argument("--keep-workdir", action="store_true", help="keep the worker logs even when all went well")
+    args = parser.parse_args(argv)
+    names = [name.strip().upper() for name in args.workloads.split(",") if name.strip()]
+    unknown = [name for name in names if name not in WORKLOADS]
+    if unknown or not names:
+        parser.error(f"unknown workload(s) {unknown}; choose from {', '.join(WORKLOADS)}")
+    args.workloads = list(dict.fromkeys(names))
+    cuda = args.device.startswith("cuda")
+    if args.partitions is None:
+        args.partitions = 8 if cuda else 4
+    if args.max_in_flight is None:
+        args.max_in_flight = 1024 if cuda else 64
+    if args.max_in_flight_image_bytes is None and cuda:
+        args.max_in_flight_image_bytes = 4 * 2**30
+    for flag in ("requests", "seed_requests", "light_requests", "partitions", "max_in_flight", "image_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.light_rate <= 0:
+        parser.error("--light-rate must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    try:
+        report = asyncio.run(bench(args))
+    except (RuntimeError, OSError) as exc:  # no CUDA, no broker binary, a port taken
+        print(f"bench_stream: error: {exc}", file=sys.stderr)
+        return 1
+    report["wall_s"] = round(time.monotonic() - started, 1)
+    print(render(report))
+    print(f"\nwall time {report['wall_s']:.0f}s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        log(f"JSON written to {args.json}")
+    problems = failures(report)
+    for problem in problems:
+        log(f"FAILED {problem}")
+    if problems or args.keep_workdir:
+        log(f"worker logs kept in {report['settings']['workdir']}")
+    else:
+        shutil.rmtree(report["settings"]["workdir"], ignore_errors=True)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

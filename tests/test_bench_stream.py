@@ -1,0 +1,134 @@
+"""scripts/bench_stream.py's pure parts: unique request images and the JSON report's shape (no models, no broker)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_stream.py"
+
+
+@pytest.fixture(scope="module")
+def bench_stream():
+    spec = importlib.util.spec_from_file_location("bench_stream", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_stream"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("bench_stream", None)
+
+
+@pytest.fixture(scope="module")
+def jpeg() -> bytes:
+    buffer = io.BytesIO()
+    gradient = np.linspace(0, 255, 48 * 64 * 3).reshape(48, 64, 3).astype(np.uint8)
+    Image.fromarray(gradient).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_a_comment_segment_makes_the_bytes_unique_and_keeps_the_pixels(bench_stream, jpeg):
+    first = bench_stream.unique_jpeg(jpeg, b"bench 1")
+    second = bench_stream.unique_jpeg(jpeg, b"bench 2")
+
+    assert hashlib.sha256(first).digest() != hashlib.sha256(second).digest()
+    # SOI, then COM with a big-endian length that counts itself, then the original segments.
+    assert first[:4] == b"\xff\xd8\xff\xfe"
+    assert int.from_bytes(first[4:6], "big") == len(b"bench 1") + 2
+    assert first[6:13] == b"bench 1"
+    assert first[13:] == jpeg[2:]
+    original = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+    for unique in (first, second):
+        decoded = Image.open(io.BytesIO(unique))
+        assert decoded.info.get("comment", b"").startswith(b"bench ")
+        assert np.array_equal(np.asarray(decoded.convert("RGB")), original)
+
+
+def test_torchvision_decodes_the_tagged_jpeg_to_the_same_pixels(bench_stream, jpeg):
+    torchvision_io = pytest.importorskip("torchvision.io")
+    import torch
+
+    tagged = bench_stream.unique_jpeg(jpeg, b"bench 3")
+    plain = torchvision_io.decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8))
+    decoded = torchvision_io.decode_jpeg(torch.frombuffer(bytearray(tagged), dtype=torch.uint8))
+
+    assert torch.equal(plain, decoded)
+
+
+def test_unique_jpeg_refuses_what_is_not_a_jpeg(bench_stream):
+    with pytest.raises(ValueError, match="not a JPEG"):
+        bench_stream.unique_jpeg(b"\x89PNG\r\n\x1a\n", b"tag")
+
+
+def fake_run(bench_stream, *, received: int, exit_code: int = 0):
+    run = bench_stream.StreamRun(requests=10, tasks=2, t0_ms=1_000_000.0, end_ms=1_002_000.0,
+                                 latencies_ms=[float(v) for v in range(1, 21)], published_before_t0=10,
+                                 results_received=received, results_ok=received - 1,
+                                 statuses={"success": received - 1, "skipped:no_face_found": 1},
+                                 light_rate=0.5, light_requests=2, light_latencies_ms=[30.0, 50.0, 40.0, 60.0],
+                                 light_received=4, worker_exit_code=exit_code,
+                                 cpu_s={"worker": 3.0, "broker": 0.5, "bench": 0.25},
+                                 mean_batch={"clip": 7.5}, mean_queue_wait_ms={"clip": 4.0})
+    return bench_stream.stream_summary(run)
+
+
+def test_the_report_has_the_keys_other_tools_read(bench_stream):
+    workloads = bench_stream.WORKLOADS
+    stream = fake_run(bench_stream, received=20)
+    report = {
+        "device": "cpu",
+        "machine": {},
+        "settings": {},
+        "workloads": {
+            "W1": bench_stream.workload_summary(workloads["W1"], stream, {"images_per_s": 2.5},
+                                                {"images_per_s": 10.0, "batch_size": 16}),
+            "W4": bench_stream.workload_summary(workloads["W4"], stream, {"images_per_s": 4.0}, None),
+        },
+    }
+    report = json.loads(json.dumps(report))  # what --json writes is plain JSON
+
+    w1 = report["workloads"]["W1"]
+    assert set(w1["stream"]) >= {"images_per_s", "p50_ms", "p95_ms", "p99_ms", "light_p50_ms", "light_p99_ms",
+                                 "results_ok", "results_expected"}
+    assert w1["stream"]["images_per_s"] == 5.0  # 10 requests in 2 s from t0 to the last result
+    assert w1["stream"]["results_expected"] == 20
+    assert w1["stream"]["results_ok"] == 19
+    assert w1["stream"]["p50_ms"] == 10.5
+    assert w1["stream"]["light_p50_ms"] == 45.0
+    assert w1["stream"]["cpu_ms_per_image"]["worker"] == 300.0
+    assert w1["seed_style"]["images_per_s"] == 2.5
+    assert set(w1["model_only"]) >= {"images_per_s", "batch_size"}
+    assert w1["stream_over_seed"] == 2.0
+    assert w1["stream_over_model_only"] == 0.5
+    assert "model_only" not in report["workloads"]["W4"]
+    assert report["workloads"]["W4"]["stream_over_seed"] == 1.25
+    assert bench_stream.failures(report) == []
+
+
+def test_lost_results_and_a_failed_worker_fail_the_run(bench_stream):
+    workloads = bench_stream.WORKLOADS
+    lost = fake_run(bench_stream, received=19)
+    crashed = fake_run(bench_stream, received=20, exit_code=1)
+    report = {"workloads": {
+        "W1": bench_stream.workload_summary(workloads["W1"], lost, None, None),
+        "W5": bench_stream.workload_summary(workloads["W5"], crashed, None, None),
+    }}
+
+    assert lost["images_per_s"] is None  # no throughput figure from an incomplete run
+    assert bench_stream.failures(report) == ["W1: 19/20 backlog results", "W5: worker exit status 1"]
+
+
+def test_the_decode_only_workload_counts_unsupported_operation_as_ok(bench_stream):
+    w4 = bench_stream.WORKLOADS["W4"]
+
+    assert w4.ok("skipped", "unsupported_operation")
+    assert not w4.ok("error", "image_fetch_failed")
+    assert bench_stream.WORKLOADS["W5"].ok("success", None)
+    assert not bench_stream.WORKLOADS["W5"].ok("skipped", "no_face_found")
