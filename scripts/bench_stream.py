@@ -622,9 +622,10 @@ def tally(run: StreamRun, workload: Workload, collector: ResultCollector, publis
 
 # == model-only limit =======================================================================
 # Everything here that touches the models goes through their interface (analysis/models/*.py):
-# load_model(key, ModelsConfig, device) -> model with preprocess(pil) -> item and
-# run_batch(list[item]) -> list[output]. Preprocessing happens outside the timed region; only
-# run_batch is timed, at each swept batch size. Adapt model_only_parts() when that interface changes.
+# load_model(key, ModelsConfig, device) -> model with preprocess(pil) -> item (a uint8 image
+# tensor), collate(items) -> batch (resized, cropped, normalised on the device) and
+# forward(batch) -> outputs. Decoding and collate happen outside the timed region; only
+# forward is timed, at each swept batch size: pre-decoded, pre-resized tensors.
 
 
 @dataclass
@@ -694,23 +695,24 @@ def _synchronize(device: Any) -> None:
 
 def sweep_batch_sizes(model: Any, items: list[Any], sizes: tuple[int, ...], min_s: float,
                       device: Any) -> dict[int, float]:
-    """Items/s of run_batch at each batch size (batches cycle through `items`), each timed >= min_s."""
+    """Items/s of forward at each batch size (batches cycle through `items`, collated untimed), each timed >= min_s."""
     rates: dict[int, float] = {}
     for index, size in enumerate(sizes):
-        batch = [items[i % len(items)] for i in range(size)]
+        batch = model.collate([items[i % len(items)] for i in range(size)])
+        _synchronize(device)
         # A warm-up call per size on CUDA (new shapes); on the CPU one at the first size, which is
         # also counted when it alone takes min_s (a slow model gains nothing from a second call).
         calls, elapsed = 0, 0.0
         if device.type == "cuda" or index == 0:
             started = time.perf_counter()
-            model.run_batch(batch)
+            model.forward(batch)
             _synchronize(device)
             warm = time.perf_counter() - started
             if device.type == "cpu" and warm >= min_s:
                 calls, elapsed = 1, warm
         while calls < 1 or elapsed < min_s:
             started = time.perf_counter()
-            model.run_batch(batch)
+            model.forward(batch)
             _synchronize(device)
             elapsed += time.perf_counter() - started
             calls += 1
@@ -774,12 +776,25 @@ def seed_person_box(person: Any, image: Any) -> list[int] | None:
     return [max(0, min(x0, width)), max(0, min(y0, height)), max(0, min(x1, width)), max(0, min(y1, height))]
 
 
+_STOCK_MTCNN: dict[str, Any] = {}
+
+
+def stock_mtcnn(device: Any) -> Any:
+    """facenet-pytorch's MTCNN as the seed used it (the engine's own runs its nets channels-last)."""
+    from facenet_pytorch import MTCNN
+
+    key = str(device)
+    if key not in _STOCK_MTCNN:
+        _STOCK_MTCNN[key] = MTCNN(keep_all=True, device=device).eval()
+    return _STOCK_MTCNN[key]
+
+
 def seed_face_box(face: Any, image: Any, region: list[int] | None) -> list[int] | None:
     """facenet-pytorch MTCNN.detect on the region (or the whole image); the most probable face, offset back."""
     import numpy as np
 
     searched = image.crop(tuple(region)) if region is not None else image
-    boxes, probs = face._mtcnn.detect(searched)
+    boxes, probs = stock_mtcnn(face.device).detect(searched)
     if boxes is None or len(boxes) == 0:
         return None
     probs = np.asarray(probs, dtype=float)  # object arrays with numpy 2
