@@ -26,6 +26,11 @@ from schemas.config import BatchConfig
 
 R = TypeVar("R")
 
+# Lanes: live requests first; replayed ones (imgstream replay) fill what live work leaves.
+LIVE = "live"
+REPLAY = "replay"
+DEFAULT_REPLAY_SHARE = 0.2
+
 log = logging.getLogger(__name__)
 
 # The largest batch per model when models.batching leaves it unset. On a GPU a batch of one
@@ -103,21 +108,33 @@ class _ModelQueue:
         self.config = config
         self.replicas = replicas  # device index -> the model loaded there
         self.prepare_only = prepare_only
-        self.items: deque[_Pending] = deque()
+        self.lanes: dict[str, deque[_Pending]] = {LIVE: deque(), REPLAY: deque()}
         self.stats = BatchStats()
         self.space = asyncio.Event()
         self.space.set()
 
-    def oldest(self) -> float:
-        return self.items[0].enqueued
+    def __len__(self) -> int:
+        return len(self.lanes[LIVE]) + len(self.lanes[REPLAY])
 
-    def take(self) -> list[_Pending]:
+    def priority(self) -> tuple[int, float]:
+        """Live work first, then the item that has waited longest."""
+        live, replay = self.lanes[LIVE], self.lanes[REPLAY]
+        return (0, live[0].enqueued) if live else (1, replay[0].enqueued)
+
+    def take(self, replay_share: float) -> list[_Pending]:
+        """The next batch: live items first; replay gets at most `replay_share` of it while live items wait."""
+        size = self.config.max_batch_size
+        live, replay = self.lanes[LIVE], self.lanes[REPLAY]
+        replay_room = int(replay_share * size) if live else size
         batch: list[_Pending] = []
-        while self.items and len(batch) < self.config.max_batch_size:
-            pending = self.items.popleft()
-            if not pending.future.cancelled():
-                batch.append(pending)
-        if len(self.items) < self.config.max_queue:
+        for lane, limit in ((live, size - min(replay_room, len(replay))), (replay, replay_room)):
+            taken = 0
+            while lane and taken < limit and len(batch) < size:
+                pending = lane.popleft()
+                if not pending.future.cancelled():
+                    batch.append(pending)
+                    taken += 1
+        if len(self) < self.config.max_queue:
             self.space.set()
         return batch
 
@@ -136,6 +153,8 @@ class Scheduler:
         self._running: set[asyncio.Task] = set()
         # Images being decoded: items they will add may join a small batch that lingers.
         self.decoding = 0
+        # The share of a batch replay items may take while live items wait (the worker sets it).
+        self.replay_share = DEFAULT_REPLAY_SHARE
 
     def add(self, key: str, config: BatchConfig, replicas: dict[int, Model], prepare_only: bool = False) -> None:
         """Serve `key` from one replica per device index (prepare_only: it runs wholly on the preparing thread)."""
@@ -152,19 +171,19 @@ class Scheduler:
         return {key: q.stats.snapshot() for key, q in self._queues.items()}
 
     def queued(self) -> dict[str, int]:
-        return {key: len(q.items) for key, q in self._queues.items()}
+        return {key: len(q) for key, q in self._queues.items()}
 
     # -- submitting -----------------------------------------------------------------------
 
-    async def submit(self, key: str, item: Any) -> Timed:
-        """Queue one item for `key` (waiting while its queue is full) and await its result."""
+    async def submit(self, key: str, item: Any, lane: str = LIVE) -> Timed:
+        """Queue one item for `key` in `lane` (waiting while its queue is full) and await its result."""
         queue = self._queues[key]
         self._ensure_running()
-        while len(queue.items) >= queue.config.max_queue:
+        while len(queue) >= queue.config.max_queue:
             queue.space.clear()
             await queue.space.wait()
         future: asyncio.Future = asyncio.get_running_loop().create_future()
-        queue.items.append(_Pending(item, future, time.perf_counter()))
+        queue.lanes[lane].append(_Pending(item, future, time.perf_counter()))
         self.wake()
         return await future
 
@@ -195,16 +214,16 @@ class Scheduler:
         linger_until: float | None = None
         for device in sorted(self.devices, key=lambda d: (d.running, d.busy_s)):
             while device.free:
-                waiting = [q for q in self._queues.values() if q.items and device.index in q.replicas]
+                waiting = [q for q in self._queues.values() if len(q) and device.index in q.replicas]
                 if not waiting:
                     break
-                queue = min(waiting, key=_ModelQueue.oldest)
-                deadline = queue.oldest() + queue.config.max_wait_ms / 1000.0
-                if len(queue.items) < queue.config.max_batch_size and self.decoding and now < deadline:
+                queue = min(waiting, key=_ModelQueue.priority)
+                deadline = queue.priority()[1] + queue.config.max_wait_ms / 1000.0
+                if len(queue) < queue.config.max_batch_size and self.decoding and now < deadline:
                     # More images are being decoded and may join: hold back, up to max_wait_ms.
                     linger_until = deadline if linger_until is None else min(linger_until, deadline)
                     break
-                batch = queue.take()
+                batch = queue.take(self.replay_share)
                 if batch:
                     device.running += 1
                     task = asyncio.create_task(self._execute(device, queue, batch))
@@ -278,7 +297,8 @@ class Scheduler:
                     pass
         self._runner = None
         for queue in self._queues.values():
-            while queue.items:
-                pending = queue.items.popleft()
-                if not pending.future.done():
-                    pending.future.cancel()
+            for lane in queue.lanes.values():
+                while lane:
+                    pending = lane.popleft()
+                    if not pending.future.done():
+                        pending.future.cancel()

@@ -138,6 +138,11 @@ class ClassifierStore:
         log.info("classifier loaded for collection %d from %s", entry.collection_id, path.name)
         return model
 
+    def version(self, entry: ClassifierEntry) -> tuple:
+        """What identifies the classifier behind `entry` now: its file's identity and the threshold."""
+        path = (self.directory / entry.model_file).resolve()
+        return ("classifier", str(path), _stamp(path), entry.threshold)
+
     def predict(self, entry: ClassifierEntry, features: np.ndarray) -> Prediction:
         """P(in collection) for one feature vector, compared with the entry's threshold."""
         model = self._model(entry)

@@ -16,16 +16,17 @@ from collections import Counter
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Hashable
 
 import numpy as np
 import torch
 from PIL import Image
 
 from analysis import imaging
-from analysis.batcher import Scheduler, Timed
+from analysis.batcher import LIVE, Scheduler, Timed
 from analysis.devices import Device
 from analysis.classifiers import ClassifierEntry, ClassifierInvalid, ClassifierNotFound, ClassifierStore
+from analysis.reuse import ReuseStore
 from analysis.results import image_info, task_result
 from schemas.config import DecodeConfig, ModelsConfig
 from schemas.events import AnalysisRequest, ModelInfo, ResultEvent, Task
@@ -57,17 +58,27 @@ class Skip(Exception):
 
 @dataclass
 class _TaskClock:
-    """Queue and compute time of the model stages one task waited on."""
+    """Queue and compute time of the model stages one task waited on, and how its shared stages were had."""
 
     queue_ms: float = 0.0
     compute_ms: float = 0.0
     seen: set = field(default_factory=set)
+    # "computed", "in_flight" or "cached" for each stage shareable across requests
+    sources: dict = field(default_factory=dict)
 
     def add(self, key: tuple, timed: Timed) -> None:
         if key not in self.seen:
             self.seen.add(key)
             self.queue_ms += timed.queue_ms
             self.compute_ms += timed.compute_ms
+
+    @property
+    def reused(self) -> str | None:
+        """"in_flight" or "cached" when every shareable stage came from other requests, else None."""
+        kinds = set(self.sources.values())
+        if not kinds or "computed" in kinds:
+            return None
+        return "in_flight" if "in_flight" in kinds else "cached"
 
 
 @dataclass
@@ -95,6 +106,10 @@ class Engine:
         self._load_locks: dict[str, asyncio.Lock] = {}
         self.classifiers = ClassifierStore(config.classifiers_dir)
         self.stage_counts: Counter[str] = Counter()
+        # Work shared across requests by image content (None: models.reuse is off).
+        self.reuse = ReuseStore(config.reuse_cache_bytes) if config.reuse else None
+        self.reused: Counter[str] = Counter()  # tasks answered wholly from other requests' work, by kind
+        self._decoding: dict[str, asyncio.Future] = {}
         self.ready = False
 
     # -- models ---------------------------------------------------------------------------
@@ -168,10 +183,10 @@ class Engine:
         """Per device: batches run and seconds busy (a utilisation proxy for /metrics)."""
         return {d.name: {"batches": d.batches, "busy_s": d.busy_s} for d in self.devices}
 
-    async def infer(self, key: str, item: Any) -> Timed:
+    async def infer(self, key: str, item: Any, lane: str = LIVE) -> Timed:
         """Run one item (an image tensor, or a crop of one) through `key`'s batches."""
         await self.model(key)
-        return await self.scheduler.submit(key, item)
+        return await self.scheduler.submit(key, item, lane)
 
     async def off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run CPU work (decoding, PNG encoding, classifier files) off the event loop."""
@@ -182,7 +197,19 @@ class Engine:
     async def decode(self, data: bytes, config: DecodeConfig) -> imaging.DecodedImage:
         """Image bytes to an upright RGB tensor: JPEGs on the GPU in batches where there is one,
         everything else (and anything the device decoder refuses) by Pillow on a CPU thread.
-        Raises ImageError."""
+        Concurrent requests for the same bytes share one decode. Raises ImageError."""
+        # Hashing blocks the loop for about 1 ms per MB: larger images hash on a thread.
+        sha256 = _sha256(data) if len(data) < (1 << 20) else await self.off_loop(_sha256, data)
+        if self.reuse is None:
+            return await self._decode(data, config, sha256)
+        pending = self._decoding.get(sha256)
+        if pending is None:
+            pending = asyncio.ensure_future(self._decode(data, config, sha256))
+            self._decoding[sha256] = pending
+            pending.add_done_callback(lambda _, key=sha256: self._decoding.pop(key, None))
+        return await asyncio.shield(pending)
+
+    async def _decode(self, data: bytes, config: DecodeConfig, sha256: str) -> imaging.DecodedImage:
         self.scheduler.decoding += 1
         try:
             if self.device_decode:
@@ -192,11 +219,10 @@ class Engine:
                         timed = await self.scheduler.submit("decode", torch.frombuffer(bytearray(data), dtype=torch.uint8))
                         pixels = imaging.apply_orientation(timed.value, header.orientation)
                         _, height, width = pixels.shape
-                        sha256 = await self.off_loop(_sha256, data)
                         return imaging.DecodedImage(pixels, width, height, sha256, "jpeg")
                     except Exception as exc:  # noqa: BLE001 - nvJPEG refuses some valid files: decode on the CPU
                         log.debug("device decode failed (%s); decoding with Pillow", exc)
-            return await self.off_loop(imaging.decode_image, data, config)
+            return await self.off_loop(imaging.decode_image, data, config, sha256)
         finally:
             self.scheduler.decoding -= 1
             self.scheduler.wake()
@@ -209,11 +235,16 @@ class Engine:
         image: imaging.DecodedImage | Image.Image,
         *,
         timings_ms: dict[str, float] | None = None,
+        lane: str = LIVE,
     ) -> list[ResultEvent]:
-        """Run every task of `request` on `image`; returns one result per task, in task order."""
+        """Run every task of `request` on `image`; returns one result per task, in task order.
+
+        `lane` "replay" marks low-priority work: it gets at most the scheduler's replay share of
+        a batch while live work waits.
+        """
         if isinstance(image, Image.Image):
             image = imaging.DecodedImage.from_pil(image)
-        run = _RequestRun(self, request, image, dict(timings_ms or {}))
+        run = _RequestRun(self, request, image, dict(timings_ms or {}), lane)
         return list(await asyncio.gather(*(run.result(task) for task in request.tasks)))
 
     async def close(self) -> None:
@@ -249,9 +280,10 @@ class _RequestRun:
     """One request's tasks and the stages they share."""
 
     def __init__(self, engine: Engine, request: AnalysisRequest, decoded: imaging.DecodedImage,
-                 timings_ms: dict[str, float]) -> None:
+                 timings_ms: dict[str, float], lane: str) -> None:
         self.engine = engine
         self.request = request
+        self.lane = lane
         self.decoded = decoded
         self.pixels = decoded.pixels
         self.timings_ms = timings_ms
@@ -259,19 +291,39 @@ class _RequestRun:
         self._stages: dict[tuple, asyncio.Future] = {}
         self.started = time.perf_counter()
 
-    async def _stage(self, key: tuple, make: Callable[[], Awaitable[Any]], clock: _TaskClock) -> Any:
-        """Run `make` once per request for `key`; every task that asks shares the answer."""
+    async def _stage(self, key: tuple, make: Callable[[], Awaitable[Any]], clock: _TaskClock,
+                     identity: Hashable | None = None) -> Any:
+        """Run `make` once per request for `key`; every task that asks shares the answer.
+
+        With `identity` (what else decides the outcome: the model's name and weights, a
+        classifier's version) the stage is also shared across requests for the same image bytes.
+        """
         future = self._stages.get(key)
         if future is None:
             self.engine.stage_counts[key[0]] += 1
-            future = asyncio.ensure_future(make())
+            future = asyncio.ensure_future(self._shared(key, make, identity))
             self._stages[key] = future
         # shield: one task being cancelled must not cancel a stage its siblings wait on.
-        value = await asyncio.shield(future)
+        value, kind = await asyncio.shield(future)
+        if identity is not None:
+            clock.sources[key] = kind
         if isinstance(value, Timed):
-            clock.add(key, value)
+            if kind == "computed":  # reused work cost this request nothing
+                clock.add(key, value)
             return value.value
         return value
+
+    async def _shared(self, key: tuple, make: Callable[[], Awaitable[Any]],
+                      identity: Hashable | None) -> tuple[Any, str]:
+        reuse = self.engine.reuse
+        if reuse is None or identity is None or self.decoded.sha256 is None:
+            return await make(), "computed"
+        return await reuse.share((self.decoded.sha256, key, identity), make)
+
+    async def _identity(self, model_key: str) -> tuple[str, str, int | None]:
+        """What decides a model's outputs besides its input: name and weights (and the seed of random ones)."""
+        info = (await self.engine.model(model_key)).info
+        return (info.name, info.weights, self.engine.config.seed if info.weights == "random" else None)
 
     # -- stages ---------------------------------------------------------------------------
 
@@ -285,10 +337,11 @@ class _RequestRun:
         async def encode() -> str:
             return await self.engine.off_loop(imaging.png_base64, await self.crop(box, clock))
 
-        return await self._stage(("png", tuple(box)), encode, clock)
+        return await self._stage(("png", tuple(box)), encode, clock, identity="png")
 
     async def prominent_person(self, min_score: float, clock: _TaskClock) -> list[int] | None:
-        candidates = await self._stage(("person",), lambda: self.engine.infer("person", self.pixels), clock)
+        candidates = await self._stage(("person",), lambda: self.engine.infer("person", self.pixels, self.lane),
+                                       clock, identity=await self._identity("person"))
         return self._best_box(candidates, min_score)
 
     def _best_box(self, candidates: list[tuple[float, list[float]]], min_score: float) -> list[int] | None:
@@ -308,7 +361,7 @@ class _RequestRun:
 
         async def detect() -> Timed:
             source = self.pixels if region is None else await self.crop(region, clock)
-            timed = await self.engine.infer("face", source)
+            timed = await self.engine.infer("face", source, self.lane)
             if region is None:
                 return timed
             dx, dy = region[0], region[1]
@@ -316,7 +369,7 @@ class _RequestRun:
             return Timed(shifted, timed.queue_ms, timed.compute_ms)
 
         key = ("face", face_context, tuple(region) if region else None)
-        return self._best_box(await self._stage(key, detect, clock), min_score)
+        return self._best_box(await self._stage(key, detect, clock, identity=await self._identity("face")), min_score)
 
     async def region(self, task: Task, target: str, params: dict[str, Any],
                      clock: _TaskClock) -> tuple[list[int] | None, str]:
@@ -338,16 +391,18 @@ class _RequestRun:
     async def embedding(self, model_key: str, box: list[int] | None, clock: _TaskClock) -> np.ndarray:
         async def embed() -> Timed:
             source = self.pixels if box is None else await self.crop(box, clock)
-            return await self.engine.infer(model_key, source)
+            return await self.engine.infer(model_key, source, self.lane)
 
-        return await self._stage(("embed", model_key, tuple(box) if box else None), embed, clock)
+        return await self._stage(("embed", model_key, tuple(box) if box else None), embed, clock,
+                                 identity=await self._identity(model_key))
 
     async def caption(self, box: list[int] | None, max_length: int, clock: _TaskClock) -> str:
         async def describe() -> Timed:
             source = self.pixels if box is None else await self.crop(box, clock)
-            return await self.engine.infer("caption", (source, max_length))
+            return await self.engine.infer("caption", (source, max_length), self.lane)
 
-        return await self._stage(("caption", tuple(box) if box else None, max_length), describe, clock)
+        return await self._stage(("caption", tuple(box) if box else None, max_length), describe, clock,
+                                 identity=await self._identity("caption"))
 
     async def _crop_fields(self, box: list[int] | None, params: dict[str, Any],
                            clock: _TaskClock) -> tuple[list[int] | None, str | None]:
@@ -389,7 +444,10 @@ class _RequestRun:
         box, region = await self.region(task, entry.region, params, clock)
         vectors = [await self.embedding(EMBEDDING_MODELS[t], box, clock) for t in entry.embedding_types]
         features = np.concatenate([np.asarray(v, dtype=np.float32) for v in vectors])
-        prediction = await self.engine.off_loop(store.predict, entry, features)
+        version = await self.engine.off_loop(store.version, entry)
+        prediction = await self._stage(
+            ("classify", entry.collection_id, tuple(box) if box else None, entry.embedding_type),
+            lambda: self.engine.off_loop(store.predict, entry, features), clock, identity=version)
         weights = "+".join([(await self.engine.model(EMBEDDING_MODELS[t])).info.weights for t in entry.embedding_types])
         bbox, b64 = await self._crop_fields(box, params, clock)
         model = ModelInfo(name=f"{entry.model_file} on {entry.embedding_type}", weights=weights,
@@ -443,9 +501,13 @@ class _RequestRun:
                                error_message=f"Internal error processing task: {type(exc).__name__}: {exc}",
                                timings_ms=self._timings(clock), **common)
         try:
+            reused = clock.reused
+            if reused is not None:
+                self.engine.reused[reused] += 1
             return task_result(
                 self.request, task, "success", data=outcome.data, region=outcome.region, bbox=outcome.box,
-                crop_base64=outcome.crop_base64, model=outcome.model, timings_ms=self._timings(clock), **common,
+                crop_base64=outcome.crop_base64, model=outcome.model, timings_ms=self._timings(clock),
+                reused=reused is not None, **common,
             )
         except Exception as exc:  # noqa: BLE001 - an outcome the schema refuses fails this task only
             log.exception("%s/%s: result could not be built", self.request.request_id, task.operation_id)

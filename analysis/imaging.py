@@ -119,8 +119,10 @@ def _describe_unknown(data: bytes) -> str:
     return "content is text, not an image (JPEG, PNG, WebP, GIF, BMP or TIFF)"
 
 
-def decode_image(data: bytes, config: DecodeConfig) -> DecodedImage:
-    """Decode `data` into an upright RGB image, refusing bombs, truncation and non-images."""
+def decode_image(data: bytes, config: DecodeConfig, sha256: str | None = None) -> DecodedImage:
+    """Decode `data` into an upright RGB image, refusing bombs, truncation and non-images.
+
+    `sha256` is the bytes' digest when the caller has it already."""
     if not data:
         raise ImageError(UNDECODABLE, "image is empty (0 bytes)")
     fmt = sniff_format(data)
@@ -131,7 +133,7 @@ def decode_image(data: bytes, config: DecodeConfig) -> DecodedImage:
         rgb = _decode_pixels(image, fmt)
     finally:
         image.close()
-    return DecodedImage.from_pil(rgb, hashlib.sha256(data).hexdigest(), fmt)
+    return DecodedImage.from_pil(rgb, sha256 or hashlib.sha256(data).hexdigest(), fmt)
 
 
 @dataclass(frozen=True)

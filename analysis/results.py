@@ -36,6 +36,7 @@ def task_result(
     image: ImageInfo | None = None,
     model: ModelInfo | None = None,
     timings_ms: dict[str, float] | None = None,
+    reused: bool = False,
 ) -> ResultEvent:
     # Built without validation: the engine's outputs have the schema's types by construction (a test
     # validates every kind of result), and validating a 512-float array per result would cost more
@@ -58,6 +59,7 @@ def task_result(
         metadata=request.metadata,
         timings_ms={k: round(v, 3) for k, v in (timings_ms or {}).items()},
         replayed=request.replay_of is not None,
+        reused=reused,
         completed_at=utc_now(),
     )
 

@@ -14,6 +14,15 @@ from pathlib import Path
 from typing import Protocol
 
 
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 class BlobStore(Protocol):
     def put_file(self, path: Path) -> str: ...
 
@@ -30,11 +39,7 @@ class DirectoryBlobStore:
         return self.directory / digest[:2] / f"{digest}{suffix.lower()}"
 
     def put_file(self, path: Path) -> str:
-        digest = hashlib.sha256()
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-        target = self._target(digest.hexdigest(), path.suffix)
+        target = self._target(file_sha256(path), path.suffix)
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(target.name + f".{os.getpid()}.tmp")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaConnectionError, KafkaError
 
 from analysis import imaging
+from analysis.batcher import LIVE, REPLAY
 from analysis.engine import Engine
 from analysis.results import error_results, image_info
 from consumer.fetch import FileBlobReader, ImageFetcher
@@ -34,6 +36,8 @@ POLL_TIMEOUT_MS = 200
 POLL_GUARD_S = 1.0
 # At a bound the consumer waits for a request to finish; a bound that lasts longer pauses the partitions.
 PAUSE_AFTER_S = 0.5
+# The live lane counts as idle (replay may use every slot) once no live request started for this long.
+LIVE_IDLE_AFTER_S = 2.0
 BROKER_PROBE_INTERVAL_S = 2.0
 BROKER_PROBE_TIMEOUT_S = 3.0
 CLOSE_TIMEOUT_S = 5.0
@@ -61,6 +65,8 @@ class Worker:
         self.images = ImageBudget(config.max_in_flight_image_bytes,
                                   worst_case=config.fetch.max_bytes + 3 * config.decode.max_pixels)
         self.crops = crop_store(config.blobs)
+        # Replay items take at most this share of a model batch while live items wait.
+        engine.scheduler.replay_share = config.replay_share
         self.stopping = asyncio.Event()
         self.abandon = asyncio.Event()  # a second signal: stop draining now
         self.consumer: AIOKafkaConsumer | None = None
@@ -71,9 +77,12 @@ class Worker:
         self._revoking: set[TopicPartition] = set()
         self._busy = False
         self._room_freed = asyncio.Event()  # set whenever a request or its image bytes are let go
+        self._last_live_start = float("-inf")
         self._positions: dict[TopicPartition, int] = {}
         self._last_commit = 0.0
         self._watcher: asyncio.Task | None = None
+        self._reporter: asyncio.Task | None = None
+        self.counts: Counter[str] = Counter()  # requests and results by status, for the summary log line
         self.connected = False
         self.broker_reachable = False
         self._register_gauges()
@@ -99,6 +108,7 @@ class Worker:
                 # The group waits this long for members to rejoin; aiokafka's default (the session
                 # timeout) would evict a member still draining its revoked partitions.
                 rebalance_timeout_ms=self.rebalance_timeout_ms,
+                fetch_max_wait_ms=k.fetch_max_wait_ms,
             )
             try:
                 started = await self._unless_stopping(self._start_clients(producer, consumer))
@@ -172,6 +182,8 @@ class Worker:
             if self.consumer is None:
                 return
             self._watcher = asyncio.create_task(self._watch_broker(), name="broker-watch")
+            if self.config.report_interval_s > 0:
+                self._reporter = asyncio.create_task(self._report_periodically(), name="worker-report")
             try:
                 await self._consume()
             finally:
@@ -184,7 +196,8 @@ class Worker:
             if room <= 0:
                 await self._wait_for_room()
                 continue
-            self._pause(set())
+            replay_room = self._replay_room(room)
+            self._pause(self._held_replay(replay_room))
             try:
                 batches = await asyncio.wait_for(
                     self.consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=room), POLL_GUARD_S)
@@ -194,7 +207,7 @@ class Worker:
                 log.warning("poll failed (%s); retrying", _brief(exc))
                 await asyncio.sleep(1.0)
                 continue
-            self._take(batches, room)
+            self._take(batches, room, replay_room)
             await self.commit()
 
     def _room(self) -> int:
@@ -202,6 +215,53 @@ class Worker:
         if self.images.full():
             return 0
         return max(0, self.config.max_in_flight - self.tracker.in_flight())
+
+    # -- lanes: live before replay ------------------------------------------------------------
+
+    def lane(self, tp: TopicPartition) -> str:
+        return REPLAY if tp.topic == self.config.kafka.topics.replay else LIVE
+
+    def in_flight_by_lane(self) -> dict[str, int]:
+        counts = {LIVE: 0, REPLAY: 0}
+        for tp in self.tracker.partitions():
+            counts[self.lane(tp)] += self.tracker.in_flight(tp)
+        return counts
+
+    def _live_has_work(self) -> bool:
+        """Live requests in flight, started lately, or waiting on an assigned live partition (as far as
+        the last fetch saw). "Lately" keeps a trickle of live requests from looking idle between two
+        of them, which would let replay fill every slot just before the next one arrives."""
+        if self.in_flight_by_lane()[LIVE] or time.monotonic() - self._last_live_start < LIVE_IDLE_AFTER_S:
+            return True
+        assert self.consumer is not None
+        for tp in self.consumer.assignment():
+            if self.lane(tp) == LIVE:
+                high, position = self.consumer.highwater(tp), self._positions.get(tp)
+                if high is not None and position is not None and high > position:
+                    return True
+        return False
+
+    @property
+    def replay_slots(self) -> int:
+        """The in-flight slots replay may hold while live work waits (replay_share of max_in_flight)."""
+        return int(self.config.replay_share * self.config.max_in_flight)
+
+    def _replay_room(self, room: int) -> int:
+        """Replay requests that may start now: all the room while live is idle, else what is left of its share."""
+        if not self._live_has_work():
+            return room
+        return max(0, min(room, self.replay_slots - self.in_flight_by_lane()[REPLAY]))
+
+    def _held_replay(self, replay_room: int) -> set[TopicPartition]:
+        """Replay partitions to keep paused: at their share; resumed only once half of it is free again,
+        so finishing one replay request does not pause and resume (and refetch) them every time."""
+        assert self.consumer is not None
+        replay = {tp for tp in self.consumer.assignment() if self.lane(tp) == REPLAY}
+        paused = self.consumer.paused() & replay
+        resume_at = max(1, self.replay_slots // 2)
+        if replay_room <= 0 or (paused and replay_room < resume_at):
+            return replay
+        return set()
 
     async def _wait_for_room(self) -> None:
         """At a bound: wait for a request to finish, not for a poll timer.
@@ -247,24 +307,30 @@ class Worker:
                       "paused partitions" if busy else "resumed partitions", self.tracker.in_flight(),
                       self.images.held, self.config.max_in_flight, self.config.max_in_flight_image_bytes)
 
-    def _take(self, batches: dict[TopicPartition, list[Any]], room: int) -> None:
-        """Start the fetched records that fit; rewind each partition to its first one left over."""
+    def _take(self, batches: dict[TopicPartition, list[Any]], room: int, replay_room: int) -> None:
+        """Start the fetched records that fit (replay ones within `replay_room`); rewind each partition
+        to its first one left over."""
         assert self.consumer is not None
         assigned = self.consumer.assignment()
-        for tp, records in batches.items():
+        # Live partitions first: a poll that returns both lanes must not let replay take the room.
+        for tp, records in sorted(batches.items(), key=lambda item: self.lane(item[0]) == REPLAY):
             if tp in self._revoking or tp not in assigned:
                 continue  # its new owner starts from the committed watermark
+            replay = self.lane(tp) == REPLAY
             for record in records:
-                if room <= 0:
+                if room <= 0 or (replay and replay_room <= 0):
                     # A rebalance can hand over unpaused partitions mid-poll; give back the excess.
                     self.consumer.seek(tp, record.offset)
                     break
                 self._start(tp, record)
                 self._positions[tp] = record.offset + 1
                 room -= 1
+                replay_room -= replay
 
     def _start(self, tp: TopicPartition, record: Any) -> None:
         self.tracker.start(tp, record.offset)
+        if self.lane(tp) == LIVE:
+            self._last_live_start = time.monotonic()
         task = asyncio.create_task(self._process(tp, record), name=f"req-{tp.topic}-{tp.partition}-{record.offset}")
         self._tasks[(tp, record.offset)] = task
         task.add_done_callback(lambda _t, key=(tp, record.offset): self._tasks.pop(key, None))
@@ -275,6 +341,7 @@ class Worker:
         """Handle one record; whatever fails, its offset is finished unless the worker gave up at shutdown."""
         started = time.perf_counter()
         self.metrics.requests.labels(topic=tp.topic).inc()
+        self.counts["requests"] += 1
         try:
             await self._handle(tp, record)
         except PublishAbandoned as exc:
@@ -298,7 +365,7 @@ class Worker:
             return
         request_id_var.set(request.request_id)
         try:
-            results = await self._analyse(request)
+            results = await self._analyse(request, self.lane(tp))
             if any(r.cropped_image_base64 for r in results):
                 # Off the loop: a crop too large to inline is written to the blob store (a file or an S3 put).
                 fitted = await asyncio.to_thread(self._fit_all, results)
@@ -351,6 +418,7 @@ class Worker:
         self.metrics.crops_offloaded.inc(sum(f.offloaded for f in published))
         for f in published:
             self.metrics.results.labels(status=f.result.status, error_code=f.result.error_code or "").inc()
+            self.counts[f.result.status] += 1
         log.info("request %s: %d results (%s)", request.request_id, len(fitted),
                  ", ".join(f"{f.result.operation_id}={f.result.status}" for f in fitted))
 
@@ -361,7 +429,7 @@ class Worker:
         await self.publisher.dead_letter(record.key, record.value, letter, stop=self.stopping)
         self.metrics.dlq.labels(reason=code).inc()
 
-    async def _analyse(self, request: Any) -> list[Any]:
+    async def _analyse(self, request: Any, lane: str = LIVE) -> list[Any]:
         """Fetch and decode the image once, then run every task through the engine.
 
         The image's bytes (fetched and decoded) count against `max_in_flight_image_bytes`
@@ -386,7 +454,7 @@ class Worker:
             timings["decode"] = (time.perf_counter() - t0) * 1000.0
             self.images.add(hold, decoded.nbytes)
             self.images.settle(hold)
-            return await self.engine.run(request, decoded, timings_ms=timings)
+            return await self.engine.run(request, decoded, timings_ms=timings, lane=lane)
         except imaging.ImageError as exc:
             log.info("request %s: %s: %s", request.request_id, exc.code, exc)
             return error_results(request, exc.code, str(exc), image=image_info(request), timings_ms=timings)
@@ -471,9 +539,10 @@ class Worker:
             self.metrics.abandoned.inc(abandoned)
             log.warning("shutdown: %d requests abandoned unfinished; they will be redone", abandoned)
         await self.commit(force=True)
-        if self._watcher is not None:
-            self._watcher.cancel()
-            await asyncio.wait([self._watcher])
+        for task in (self._watcher, self._reporter):
+            if task is not None:
+                task.cancel()
+                await asyncio.wait([task])
         # Closing talks to the broker (leave group, flush); a broker that went away must not hang the exit.
         if self.consumer is not None:
             await _quietly(asyncio.wait_for(self.consumer.stop(), CLOSE_TIMEOUT_S))
@@ -502,6 +571,36 @@ class Worker:
             self.broker_reachable = reachable
 
     # -- observability --------------------------------------------------------------------
+
+    async def _report_periodically(self) -> None:
+        """One INFO line per interval: what an operator tailing the log wants to see."""
+        interval = self.config.report_interval_s
+        previous: Counter[str] = Counter()
+        previous_reused: Counter[str] = Counter()
+        previous_batches: dict[str, tuple[int, int]] = {}
+        while True:
+            await asyncio.sleep(interval)
+            now, reused = Counter(self.counts), Counter(self.engine.reused)
+            done = {k: now[k] - previous[k] for k in ("requests", "success", "skipped", "error")}
+            results = done["success"] + done["skipped"] + done["error"]
+            shared = {k: reused[k] - previous_reused[k] for k in ("in_flight", "cached")}
+            batches = []
+            for key, stats in self.engine.batch_stats().items():
+                calls, items = stats["calls"], stats["items"]
+                last_calls, last_items = previous_batches.get(key, (0, 0))
+                if calls > last_calls:
+                    batches.append(f"{key} {(items - last_items) / (calls - last_calls):.1f}")
+                previous_batches[key] = (calls, items)
+            lanes = self.in_flight_by_lane()
+            cache = self.engine.reuse
+            log.info(
+                "last %.0fs: %d requests (%.1f/s), results %d ok, %d skipped, %d error; in flight %d live, %d replay; "
+                "reused %.0f%% (%d in flight, %d cached; cache %d entries, %.1f MiB); mean batch %s",
+                interval, done["requests"], done["requests"] / interval, done["success"], done["skipped"],
+                done["error"], lanes[LIVE], lanes[REPLAY], 100.0 * sum(shared.values()) / results if results else 0.0,
+                shared["in_flight"], shared["cached"], cache.entries if cache else 0,
+                (cache.bytes if cache else 0) / 2**20, ", ".join(batches) or "-")
+            previous, previous_reused = now, reused
 
     def _register_gauges(self) -> None:
         m = self.metrics
@@ -539,6 +638,16 @@ class Worker:
                            lambda: [({"device": k}, v["busy_s"]) for k, v in self.engine.device_stats().items()])
         m.add_live_counter("imgstream_device_batches_total", "Batches each device ran.",
                            lambda: [({"device": k}, v["batches"]) for k, v in self.engine.device_stats().items()])
+        m.add_gauge("imgstream_lane_requests_in_flight", "Requests being processed, per lane (live, replay).",
+                    lambda: [({"lane": lane}, n) for lane, n in self.in_flight_by_lane().items()])
+        m.add_live_counter("imgstream_reuse_total",
+                           "Task results taken from identical work on the same image bytes, by kind: in_flight "
+                           "(shared with a concurrent request) or cached (a recent outcome).",
+                           lambda: [({"kind": kind}, self.engine.reused[kind]) for kind in ("in_flight", "cached")])
+        m.add_gauge("imgstream_reuse_cache_bytes", "Memory held by recent outcomes kept for reuse.",
+                    lambda: [({}, self.engine.reuse.bytes if self.engine.reuse else 0)])
+        m.add_gauge("imgstream_reuse_cache_entries", "Recent outcomes kept for reuse.",
+                    lambda: [({}, self.engine.reuse.entries if self.engine.reuse else 0)])
         m.add_gauge("imgstream_model_queue_depth", "Items waiting in each model's batcher.",
                     lambda: [({"model": k}, v) for k, v in self.engine.queued().items()])
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from blobs import BlobStore
 from producer.submit import IMAGE_SUFFIXES, ImageInput, build_requests, find_images, submit
-from schemas.events import ImageRef, ResultEvent, Task
+from schemas.events import ResultEvent, Task
 
 
 def caption_path(image: Path) -> Path:
@@ -43,9 +43,9 @@ async def caption_folder(bootstrap: str, requests_topic: str, results_topic: str
         return report
     task = Task(operation_id="caption", type="describe_image",
                 params={"target": "whole_image", "max_length": max_length})
-    images = [ImageInput(str(p), ImageRef(blob=store.put_file(p) if store else p.resolve().as_uri())) for p in todo]
+    images = [ImageInput.of_file(p, store) for p in todo]
     requests = build_requests(images, [task], prefix="caption")
-    path_of = {r.request_id: p for r, p in zip(requests, todo)}
+    path_of = {o.request.request_id: p for o, p in zip(requests, todo)}
     results, missing = await submit(bootstrap, requests_topic, results_topic, requests, wait=True,
                                     timeout_s=timeout_s, progress=progress)
     report.missing = missing

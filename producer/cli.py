@@ -37,6 +37,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "http_port": getattr(args, "http_port", None),
         "max_in_flight": getattr(args, "max_in_flight", None),
         "max_in_flight_image_bytes": getattr(args, "max_in_flight_image_bytes", None),
+        "replay_share": getattr(args, "replay_share", None),
         "log_level": getattr(args, "log_level", None),
     }
 
@@ -194,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "worker pauses its partitions.")
     p.add_argument("--allow-private-addresses", action="store_true",
                    help="Allow image URLs on loopback/private networks (tests, on-premises stores).")
+    p.add_argument("--replay-share", type=float, metavar="F",
+                   help="0..1: while live requests wait, replayed ones get at most this share of the in-flight "
+                   "slots and of each model batch (default 0.2); replay may use everything when live is idle.")
     p.add_argument("--blob-root", action="append", metavar="DIR",
                    help="A directory file:// references may point into (repeatable; env IMGSTREAM_FETCH__BLOB_ROOTS "
                    "as a JSON list). Default: the blob store directory (blobs.dir, .imgstream/blobs); anything "
@@ -341,14 +345,14 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     results, missing = asyncio.run(submit(config.kafka.bootstrap, topics.requests, topics.results, requests,
                                           wait=args.wait, timeout_s=args.timeout, progress=not args.no_progress))
     if not args.wait:
-        for request, image in zip(requests, images):
-            print(f"{request.request_id}\t{image.source}")
+        for outgoing, image in zip(requests, images):
+            print(f"{outgoing.request.request_id}\t{image.source}")
         return EXIT_OK
     if args.json:
         for result in results:
             sys.stdout.write(result.model_dump_json() + "\n")
     else:
-        sources = {r.request_id: i.source for r, i in zip(requests, images)}
+        sources = {o.request.request_id: i.source for o, i in zip(requests, images)}
         print(results_table(results, sources))
     if missing:
         print(f"imgstream submit: timed out with {missing} results missing", file=sys.stderr)

@@ -13,7 +13,7 @@ from typing import Any, Iterable, TextIO
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from blobs import BlobStore
+from blobs import BlobStore, file_sha256
 from schemas.codec import decode_result, encode
 from schemas.events import AnalysisRequest, ImageRef, ResultEvent, Task, utc_now
 
@@ -47,10 +47,18 @@ def read_input_list(stream: TextIO) -> list[str]:
 
 @dataclass(frozen=True)
 class ImageInput:
-    """What the user named (a path or URL) and the reference that travels in the request."""
+    """What the user named (a path or URL), the reference that travels in the request, and its
+    partition key: the image's URL, or a local file's sha256, so that every request for one image
+    lands on one partition and so on one worker, which then reuses its work on that image."""
 
     source: str
     ref: ImageRef
+    key: str
+
+    @classmethod
+    def of_file(cls, path: Path, store: BlobStore | None) -> ImageInput:
+        ref = store.put_file(path) if store is not None else path.resolve().as_uri()
+        return cls(str(path), ImageRef(blob=ref), file_sha256(path))
 
 
 def expand_inputs(inputs: Iterable[str], store: BlobStore | None = None) -> list[ImageInput]:
@@ -61,7 +69,7 @@ def expand_inputs(inputs: Iterable[str], store: BlobStore | None = None) -> list
     out: list[ImageInput] = []
     for item in inputs:
         if item.lower().startswith(("http://", "https://")):
-            out.append(ImageInput(item, ImageRef(url=item)))
+            out.append(ImageInput(item, ImageRef(url=item), item))
             continue
         path = Path(item).expanduser()
         if path.is_dir():
@@ -70,19 +78,25 @@ def expand_inputs(inputs: Iterable[str], store: BlobStore | None = None) -> list
             files = [path]
         else:
             raise FileNotFoundError(f"no such file, folder or URL: {item}")
-        for file in files:
-            ref = store.put_file(file) if store is not None else file.resolve().as_uri()
-            out.append(ImageInput(str(file), ImageRef(blob=ref)))
+        out.extend(ImageInput.of_file(file, store) for file in files)
     return out
 
 
+@dataclass(frozen=True)
+class Outgoing:
+    """A request and the key it is published under (its image's: see ImageInput.key)."""
+
+    request: AnalysisRequest
+    key: str
+
+
 def build_requests(images: list[ImageInput], tasks: list[Task], metadata: dict[str, Any] | None = None,
-                   prefix: str = "submit") -> list[AnalysisRequest]:
+                   prefix: str = "submit") -> list[Outgoing]:
     """One request per image; ids are `<prefix>-<batch>:<n>`, unique per invocation."""
     batch = uuid.uuid4().hex[:12]
     return [
-        AnalysisRequest(request_id=f"{prefix}-{batch}:{i}", image=image.ref, tasks=tasks, metadata=metadata,
-                        submitted_at=utc_now())
+        Outgoing(AnalysisRequest(request_id=f"{prefix}-{batch}:{i}", image=image.ref, tasks=tasks, metadata=metadata,
+                                 submitted_at=utc_now()), image.key)
         for i, image in enumerate(images)
     ]
 
@@ -162,15 +176,16 @@ class Progress:
             print(f"{self.label}: {self.done}/{self.total}", file=sys.stderr, flush=True)
 
 
-async def submit(bootstrap: str, requests_topic: str, results_topic: str, requests: list[AnalysisRequest], *,
+async def submit(bootstrap: str, requests_topic: str, results_topic: str, outgoing: list[Outgoing], *,
                  wait: bool, timeout_s: float, progress: bool = True) -> tuple[list[ResultEvent], int]:
-    """Publish `requests`; with `wait`, return their results and how many are still missing."""
+    """Publish the requests, keyed by image; with `wait`, return their results and how many are still missing."""
+    requests = [o.request for o in outgoing]
     consumer = await _fixed_results_consumer(bootstrap, results_topic) if wait else None
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
     await producer.start()
     try:
         bar = Progress("submitting", len(requests), progress)
-        sends = [await producer.send(requests_topic, key=r.request_id.encode(), value=encode(r)) for r in requests]
+        sends = [await producer.send(requests_topic, key=o.key.encode(), value=encode(o.request)) for o in outgoing]
         for fut in asyncio.as_completed(sends):
             await fut
             bar.advance()

@@ -87,6 +87,9 @@ class KafkaConfig(BaseModel):
                                     "dropped from the group. Raise it on networks with long pauses.")
     max_poll_interval_ms: int = Field(default=300_000, description="Kafka's bound between two polls of one "
                                       "worker; the worker keeps polling while paused, so it rarely needs changing.")
+    fetch_max_wait_ms: int = Field(default=100, ge=0, description="How long the broker may hold an empty fetch. "
+                                   "Kafka answers as soon as records arrive; a lower bound caps the wait on brokers "
+                                   "that do not (the embedded one), at the cost of more idle fetches.")
 
     @model_validator(mode="after")
     def _results_topic_takes_results(self) -> KafkaConfig:
@@ -163,6 +166,12 @@ class ModelsConfig(BaseModel):
         "and files the device decoder refuses, are decoded by Pillow.")
     warmup: bool = Field(default=True, description="Run each model once at start-up, before the worker reports "
                          "ready, so the first requests do not pay for lazy initialisation.")
+    reuse: bool = Field(default=True, description="Share work across requests for the same image bytes: one "
+                        "decode and one model run for identical work in flight, and recent outcomes kept (see "
+                        "reuse_cache_bytes). Results taken from shared work say \"reused\": true.")
+    reuse_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=0, description="Memory for recent outcomes "
+                                   "(embeddings, detections, captions, crop PNGs), least recently used out first; "
+                                   "0 keeps none (identical work in flight is still shared).")
     clip_weights_path: str | None = Field(default=None, description="Local open_clip checkpoint for CLIP, "
                                              "for hosts that cannot download weights.")
     dino_model: str = Field(default="facebook/dinov2-base", description="Hugging Face id or local directory (a "
@@ -290,6 +299,12 @@ class WorkerConfig(BaseModel):
         "to the new owner (keep it under the group's rebalance timeout).",
     )
     log_level: str = Field(default="INFO", description="DEBUG, INFO or WARNING.")
+    replay_share: float = Field(
+        default=0.2, ge=0.0, le=1.0, description="While live requests wait, replayed ones (the replay topic) may "
+        "hold at most this share of max_in_flight and of each model batch; with the live lane idle, replay may use "
+        "everything. 0: replay runs only when live is idle.")
+    report_interval_s: float = Field(default=30.0, ge=0, description="Seconds between the worker's summary log "
+                                     "lines (throughput, results, lanes, reuse hit rate, batch sizes); 0: none.")
 
     def file_blob_roots(self) -> list[str]:
         """Where file:// references may point: fetch.blob_roots, else the blob store directory submit writes to."""

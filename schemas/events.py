@@ -142,6 +142,9 @@ class ResultEvent(BaseModel):
     metadata: dict[str, Any] | None = None
     timings_ms: dict[str, float] = Field(default_factory=dict)
     replayed: bool = False
+    reused: bool = Field(default=False, description="True when the result was not computed for this request "
+                         "but taken from identical work on the same image bytes (in flight or recently "
+                         "finished); timings_ms.compute is then 0.")
     completed_at: datetime = Field(default_factory=utc_now)
 
     @field_serializer("data", when_used="json")

@@ -66,7 +66,7 @@ async def run_demo(bootstrap: str, weights: str) -> int:
     photo = astronaut_photo()
     requests = build_requests(expand_inputs([str(photo)], DirectoryBlobStore(WORK / "blobs")), [parse_task_spec(t) for t in TASKS],
                               metadata={"source": "make demo"}, prefix="demo")
-    print(f"submitting {photo.name} ({requests[0].request_id}) with tasks {TASKS}; waiting for results ...",
+    print(f"submitting {photo.name} ({requests[0].request.request_id}) with tasks {TASKS}; waiting for results ...",
           flush=True)
     results, missing = await submit(bootstrap, topics.requests, topics.results, requests, wait=True,
                                     timeout_s=600, progress=False)

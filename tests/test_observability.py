@@ -95,7 +95,12 @@ async def test_health_operations_and_metrics_of_a_running_worker(broker, topics,
     batches = sample(samples, "imgstream_model_batch_size_count", model="face")
     assert batches and batches == sample(samples, "imgstream_model_batch_size_bucket", model="face", le="+Inf")
     assert batches == sample(samples, "imgstream_model_batches_total", model="face")
-    assert sample(samples, "imgstream_model_items_total", model="face") == 3  # one detection per request
+    # The three requests carry the same image bytes: one detection serves all of them, and the
+    # other two requests' tasks (2 each) say they were reused.
+    assert sample(samples, "imgstream_model_items_total", model="face") == 1
+    reused = family(samples, "imgstream_reuse_total")
+    assert set(dict(labels)["kind"] for labels in reused) == {"in_flight", "cached"} and sum(reused.values()) == 4
+    assert sample(samples, "imgstream_reuse_cache_entries") >= 1
     assert sample(samples, "imgstream_model_queue_wait_ms_total", model="face") >= 0
     assert sample(samples, "imgstream_commits_total", outcome="ok") >= 1
     lag = family(samples, "imgstream_consumer_lag")

@@ -138,3 +138,19 @@ async def test_replay_by_offsets_and_time(broker, topics, folder):
     assert code == 0 and out == "", err
     code, _, err = await imgstream(broker, topics, "replay", "--offsets", "zero:1", "--dry-run")
     assert code == 2 and "PARTITION:START" in err
+
+
+async def test_submit_keys_requests_by_image_so_one_image_lands_on_one_partition(broker, topics, folder, tmp_path):
+    import hashlib
+
+    from tests.kafka_helpers import consume_all
+
+    image = folder / "A.JPG"
+    code, out, err = await imgstream(broker, topics, "submit", str(image), str(image), "https://example.org/x.jpg",
+                                     "--task", "embed_clip_vit_b_32", "--blob-dir", str(tmp_path / "blobs"))
+    assert code == 0, err
+    records = await consume_all(broker, topics.requests, 3, timeout_s=30)
+    keys = sorted(r.key for r in records)
+    digest = hashlib.sha256(image.read_bytes()).hexdigest().encode()
+    assert keys == sorted([digest, digest, b"https://example.org/x.jpg"])
+    assert len({r.partition for r in records if r.key == digest}) == 1

@@ -115,10 +115,10 @@ async def test_a_result_builder_that_raises_fails_its_task_and_a_whole_request_f
                               blobs={"dir": str(tmp_path / "blobs")}) as worker:
         real_analyse = worker._analyse
 
-        async def analyse_or_raise(request):
+        async def analyse_or_raise(request, *args):
             if request.request_id == "whole":
                 raise RuntimeError("the whole request broke")
-            return await real_analyse(request)
+            return await real_analyse(request, *args)
 
         worker._analyse = analyse_or_raise
         image = {"blob": astronaut.as_uri()}
