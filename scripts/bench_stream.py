@@ -42,7 +42,6 @@ import json
 import math
 import os
 import shutil
-import struct
 import sys
 import tempfile
 import threading
@@ -77,6 +76,7 @@ from benchlib import (  # noqa: E402
     photo,
     progress_logger,
     scrape_metrics,
+    unique_jpeg,
     worker_env,
 )
 
@@ -168,16 +168,6 @@ MIN_TIMED_S = {"cpu": 2.0, "cpu-quick": 0.5, "cuda": 1.0, "cuda-quick": 0.5}
 
 
 # -- images ---------------------------------------------------------------------------------
-
-
-def unique_jpeg(jpeg: bytes, tag: bytes) -> bytes:
-    """`jpeg` with a comment (COM) segment holding `tag` right after SOI: new bytes and sha256, same pixels."""
-    if jpeg[:2] != b"\xff\xd8":
-        raise ValueError("not a JPEG (no SOI marker)")
-    if len(tag) > 0xFFFF - 2:
-        raise ValueError("a JPEG comment holds at most 65533 bytes")
-    # The segment length counts its own two bytes, not the marker.
-    return jpeg[:2] + b"\xff\xfe" + struct.pack(">H", len(tag) + 2) + tag + jpeg[2:]
 
 
 class ImageBank:

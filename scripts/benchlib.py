@@ -10,6 +10,7 @@ import io
 import json
 import os
 import platform
+import struct
 import subprocess
 import sys
 import time
@@ -147,6 +148,16 @@ def jpeg_bytes(image: Any, quality: int = 90) -> bytes:
 
 
 # -- a worker subprocess --------------------------------------------------------------------
+
+
+def unique_jpeg(jpeg: bytes, tag: bytes) -> bytes:
+    """`jpeg` with a comment (COM) segment holding `tag` right after SOI: new bytes and sha256, same pixels."""
+    if jpeg[:2] != b"\xff\xd8":
+        raise ValueError("not a JPEG (no SOI marker)")
+    if len(tag) > 0xFFFF - 2:
+        raise ValueError("a JPEG comment holds at most 65533 bytes")
+    # The segment length counts its own two bytes, not the marker.
+    return jpeg[:2] + b"\xff\xfe" + struct.pack(">H", len(tag) + 2) + tag + jpeg[2:]
 
 
 def fresh_topics(prefix: str = "bench") -> Topics:
