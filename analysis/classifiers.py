@@ -58,6 +58,12 @@ class Prediction:
         return {"is_in_collection": self.is_in_collection, "probability": self.probability, "threshold": self.threshold}
 
 
+def positive_class(model: Any) -> int | None:
+    """The column of predict_proba that means "in the collection" (class True or 1), or None."""
+    classes = [bool(c) if isinstance(c, (bool, np.bool_)) else c for c in model.classes_]
+    return next((i for i, c in enumerate(classes) if c is True or c == 1), None)
+
+
 def _stamp(path: Path) -> tuple[int, int, int] | None:
     """What changes when a file is rewritten; the inode catches an atomic replace within one mtime tick."""
     try:
@@ -146,8 +152,7 @@ class ClassifierStore:
     def predict(self, entry: ClassifierEntry, features: np.ndarray) -> Prediction:
         """P(in collection) for one feature vector, compared with the entry's threshold."""
         model = self._model(entry)
-        classes = [bool(c) if isinstance(c, (bool, np.bool_)) else c for c in model.classes_]
-        positive = next((i for i, c in enumerate(classes) if c is True or c == 1), None)
+        positive = positive_class(model)
         if positive is None:
             raise ClassifierInvalid(f"classifier for collection {entry.collection_id} has no positive class")
         expected = getattr(model, "n_features_in_", None)

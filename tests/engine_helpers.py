@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 from typing import Any
 
@@ -41,3 +42,12 @@ def cosine(a, b) -> float:
     batch composition, thread count and kernel choice, so never with ==)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def jpeg_with_orientation(image: Image.Image, orientation: int = 1, quality: int = 92) -> bytes:
+    """`image` as a JPEG whose EXIF says how to turn it upright (1: as stored)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality, exif=exif.tobytes())
+    return buffer.getvalue()

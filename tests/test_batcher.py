@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import torch
@@ -37,33 +39,34 @@ class SlowDouble:
         return [2 * x for x in batch]
 
 
-def scheduler_with(model: SlowDouble, max_batch: int = 8, max_wait_ms: float = 5.0,
-                   devices: int = 1) -> tuple[Scheduler, list[Device]]:
+@asynccontextmanager
+async def scheduling(model: SlowDouble, max_batch: int = 8, max_wait_ms: float = 5.0,
+                     devices: int = 1) -> AsyncIterator[tuple[Scheduler, list[Device]]]:
+    """A scheduler serving `model` as "double" on `devices` CPU devices; closed afterwards."""
     pool = [Device(torch.device("cpu"), index) for index in range(devices)]
     scheduler = Scheduler(pool)
     scheduler.add("double", BatchConfig(max_batch_size=max_batch, max_wait_ms=max_wait_ms),
                   {d.index: model for d in pool})
-    return scheduler, pool
-
-
-async def test_a_lone_item_runs_at_once_not_after_max_wait():
-    model = SlowDouble()
-    scheduler, pool = scheduler_with(model, max_wait_ms=2000)
     try:
-        started = time.perf_counter()
-        timed = await scheduler.submit("double", 21)
-        assert timed.value == 42
-        assert time.perf_counter() - started < 1.0  # max_wait_ms (2 s) is a ceiling, not a tax
+        yield scheduler, pool
     finally:
         await scheduler.close()
         for device in pool:
             device.shutdown()
 
 
+async def test_a_lone_item_runs_at_once_not_after_max_wait():
+    model = SlowDouble()
+    async with scheduling(model, max_wait_ms=2000) as (scheduler, pool):
+        started = time.perf_counter()
+        timed = await scheduler.submit("double", 21)
+        assert timed.value == 42
+        assert time.perf_counter() - started < 1.0  # max_wait_ms (2 s) is a ceiling, not a tax
+
+
 async def test_batches_grow_while_the_device_is_busy():
     model = SlowDouble(seconds=0.3)
-    scheduler, pool = scheduler_with(model, max_batch=64)
-    try:
+    async with scheduling(model, max_batch=64) as (scheduler, pool):
         first = asyncio.ensure_future(scheduler.submit("double", 0))
         await asyncio.sleep(0.1)  # the device is now busy with [0]
         rest = [asyncio.ensure_future(scheduler.submit("double", i)) for i in range(1, 11)]
@@ -71,50 +74,37 @@ async def test_batches_grow_while_the_device_is_busy():
         assert [r.value for r in results] == [2 * i for i in range(11)]
         assert model.batches == [[0], list(range(1, 11))]
         assert scheduler.stats()["double"]["calls"] == 2 and scheduler.stats()["double"]["max_batch"] == 10
-    finally:
-        await scheduler.close()
-        for device in pool:
-            device.shutdown()
 
 
 async def test_max_batch_size_caps_a_batch():
     model = SlowDouble(seconds=0.2)
-    scheduler, pool = scheduler_with(model, max_batch=4)
-    try:
+    async with scheduling(model, max_batch=4) as (scheduler, pool):
         blocker = asyncio.ensure_future(scheduler.submit("double", 100))
         await asyncio.sleep(0.05)
         await asyncio.gather(blocker, *(scheduler.submit("double", i) for i in range(10)))
         assert [len(b) for b in model.batches] == [1, 4, 4, 2]
-    finally:
-        await scheduler.close()
-        for device in pool:
-            device.shutdown()
 
 
 async def test_a_free_device_lingers_for_decodes_in_flight_but_only_up_to_max_wait():
     model = SlowDouble()
-    scheduler, pool = scheduler_with(model, max_batch=8, max_wait_ms=300)
-    try:
-        scheduler.decoding = 1  # an image is being decoded: its item may join
-        first = asyncio.ensure_future(scheduler.submit("double", 1))
-        await asyncio.sleep(0.1)
-        assert model.batches == []  # held back for the decode
-        second = asyncio.ensure_future(scheduler.submit("double", 2))
-        started = time.perf_counter()
-        await asyncio.gather(first, second)
-        assert model.batches == [[1, 2]]
-        assert time.perf_counter() - started < 1.0  # the ceiling released it although decoding never ended
-    finally:
-        scheduler.decoding = 0
-        await scheduler.close()
-        for device in pool:
-            device.shutdown()
+    async with scheduling(model, max_batch=8, max_wait_ms=300) as (scheduler, pool):
+        try:
+            scheduler.decoding = 1  # an image is being decoded: its item may join
+            first = asyncio.ensure_future(scheduler.submit("double", 1))
+            await asyncio.sleep(0.1)
+            assert model.batches == []  # held back for the decode
+            second = asyncio.ensure_future(scheduler.submit("double", 2))
+            started = time.perf_counter()
+            await asyncio.gather(first, second)
+            assert model.batches == [[1, 2]]
+            assert time.perf_counter() - started < 1.0  # the ceiling released it although decoding never ended
+        finally:
+            scheduler.decoding = 0
 
 
 async def test_a_failing_batch_is_retried_item_by_item():
     model = SlowDouble(seconds=0.1, fail_on=3)
-    scheduler, pool = scheduler_with(model)
-    try:
+    async with scheduling(model) as (scheduler, pool):
         blocker = asyncio.ensure_future(scheduler.submit("double", 10))
         await asyncio.sleep(0.03)
         outcomes = await asyncio.gather(*(scheduler.submit("double", i) for i in range(1, 6)),
@@ -123,25 +113,16 @@ async def test_a_failing_batch_is_retried_item_by_item():
         assert [o.value if not isinstance(o, Exception) else "failed" for o in outcomes] == [2, 4, "failed", 8, 10]
         assert isinstance(outcomes[2], ValueError)
         assert scheduler.stats()["double"]["failed_calls"] == 2  # the batch, then item 3 alone
-    finally:
-        await scheduler.close()
-        for device in pool:
-            device.shutdown()
 
 
 async def test_batches_are_spread_over_every_device():
     model = SlowDouble(seconds=0.2)
-    scheduler, pool = scheduler_with(model, max_batch=2, devices=2)
-    try:
+    async with scheduling(model, max_batch=2, devices=2) as (scheduler, pool):
         results = await asyncio.gather(*(scheduler.submit("double", i) for i in range(8)))
         assert [r.value for r in results] == [2 * i for i in range(8)]
         assert len(model.threads) == 2  # each device has its own thread
         assert all(device.batches >= 1 for device in pool)
         assert sum(device.batches for device in pool) == len(model.batches)
-    finally:
-        await scheduler.close()
-        for device in pool:
-            device.shutdown()
 
 
 def test_batch_sizes_default_per_device_and_an_explicit_size_wins():

@@ -7,7 +7,6 @@ logic is tested on the CPU in test_fast_path.py and test_batcher.py.
 from __future__ import annotations
 
 import asyncio
-import io
 
 import numpy as np
 import PIL.Image
@@ -21,7 +20,7 @@ from analysis.models.clip import ClipModel
 from analysis.models.dino import DinoModel
 from analysis.models.face import FaceDetector
 from schemas.config import DecodeConfig, ModelsConfig
-from tests.engine_helpers import by_op, cosine, request
+from tests.engine_helpers import by_op, cosine, jpeg_with_orientation, request
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)")
 
@@ -33,21 +32,13 @@ def _photos() -> list[PIL.Image.Image]:
     return [PIL.Image.fromarray(getattr(data, name)()).convert("RGB") for name in ("astronaut", "coffee", "chelsea")]
 
 
-def _jpeg(image: PIL.Image.Image, orientation: int = 1) -> bytes:
-    exif = PIL.Image.Exif()
-    exif[0x0112] = orientation
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=92, exif=exif.tobytes())
-    return buffer.getvalue()
-
-
 async def test_nvjpeg_decodes_in_batches_like_pillow_with_exif_applied():
     engine = Engine(ModelsConfig(weights="random", device="cuda:0", preload=[]))
     assert engine.device_decode
     await engine.start()
     try:
         photos = _photos()
-        jpegs = [_jpeg(p) for p in photos] + [_jpeg(photos[1], orientation=6)]
+        jpegs = [jpeg_with_orientation(p) for p in photos] + [jpeg_with_orientation(photos[1], orientation=6)]
         decoded = await asyncio.gather(*(engine.decode(raw, DecodeConfig()) for raw in jpegs))
         for raw, image in zip(jpegs, decoded):
             assert image.pixels.device.type == "cuda"
@@ -89,7 +80,7 @@ async def test_engine_on_every_gpu_runs_a_request_end_to_end():
     await engine.start()
     try:
         assert len(engine.devices) == torch.cuda.device_count()
-        photo = _jpeg(PIL.Image.fromarray(data.astronaut()))
+        photo = jpeg_with_orientation(PIL.Image.fromarray(data.astronaut()))
         image = await engine.decode(photo, DecodeConfig())
         before = engine.device_stats()
         runs = [engine.run(request(

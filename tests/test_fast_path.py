@@ -21,7 +21,7 @@ from analysis.models.dino import DinoModel
 from analysis.models.face import FaceBatch, FaceDetector, size_groups
 from analysis.preprocess import pad_batch
 from schemas.config import DecodeConfig, ModelsConfig
-from tests.engine_helpers import cosine
+from tests.engine_helpers import cosine, jpeg_with_orientation
 
 CPU = torch.device("cpu")
 RANDOM = ModelsConfig(weights="random")
@@ -94,23 +94,15 @@ def test_mtcnn_on_a_padded_mixed_size_canvas_finds_each_images_faces(photos):
         assert all(0 <= v for v in mine[0].box)
 
 
-def _jpeg(image: PIL.Image.Image, orientation: int = 1) -> bytes:
-    exif = PIL.Image.Exif()
-    exif[0x0112] = orientation
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=92, exif=exif.tobytes())
-    return buffer.getvalue()
-
-
 async def test_device_decode_batches_jpegs_and_falls_back_to_pillow(photos):
     engine = Engine(ModelsConfig(weights="random", device="cpu", jpeg_decoder="device", preload=[]))
     await engine.start()
     config = DecodeConfig()
     try:
-        turned = _jpeg(photos[1], orientation=6)
+        turned = jpeg_with_orientation(photos[1], orientation=6)
         png = io.BytesIO()
         photos[2].save(png, "PNG")
-        jpegs = [_jpeg(photo) for photo in photos] + [turned]
+        jpegs = [jpeg_with_orientation(photo) for photo in photos] + [turned]
         decoded = await asyncio.gather(*(engine.decode(raw, config) for raw in jpegs),
                                        engine.decode(png.getvalue(), config))
         for raw, image in zip(jpegs + [png.getvalue()], decoded):

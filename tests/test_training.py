@@ -6,14 +6,12 @@ import asyncio
 import os
 import subprocess
 import sys
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import joblib
 import numpy as np
 import orjson
-import psycopg
 import pytest
 from PIL import Image, ImageDraw
 
@@ -23,6 +21,7 @@ from producer.cli import main as imgstream
 from schemas.codec import decode_result
 from schemas.events import ImageInfo, ModelInfo, ResultEvent, make_event_id
 from tests.kafka_helpers import consume_all, produce
+from tests.test_sink import db  # noqa: F401 - the fixture: a fresh database on the session's server
 from tests.worker_procs import REPO_ROOT, request_bytes, workers  # noqa: F401 - the fixture
 from training.bakeoff import positive_probability
 from training.fit import choose_threshold
@@ -433,17 +432,7 @@ def test_labels_read_the_same_from_csv_json_lines_and_parquet(tmp_path):
 
 # -- the sink's database ---------------------------------------------------------------------
 
-@pytest.fixture
-def database(pg: str):
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    yield psycopg.conninfo.make_conninfo(pg, dbname=name)
-    with psycopg.connect(pg, autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-
-
-async def test_trains_from_the_sink_tables_joined_by_a_metadata_key(database, tmp_path):
+async def test_trains_from_the_sink_tables_joined_by_a_metadata_key(db, tmp_path):
     keys, latent, clip, dino = latent_data(80, classes=2)
     without_dino = {f"k{i}" for i in range(0, 80, 8)}  # 10 keys: a+b drops them
     events = []
@@ -452,7 +441,7 @@ async def test_trains_from_the_sink_tables_joined_by_a_metadata_key(database, tm
         events.append(embedding_event(key, CLIP, clip[i], metadata=meta, sha256=f"{i:064x}"))
         if key not in without_dino:
             events.append(embedding_event(key, DINO, dino[i], metadata=meta, sha256=f"{i:064x}"))
-    store = await PgStore.connect(database)
+    store = await PgStore.connect(db)
     try:
         await store.ensure_schema()
         written = await store.write([row_from_event(e) for e in events])
@@ -463,7 +452,7 @@ async def test_trains_from_the_sink_tables_joined_by_a_metadata_key(database, tm
     labels.write_bytes(b"".join(orjson.dumps({"collection_id": 5, "key": str(1000 + i), "label": bool(c == 0)}) + b"\n"
                                 for i, c in enumerate(latent)))
     classifiers, report = tmp_path / "classifiers", tmp_path / "report.json"
-    code = await asyncio.to_thread(train, "--labels", labels, "--dsn", database, "--key", "metadata.photo_id",
+    code = await asyncio.to_thread(train, "--labels", labels, "--dsn", db, "--key", "metadata.photo_id",
                                    "--embedding-type", f"{CLIP}+{DINO}", "--out", classifiers, "--report", report)
     assert code == 0
     outcome = report_of(report, 5)
@@ -477,7 +466,7 @@ async def test_trains_from_the_sink_tables_joined_by_a_metadata_key(database, tm
     assert joblib.load(classifiers / entry["model_file"]).n_features_in_ == 1280
 
     by_request = write_labels(tmp_path / "by_request.csv", [(6, k, c == 0) for k, c in zip(keys, latent)])
-    code = await asyncio.to_thread(train, "--labels", by_request, "--dsn", database, "--out", classifiers,
+    code = await asyncio.to_thread(train, "--labels", by_request, "--dsn", db, "--out", classifiers,
                                    "--report", report)
     assert code == 0
     assert report_of(report, 6)["examples"]["with_embeddings"] == 80

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from analysis.classifiers import positive_class
 from training.metrics import Metrics, binary_metrics
 from training.registry import Version, key_hash
 
@@ -70,8 +71,7 @@ def choose_holdout(candidates: list[str], labels: dict[str, bool], sha256: dict[
 
 def positive_probability(model: Any, X: np.ndarray) -> np.ndarray:
     """P(in collection) per row from an estimator whose classes include True or 1."""
-    classes = [bool(c) if isinstance(c, (bool, np.bool_)) else c for c in model.classes_]
-    positive = next((i for i, c in enumerate(classes) if c is True or c == 1), None)
+    positive = positive_class(model)
     if positive is None:
         raise ValueError("the classifier has no positive class")
     return model.predict_proba(X)[:, positive]
