@@ -14,7 +14,7 @@ from skimage import data
 from analysis.area_resample import AreaTables
 from analysis.imaging import pixels_of
 from analysis.models.face import FaceDetector
-from analysis.models.mtcnn import Cascade, pyramid_scales
+from analysis.models.mtcnn import Cascade, HalvingMaxPool, pyramid_scales
 from schemas.config import ModelsConfig
 
 CPU = torch.device("cpu")
@@ -144,6 +144,18 @@ def test_r_net_and_o_net_take_all_images_candidates_in_one_call_each(detector: F
     for chunked, whole in zip(detector._cascade.detect(tables), as_on_a_gpu):
         np.testing.assert_allclose(chunked.boxes, whole.boxes, atol=1e-3)
         np.testing.assert_allclose(chunked.probs, whole.probs, atol=1e-5)
+
+
+def test_face_detector_runs_p_net_with_the_halving_pool(detector: FaceDetector) -> None:
+    assert isinstance(detector._mtcnn.pnet.pool1, HalvingMaxPool)
+
+
+@pytest.mark.parametrize("shape", [(1, 10, 613, 613), (1, 10, 612, 611), (2, 3, 5, 4), (1, 10, 1, 1)])
+def test_halving_max_pool_equals_torchs_ceil_mode_max_pool(shape: tuple[int, ...]) -> None:
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = x.contiguous(memory_format=layout)
+        assert torch.equal(HalvingMaxPool()(x), F.max_pool2d(x, 2, 2, ceil_mode=True))
 
 
 def test_a_cascade_takes_facenets_settings() -> None:

@@ -6,8 +6,8 @@ import torch
 from facenet_pytorch import MTCNN
 
 from analysis.area_resample import AreaTables
-from analysis.models.base import Detection, TensorModel, channels_last, clamp_box, sorted_detections
-from analysis.models.mtcnn import Cascade, Faces
+from analysis.models.base import Detection, TensorModel, clamp_box, sorted_detections
+from analysis.models.mtcnn import Cascade, Faces, speed_up
 from analysis.preprocess import to_device
 from schemas.config import ModelsConfig
 from schemas.events import ModelInfo
@@ -28,8 +28,7 @@ class FaceDetector(TensorModel):
         self.device = device
         self.info = ModelInfo(name="MTCNN", weights="facenet-pytorch-bundled")
         self._mtcnn = MTCNN(keep_all=True, device=device).eval()
-        for net in (self._mtcnn.pnet, self._mtcnn.rnet, self._mtcnn.onet):
-            channels_last(net)  # about 2x faster convolutions on the CPU, same outputs
+        speed_up(self._mtcnn)
         self._cascade = Cascade(self._mtcnn)
 
     def collate(self, items: list[torch.Tensor]) -> AreaTables:

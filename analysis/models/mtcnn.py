@@ -16,6 +16,7 @@ import torch
 from torchvision.ops import batched_nms
 
 from analysis.area_resample import AreaTables
+from analysis.models.base import channels_last
 
 # P-Net sees 12x12 windows with a stride of 2; R-Net takes 24x24 crops, O-Net 48x48.
 _CELL, _STRIDE = 12, 2
@@ -29,6 +30,32 @@ _LEVEL_IOU, _PROPOSAL_IOU, _REFINE_IOU, _OUTPUT_MIN_OVERLAP = 0.5, 0.7, 0.7, 0.7
 # of 256; O-Net 210 us in calls of 8 to 16 and 590 in calls of 512.
 _GPU_CHUNK = 4096
 _CPU_CHUNKS = {"rnet": 32, "onet": 16}
+
+
+class HalvingMaxPool(torch.nn.Module):
+    """`MaxPool2d(2, 2, ceil_mode=True)` as two maxima of strided slices: the same numbers, 4x faster
+    on the CPU for P-Net's first pool (10 channels, channels-last), there its slowest layer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        rows = x[..., 0::2, :].clone()  # ceil mode: an odd last row or column is its own maximum
+        paired = rows[..., :height // 2, :]
+        torch.maximum(paired, x[..., 1::2, :], out=paired)
+        out = rows[..., 0::2].clone()
+        paired = out[..., :width // 2]
+        torch.maximum(paired, rows[..., 1::2], out=paired)
+        return out
+
+
+def speed_up(mtcnn: torch.nn.Module) -> None:
+    """Put a facenet-pytorch `MTCNN`'s nets in their fastest form, computing the same outputs:
+    channels-last layout, and P-Net's first pool as `HalvingMaxPool`."""
+    for net in (mtcnn.pnet, mtcnn.rnet, mtcnn.onet):
+        channels_last(net)  # about 2x faster convolutions on the CPU
+    pool = mtcnn.pnet.pool1
+    if (isinstance(pool, torch.nn.MaxPool2d) and pool.ceil_mode and pool.kernel_size in (2, (2, 2))
+            and pool.stride in (2, (2, 2)) and pool.padding in (0, (0, 0)) and pool.dilation in (1, (1, 1))):
+        mtcnn.pnet.pool1 = HalvingMaxPool()
 
 
 class Faces(NamedTuple):
