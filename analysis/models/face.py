@@ -15,10 +15,7 @@ from schemas.events import ModelInfo
 
 class FaceDetector(TensorModel):
     """MTCNN (keep_all); outputs every face found, sorted by probability, in input pixels.
-
-    facenet-pytorch's own `detect` batches only images of one size and crops each candidate in a
-    Python loop; `Cascade` gives the same faces for a batch of any sizes in far fewer calls.
-    """
+    The same faces as facenet-pytorch's `detect`, for batches of any sizes (see models.mtcnn)."""
 
     key = "face"
 

@@ -131,6 +131,8 @@ class Cascade:
         above `threshold` with their new scores (n x 5), its box offsets (n x 4) and their images."""
         net, chunk = getattr(self, name), self.chunks[name]
         regions, inside = _crop_regions(boxes, owners, tables)
+        # A box wholly outside its image has no crop: dropped (facenet-pytorch skips its crop but
+        # not its box, and its arrays no longer line up).
         boxes, regions, owners = boxes[inside], regions[inside], owners[inside]
         if len(boxes) == 0:
             return boxes, boxes.new_zeros((0, 4)), owners
