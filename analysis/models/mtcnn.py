@@ -26,8 +26,8 @@ _RNET_SIZE, _ONET_SIZE = 24, 48
 _LEVEL_IOU, _PROPOSAL_IOU, _REFINE_IOU, _OUTPUT_MIN_OVERLAP = 0.5, 0.7, 0.7, 0.7
 # Candidates per R-Net and O-Net call. On a GPU, all of a batch's at once (the bound only caps
 # activation memory). On the CPU small calls are faster per crop, their activations staying in
-# the cache: measured on this 2-core machine, R-Net 37 us a crop in calls of 32 and 94 in calls
-# of 256; O-Net 210 us in calls of 8 to 16 and 590 in calls of 512.
+# the cache: measured on this 2-core machine, one thread, R-Net 37 us a crop in calls of 32 and
+# 94 in calls of 256; O-Net 210 us in calls of 8 to 16 and 590 in calls of 512.
 _GPU_CHUNK = 4096
 _CPU_CHUNKS = {"rnet": 32, "onet": 16}
 
