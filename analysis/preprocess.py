@@ -144,12 +144,3 @@ def hf_transform(processor: object, model_name: str) -> ImageTransform:
         raise ValueError(f"the image processor of {model_name} does more than resize, crop and normalise; "
                          "imgstream cannot run it as tensor ops on the device")
     return transform
-
-
-def pad_batch(images: Sequence[torch.Tensor], height: int, width: int, device: torch.device) -> torch.Tensor:
-    """uint8 3xHxW images placed top-left on a zero NxHxWx3 canvas of one size (for MTCNN's batches)."""
-    out = torch.zeros((len(images), height, width, 3), dtype=torch.uint8, device=device)
-    for i, pixels in enumerate(images):
-        _, h, w = pixels.shape
-        out[i, :h, :w] = to_device(pixels, device).permute(1, 2, 0)
-    return out

@@ -1,5 +1,5 @@
 """The GPU fast path's logic, run on the CPU: tensor preprocessing against each library's own,
-fp16 against fp32, MTCNN on padded mixed-size canvases, and JPEG decoding on the device."""
+fp16 against fp32, MTCNN on a batch of mixed sizes, and JPEG decoding on the device."""
 
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ from analysis.models.base import Detection
 from analysis.models.caption import Captioner
 from analysis.models.clip import ClipModel
 from analysis.models.dino import DinoModel
-from analysis.models.face import FaceBatch, FaceDetector, size_groups
-from analysis.preprocess import pad_batch
+from analysis.models.face import FaceDetector
 from schemas.config import DecodeConfig, ModelsConfig
 from tests.engine_helpers import cosine, jpeg_with_orientation
 
@@ -68,30 +67,17 @@ def test_fp16_vectors_keep_cosine_to_fp32(loader, photos):
         assert cosine(full, half) >= 0.999
 
 
-def test_size_groups_share_a_canvas_only_when_padding_is_cheap():
-    sizes = [(1024, 1024), (683, 1024), (1000, 1000), (681, 1024), (24, 1024)]
-    # A strip alone; the two landscape photos together; the two near-squares together.
-    assert size_groups(sizes, max_overhead=1.1) == [[4], [3, 1], [2, 0]]
-    # With more slack (the default) the four photos share one canvas (1.21x their area).
-    assert size_groups(sizes) == [[4], [3, 1, 2, 0]]
-    assert size_groups([(10, 10)] * 3) == [[0, 1, 2]]
-
-
-def test_mtcnn_on_a_padded_mixed_size_canvas_finds_each_images_faces(photos):
+def test_mtcnn_batch_of_mixed_sizes_finds_each_images_faces_as_alone(photos):
+    # What replaced zero-padded canvases: one batch of any sizes, P-Net per image, R-/O-Net once.
     detector = FaceDetector(RANDOM, CPU)
-    astronaut = pixels_of(photos[0])  # 512x512, one face
-    smaller = pixels_of(photos[0].resize((400, 400)))
-    landscape = pixels_of(photos[1])  # 400x600, no face
-    alone = [detector.run_batch([item])[0] for item in (astronaut, smaller, landscape)]
-    # What collate builds on a GPU: one zero-padded canvas for all three sizes.
-    items = [astronaut, smaller, landscape]
-    canvas = pad_batch(items, 512, 600, CPU)
-    together = detector.forward(FaceBatch(3, [([0, 1, 2], canvas, [(512, 512), (400, 400), (600, 400)])]))
+    items = [pixels_of(photos[0]), pixels_of(photos[0].resize((400, 400))), pixels_of(photos[1])]
+    alone = [detector.run_batch([item])[0] for item in items]
+    together = detector.forward(detector.collate(items))
     assert [len(faces) for faces in together] == [len(faces) for faces in alone] == [1, 1, 0]
     for mine, reference in zip(together[:2], alone[:2]):
         assert isinstance(mine[0], Detection) and mine[0].score > 0.99
-        assert np.allclose(mine[0].box, reference[0].box, atol=3.0)  # the pyramid's rounding shifts a pixel or two
-        assert all(0 <= v for v in mine[0].box)
+        assert abs(mine[0].score - reference[0].score) < 1e-5
+        assert np.allclose(mine[0].box, reference[0].box, atol=1e-3)
 
 
 async def test_device_decode_batches_jpegs_and_falls_back_to_pillow(photos):
