@@ -35,12 +35,13 @@ log = logging.getLogger(__name__)
 
 # The largest batch per model when models.batching leaves it unset. On a GPU a batch of one
 # leaves the device idle, and embeddings keep scaling into the hundreds (DESIGN "Batching"). On
-# the CPU, measured on 2 cores (docs/BENCHMARKS.md): CLIP gains 1.5x from batching, DINOv2 and
-# captions nothing, Faster R-CNN and MTCNN lose (0.7x and worse), so detection runs one image
-# at a time there and a caption batch stays small enough not to hold the device for long.
+# the CPU, measured on 2 cores (docs/BENCHMARKS.md): CLIP gains 1.5x from batching and our MTCNN
+# cascade 1.3x at 4 (its R-/O-Nets take every image's candidates at once); DINOv2 and captions
+# gain nothing; Faster R-CNN loses (0.7x: torchvision pads a batch to its largest image), so it
+# runs one image at a time there, and a caption batch stays small enough not to hold the device.
 DEFAULT_MAX_BATCH = {
     "cuda": {"clip": 256, "dino": 128, "caption": 64, "face": 32, "person": 8, "decode": 128},
-    "cpu": {"clip": 32, "dino": 16, "caption": 4, "face": 1, "person": 1, "decode": 1},
+    "cpu": {"clip": 32, "dino": 16, "caption": 4, "face": 4, "person": 1, "decode": 1},
 }
 
 

@@ -44,6 +44,9 @@ from schemas.operations import (
 log = logging.getLogger(__name__)
 
 MODEL_KEYS = ("clip", "dino", "person", "face", "caption")
+# Images this small (in bytes) decode on the event loop: well under a millisecond, less than
+# handing them to a thread costs. The pixel limit is checked from the header first either way.
+INLINE_DECODE_BYTES = 16 * 1024
 EMBEDDING_MODELS = {"embed_clip_vit_b_32": "clip", "embed_dino_v2": "dino"}
 
 
@@ -222,6 +225,8 @@ class Engine:
                         return imaging.DecodedImage(pixels, width, height, sha256, "jpeg")
                     except Exception as exc:  # noqa: BLE001 - nvJPEG refuses some valid files: decode on the CPU
                         log.debug("device decode failed (%s); decoding with Pillow", exc)
+            if len(data) <= INLINE_DECODE_BYTES:  # a thumbnail decodes faster than a thread hop takes
+                return imaging.decode_image(data, config, sha256)
             return await self.off_loop(imaging.decode_image, data, config, sha256)
         finally:
             self.scheduler.decoding -= 1

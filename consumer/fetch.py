@@ -151,9 +151,12 @@ class FileBlobReader:
         self._roots = [Path(os.path.realpath(os.path.expanduser(root))) for root in roots]
 
     async def read(self, reference: str, max_bytes: int) -> bytes:
-        path = self._checked_path(reference)
-        # File systems (NFS, FUSE) can block: keep the event loop free.
-        return await asyncio.to_thread(_read_regular_file, path, reference, max_bytes)
+        # File systems (NFS, FUSE) can block, and resolving the path is a syscall per component:
+        # both stay off the event loop.
+        return await asyncio.to_thread(self._read, reference, max_bytes)
+
+    def _read(self, reference: str, max_bytes: int) -> bytes:
+        return _read_regular_file(self._checked_path(reference), reference, max_bytes)
 
     def _checked_path(self, reference: str) -> Path:
         """The real path behind `reference`, refused when it is not local or lies outside the roots."""

@@ -419,8 +419,11 @@ class Worker:
         for f in published:
             self.metrics.results.labels(status=f.result.status, error_code=f.result.error_code or "").inc()
             self.counts[f.result.status] += 1
-        log.info("request %s: %d results (%s)", request.request_id, len(fitted),
-                 ", ".join(f"{f.result.operation_id}={f.result.status}" for f in fitted))
+        # One line per request at DEBUG (a busy worker answers a thousand a second); the summary
+        # line every report_interval_s, and failures, come at INFO and above.
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("request %s: %d results (%s)", request.request_id, len(fitted),
+                      ", ".join(f"{f.result.operation_id}={f.result.status}" for f in fitted))
 
     async def _dead_letter(self, tp: TopicPartition, record: Any, code: str, reason: str) -> None:
         assert self.publisher is not None

@@ -149,7 +149,7 @@ WORKLOADS: dict[str, Workload] = {
         # An unknown type: the worker fetches and decodes the image, then answers `skipped`.
         Workload("W4", "pipeline overhead: fetch + decode only, 64 px",
                  (_task("noop", "benchmark_decode_only"),),
-                 (), _per_profile(3_000, 400, 20_000, 4_000), _per_profile(500, 100, 2_000, 500),
+                 (), _per_profile(10_000, 400, 20_000, 4_000), _per_profile(500, 100, 2_000, 500),
                  image_size=64, model_only=False, ok_statuses=(("skipped", "unsupported_operation"),)),
         Workload("W5", "face box (MTCNN, whole image)",
                  (_task("face", "detect_bounding_box", target="prominent_face", face_context="whole_image"),),

@@ -152,6 +152,7 @@ class WorkerProcs:
             # Tests write their images under their tmp_path, which is also log_dir.
             "IMGSTREAM_FETCH__BLOB_ROOTS": orjson.dumps([str(self.log_dir)]).decode(),
             "IMGSTREAM_DRAIN_TIMEOUT_S": "20",
+            "IMGSTREAM_LOG_LEVEL": "DEBUG",  # a line per request, which tests wait for
         })
         env.update(extra or {})
         return env
