@@ -32,8 +32,9 @@ schemas: $(STAMP)
 	$(PY) -m schemas.export
 	$(PY) -m schemas.settings_doc
 
+# The end-to-end stream benchmark (docs/BENCHMARKS.md); BENCH_ARGS=--quick for a 4-minute check.
 bench: $(STAMP)
-	$(PY) scripts/bench_engine.py
+	$(PY) scripts/bench_stream.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .imgstream
