@@ -87,7 +87,8 @@ def _parse_entry(cid: int, raw: Any) -> ClassifierEntry:
     types = tuple(str(raw["embedding_type"]).split("+"))
     bad = [t for t in types if t not in EMBEDDING_TYPES]
     if bad:
-        raise ClassifierInvalid(f"collection {cid}: unsupported embedding_type {bad}; supported {list(EMBEDDING_TYPES)}")
+        raise ClassifierInvalid(
+            f"collection {cid}: unsupported embedding_type {bad}; supported {list(EMBEDDING_TYPES)}")
     threshold = float(raw.get("threshold", DEFAULT_THRESHOLD))
     return ClassifierEntry(cid, str(raw["model_file"]), region, types, threshold)
 

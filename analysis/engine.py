@@ -219,7 +219,8 @@ class Engine:
                 header = await self.off_loop(imaging.read_jpeg_header, data, config)
                 if header is not None:
                     try:
-                        timed = await self.scheduler.submit("decode", torch.frombuffer(bytearray(data), dtype=torch.uint8))
+                        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                        timed = await self.scheduler.submit("decode", encoded)
                         pixels = imaging.apply_orientation(timed.value, header.orientation)
                         _, height, width = pixels.shape
                         return imaging.DecodedImage(pixels, width, height, sha256, "jpeg")

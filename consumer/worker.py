@@ -402,7 +402,8 @@ class Worker:
         refused = await self.publisher.results(request.request_id, [f.payload for f in fitted], stop=stop)
         if refused:
             why = "; ".join(f"{fitted[i].result.operation_id}: {_brief(exc)}" for i, exc in sorted(refused.items()))
-            log.error("request %s: results refused by the broker (%s); request goes to the DLQ", request.request_id, why)
+            log.error("request %s: results refused by the broker (%s); request goes to the DLQ",
+                      request.request_id, why)
             order = sorted(refused)
             stand_ins = [failed_result(fitted[i].result, "publish_failed",
                                        f"the result could not be published: {_brief(refused[i])}") for i in order]
@@ -632,9 +633,7 @@ class Worker:
                                       for k, s in self.engine.batch_stats().items()])
         m.add_live_counter("imgstream_publish_failures_total",
                            "Publishes that failed, by kind (results, dlq) and outcome (retried; abandoned at "
-                           "shutdown; refused for good).",
-                           lambda: [({"kind": kind, "outcome": outcome}, n)
-                                    for (kind, outcome), n in (self.publisher.outcomes if self.publisher else {}).items()])
+                           "shutdown; refused for good).", self._publish_failures)
         m.add_live_counter("imgstream_device_busy_seconds_total",
                            "Seconds each device (cpu, cuda:N) spent running batches; its rate is the "
                            "device's utilisation.",
@@ -653,6 +652,10 @@ class Worker:
                     lambda: [({}, self.engine.reuse.entries if self.engine.reuse else 0)])
         m.add_gauge("imgstream_model_queue_depth", "Items waiting in each model's batcher.",
                     lambda: [({"model": k}, v) for k, v in self.engine.queued().items()])
+
+    def _publish_failures(self) -> list[tuple[dict[str, str], float]]:
+        outcomes = self.publisher.outcomes if self.publisher else {}
+        return [({"kind": kind, "outcome": outcome}, n) for (kind, outcome), n in outcomes.items()]
 
     def _lag(self) -> list[tuple[dict[str, str], float]]:
         # highwater() is read from fetch responses: end_offsets() can under-report on some brokers.

@@ -1,7 +1,8 @@
 """Benchmark reuse on a duplicate-heavy stream: N requests over K distinct images, reuse on and off.
 
 Crawlers see the same image again and again. This pre-produces N requests (a face box each;
---with-clip adds a CLIP embedding) whose images are K distinct JPEGs (each request keyed by its image's sha256, as `imgstream submit` does), then
+--with-clip adds a CLIP embedding) whose images are K distinct JPEGs (each request keyed by its
+image's sha256, as `imgstream submit` does), then
 starts a real worker through the CLI and measures requests/s from its first consume to the last
 result, and the model work it did (items and calls per model, from /metrics). It does so twice in
 one run on fresh topics: with reuse (the default) and with `IMGSTREAM_MODELS__REUSE=false`, in
@@ -120,7 +121,8 @@ async def one_run(args: argparse.Namespace, bootstrap: str, paths: list[Path], w
     tasks = [FACE, CLIP] if args.with_clip else [FACE]
     await produce(bootstrap, topics.requests, paths, args.requests, args.seed, tasks)
     env = worker_env(bootstrap=bootstrap, topics=topics, group=f"bench-{topics.requests}", device=args.device,
-                     preload=["face", "clip"] if args.with_clip else ["face"], blob_dir=workdir / "blobs", max_in_flight=args.max_in_flight,
+                     preload=["face", "clip"] if args.with_clip else ["face"], blob_dir=workdir / "blobs",
+                     max_in_flight=args.max_in_flight,
                      blob_roots=[str(workdir)], session_timeout_ms=3000)
     env["IMGSTREAM_MODELS__REUSE"] = "true" if reuse else "false"
     label = "reuse on" if reuse else "reuse off"

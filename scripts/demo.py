@@ -64,7 +64,8 @@ async def run_demo(bootstrap: str, weights: str) -> int:
     topics = Topics()
     await create_topics(bootstrap, topics, partitions=4)
     photo = astronaut_photo()
-    requests = build_requests(expand_inputs([str(photo)], DirectoryBlobStore(WORK / "blobs")), [parse_task_spec(t) for t in TASKS],
+    requests = build_requests(expand_inputs([str(photo)], DirectoryBlobStore(WORK / "blobs")),
+                              [parse_task_spec(t) for t in TASKS],
                               metadata={"source": "make demo"}, prefix="demo")
     print(f"submitting {photo.name} ({requests[0].request.request_id}) with tasks {TASKS}; waiting for results ...",
           flush=True)

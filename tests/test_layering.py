@@ -1,4 +1,5 @@
-"""The rooms import one way only (DESIGN "Rooms"): schemas <- analysis <- consumer <- training; schemas, blobs <- producer."""
+"""The rooms import one way only (DESIGN "Rooms"): schemas <- analysis <- consumer <- training;
+schemas, blobs <- producer."""
 
 from __future__ import annotations
 

@@ -23,7 +23,8 @@ def test_live_values_are_read_at_scrape_time_and_histograms_are_cumulative():
     samples = _samples(metrics)
     assert samples[("imgstream_requests_in_flight", frozenset())] == 3
     assert samples[("imgstream_results_total", frozenset({("status", "success"), ("error_code", "")}))] == 2
-    bucket = {dict(labels)["le"]: v for (name, labels), v in samples.items() if name == "imgstream_model_batch_size_bucket"}
+    bucket = {dict(labels)["le"]: v for (name, labels), v in samples.items()
+              if name == "imgstream_model_batch_size_bucket"}
     assert bucket["1.0"] == 2 and bucket["4.0"] == 2 and bucket["8.0"] == 3 and bucket["256.0"] == 3
     assert bucket["+Inf"] == 4
     assert samples[("imgstream_model_batch_size_count", frozenset({("model", "clip")}))] == 4
