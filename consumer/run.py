@@ -9,6 +9,7 @@ from analysis.engine import Engine
 from consumer.health import build_app, start_server
 from consumer.logs import setup_logging
 from consumer.metrics import WorkerMetrics
+from consumer.signals import EarlyStop
 from consumer.worker import Worker
 from schemas.config import WorkerConfig
 
@@ -18,7 +19,7 @@ log = logging.getLogger("imgstream.worker")
 EXIT_STARTUP_FAILED = 1
 
 
-async def run_worker(config: WorkerConfig) -> int:
+async def run_worker(config: WorkerConfig, early: EarlyStop | None = None) -> int:
     try:
         engine = Engine(config.models)
     except RuntimeError as exc:  # device selection: no GPU where one is required, bad device name
@@ -27,6 +28,8 @@ async def run_worker(config: WorkerConfig) -> int:
     metrics = WorkerMetrics()
     worker = Worker(config, engine, metrics)
     worker.install_signal_handlers()
+    for name in early.signals if early else ():  # stop signals that came while the process started
+        worker.request_stop(name)
     runner = None
     if config.http_port is not None:
         app = build_app(metrics, lambda: {"models_loaded": engine.ready, "broker_reachable": worker.broker_reachable})
@@ -51,6 +54,6 @@ async def run_worker(config: WorkerConfig) -> int:
     return 0
 
 
-def main(config: WorkerConfig) -> int:
+def main(config: WorkerConfig, early: EarlyStop | None = None) -> int:
     setup_logging(config.log_level)
-    return asyncio.run(run_worker(config))
+    return asyncio.run(run_worker(config, early))

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import orjson
 
-from schemas.config import load_config
+from schemas.config import ConfigError, load_config
 
 EXIT_OK, EXIT_RESULT_ERRORS, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
 
@@ -293,9 +293,12 @@ def _cmd_topics(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    from consumer.signals import EarlyStop
+
+    early = EarlyStop().install()  # importing torch and loading models take seconds
     from consumer.run import main as worker_main  # torch is imported only here
 
-    return worker_main(load_config(_overrides(args)))
+    return worker_main(load_config(_overrides(args)), early)
 
 
 def _cmd_operations(_: argparse.Namespace) -> int:
@@ -440,11 +443,7 @@ def _sink_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_sink(args: argparse.Namespace) -> int:
     from consumer.sink import main as sink_main  # psycopg is imported only here
 
-    try:
-        config = load_config(_sink_overrides(args))
-    except ValueError as exc:
-        print(f"imgstream sink: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    config = load_config(_sink_overrides(args))
     return sink_main(config.kafka, config.sink, config.log_level)
 
 
@@ -471,14 +470,10 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_train_classifiers(args: argparse.Namespace) -> int:
     # scikit-learn, and torch when image files need embedding, are imported only here
-    from training.command import PROG, run_command
+    from training.command import run_command
     from training.pipeline import RunInputs
 
-    try:
-        config = load_config(_train_overrides(args))
-    except ValueError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    config = load_config(_train_overrides(args))
     inputs = RunInputs(labels=args.labels, results=args.results,
                        use_database=bool(args.db or args.dsn or args.data_dir), key_field=args.key,
                        collection_ids=args.collection_id, embedding_type=args.embedding_type, region=args.region,
@@ -504,6 +499,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
+    except ConfigError as exc:  # a bad flag value or IMGSTREAM_* variable, for any command
+        print(f"imgstream {args.command}: bad configuration: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
 

@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, Field, PositiveFloat, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, PositiveFloat, ValidationError, ValidationInfo, field_validator, model_validator
 
 ENV_PREFIX = "IMGSTREAM_"
 DAY_MS = 24 * 3600 * 1000
@@ -354,7 +354,21 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     return data
 
 
+class ConfigError(ValueError):
+    """A setting (a flag or an IMGSTREAM_* variable) that is not valid; the message names it."""
+
+
 def load_config(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> WorkerConfig:
-    """Build the configuration from defaults, the environment and CLI overrides (in that order)."""
+    """Build the configuration from defaults, the environment and CLI overrides (in that order).
+
+    Raises ConfigError naming each bad setting and its environment variable.
+    """
     data = _merge(env_overrides(environ), overrides or {})
-    return WorkerConfig.model_validate(data)
+    try:
+        return WorkerConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors()[:5]:
+            path = [str(part) for part in error["loc"] if not isinstance(part, int)]
+            problems.append(f"{'.'.join(path)} ({ENV_PREFIX}{'__'.join(path).upper()}): {error['msg']}")
+        raise ConfigError("; ".join(problems)) from None

@@ -51,7 +51,7 @@ async def _until_ready(worker: WorkerProc, timeout_s: float = 90.0) -> dict:
 
 
 async def test_health_operations_and_metrics_of_a_running_worker(broker, topics, workers, tmp_path):
-    worker = workers.start(http_port=find_free_port())
+    worker = workers.start(http_port=find_free_port(), env={"IMGSTREAM_MODELS__REUSE": "true"})
     ready = await _until_ready(worker)
     assert ready == {"ready": True, "checks": {"models_loaded": True, "broker_reachable": True}}
     status, body, _ = worker.get("/healthz")

@@ -154,3 +154,13 @@ async def test_submit_keys_requests_by_image_so_one_image_lands_on_one_partition
     digest = hashlib.sha256(image.read_bytes()).hexdigest().encode()
     assert keys == sorted([digest, digest, b"https://example.org/x.jpg"])
     assert len({r.partition for r in records if r.key == digest}) == 1
+
+
+async def test_a_bad_setting_is_a_usage_error_that_names_it(broker, topics):
+    for command in (["worker"], ["submit", "x.jpg", "--task", "embed_clip_vit_b_32"], ["sink", "pgvector"]):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "producer.cli", *command, env=dict(os.environ, IMGSTREAM_MAX_IN_FLIGHT="many"),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 2, err
+        assert b"bad configuration: max_in_flight (IMGSTREAM_MAX_IN_FLIGHT)" in err and b"Traceback" not in err

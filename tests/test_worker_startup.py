@@ -29,3 +29,19 @@ def test_missing_pretrained_weights_fail_with_what_to_do():
                    IMGSTREAM_MODELS__CLIP_WEIGHTS_PATH="/nonexistent/clip.pt")
     assert proc.returncode == 1
     assert "cannot load the models (weights=pretrained)" in proc.stderr and "--weights random" in proc.stderr
+
+
+def test_sigterm_while_the_worker_starts_exits_zero():
+    # Importing torch and loading the models take seconds; an orchestrator's SIGTERM then must not
+    # kill the process mid-import (exit -15) but stop it cleanly.
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--bootstrap", "127.0.0.1:1",
+                             "--weights", "random"],
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "IMGSTREAM_MODELS__PRELOAD": '["face"]'},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(1.0)  # inside the imports
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out

@@ -153,6 +153,9 @@ class WorkerProcs:
             "IMGSTREAM_FETCH__BLOB_ROOTS": orjson.dumps([str(self.log_dir)]).decode(),
             "IMGSTREAM_DRAIN_TIMEOUT_S": "20",
             "IMGSTREAM_LOG_LEVEL": "DEBUG",  # a line per request, which tests wait for
+            # Most tests send one image many times to make load; shared work would make it vanish.
+            # Tests of reuse turn it back on.
+            "IMGSTREAM_MODELS__REUSE": "false",
         })
         env.update(extra or {})
         return env
