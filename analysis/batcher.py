@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -102,6 +103,33 @@ class _Pending:
     enqueued: float
 
 
+class LaneTicket:
+    """The lane of one piece of work that several requests share. A live request that joins
+    replay work lifts it, and the items it has queued, into the live lane, so a live request
+    never waits behind replay's share."""
+
+    def __init__(self, lane: str) -> None:
+        self.lane = lane
+        self._queued: list[tuple[_ModelQueue, _Pending]] = []
+
+    def track(self, queue: _ModelQueue, pending: _Pending) -> None:
+        """Remember a replay item this work queued, to move it if the work is promoted."""
+        self._queued.append((queue, pending))
+
+    def promote(self) -> None:
+        if self.lane == LIVE:
+            return
+        self.lane = LIVE
+        for queue, pending in self._queued:
+            queue.to_live(pending)
+        self._queued.clear()
+
+
+# The ticket of the shared work the current task computes (set by whoever starts that work);
+# Scheduler.submit queues items in its lane.
+current_ticket: ContextVar[LaneTicket | None] = ContextVar("imgstream_lane_ticket", default=None)
+
+
 class _ModelQueue:
     def __init__(self, key: str, config: BatchConfig, replicas: dict[int, Model], prepare_only: bool) -> None:
         assert config.max_batch_size is not None, "resolve() the batch config first"
@@ -116,6 +144,16 @@ class _ModelQueue:
 
     def __len__(self) -> int:
         return len(self.lanes[LIVE]) + len(self.lanes[REPLAY])
+
+    def to_live(self, pending: _Pending) -> None:
+        """Move a queued replay item to the live lane, in the order of when it was queued."""
+        try:
+            self.lanes[REPLAY].remove(pending)
+        except ValueError:  # already taken into a batch
+            return
+        live = self.lanes[LIVE]
+        at = next((i for i, other in enumerate(live) if other.enqueued > pending.enqueued), len(live))
+        live.insert(at, pending)
 
     def priority(self) -> tuple[int, float]:
         """Live work first, then the item that has waited longest."""
@@ -152,8 +190,10 @@ class Scheduler:
         self._runner: asyncio.Task | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._running: set[asyncio.Task] = set()
-        # Images being decoded: items they will add may join a small batch that lingers.
+        # Images being decoded: items they will add may join a small batch that lingers. Of
+        # those, the JPEGs whose headers are being read may still join the GPU's decode batch.
         self.decoding = 0
+        self.reading_headers = 0
         # The share of a batch replay items may take while live items wait (the worker sets it).
         self.replay_share = DEFAULT_REPLAY_SHARE
 
@@ -177,14 +217,23 @@ class Scheduler:
     # -- submitting -----------------------------------------------------------------------
 
     async def submit(self, key: str, item: Any, lane: str = LIVE) -> Timed:
-        """Queue one item for `key` in `lane` (waiting while its queue is full) and await its result."""
+        """Queue one item for `key` in `lane` (waiting while its queue is full) and await its result.
+
+        Inside shared work (`current_ticket` set) the ticket's lane decides instead.
+        """
         queue = self._queues[key]
         self._ensure_running()
         while len(queue) >= queue.config.max_queue:
             queue.space.clear()
             await queue.space.wait()
+        ticket = current_ticket.get()
+        if ticket is not None:
+            lane = ticket.lane
         future: asyncio.Future = asyncio.get_running_loop().create_future()
-        queue.lanes[lane].append(_Pending(item, future, time.perf_counter()))
+        pending = _Pending(item, future, time.perf_counter())
+        queue.lanes[lane].append(pending)
+        if ticket is not None and lane == REPLAY:
+            ticket.track(queue, pending)
         self.wake()
         return await future
 
@@ -220,7 +269,8 @@ class Scheduler:
                     break
                 queue = min(waiting, key=_ModelQueue.priority)
                 deadline = queue.priority()[1] + queue.config.max_wait_ms / 1000.0
-                if len(queue) < queue.config.max_batch_size and self.decoding and now < deadline:
+                joining = self.reading_headers if queue.key == "decode" else self.decoding
+                if len(queue) < queue.config.max_batch_size and joining and now < deadline:
                     # More images are being decoded and may join: hold back, up to max_wait_ms.
                     linger_until = deadline if linger_until is None else min(linger_until, deadline)
                     break

@@ -26,7 +26,7 @@ from analysis import imaging
 from analysis.batcher import LIVE, Scheduler, Timed
 from analysis.devices import Device
 from analysis.classifiers import ClassifierEntry, ClassifierInvalid, ClassifierNotFound, ClassifierStore
-from analysis.reuse import ReuseStore
+from analysis.reuse import InFlight, ReuseStore
 from analysis.results import image_info, task_result
 from schemas.config import DecodeConfig, ModelsConfig
 from schemas.events import AnalysisRequest, ModelInfo, ResultEvent, Task
@@ -112,7 +112,7 @@ class Engine:
         # Work shared across requests by image content (None: models.reuse is off).
         self.reuse = ReuseStore(config.reuse_cache_bytes) if config.reuse else None
         self.reused: Counter[str] = Counter()  # tasks answered wholly from other requests' work, by kind
-        self._decoding: dict[str, asyncio.Future] = {}
+        self._decoding = InFlight()  # decodes by sha256, shared by concurrent requests
         self.ready = False
 
     # -- models ---------------------------------------------------------------------------
@@ -197,30 +197,33 @@ class Engine:
 
     # -- images ---------------------------------------------------------------------------
 
-    async def decode(self, data: bytes, config: DecodeConfig) -> imaging.DecodedImage:
+    async def decode(self, data: bytes, config: DecodeConfig, lane: str = LIVE) -> imaging.DecodedImage:
         """Image bytes to an upright RGB tensor: JPEGs on the GPU in batches where there is one,
         everything else (and anything the device decoder refuses) by Pillow on a CPU thread.
         Concurrent requests for the same bytes share one decode. Raises ImageError."""
         # Hashing blocks the loop for about 1 ms per MB: larger images hash on a thread.
         sha256 = _sha256(data) if len(data) < (1 << 20) else await self.off_loop(_sha256, data)
         if self.reuse is None:
-            return await self._decode(data, config, sha256)
-        pending = self._decoding.get(sha256)
+            return await self._decode(data, config, sha256, lane)
+        pending = self._decoding.join(sha256, lane)
         if pending is None:
-            pending = asyncio.ensure_future(self._decode(data, config, sha256))
-            self._decoding[sha256] = pending
-            pending.add_done_callback(lambda _, key=sha256: self._decoding.pop(key, None))
+            pending = self._decoding.start(sha256, lambda: self._decode(data, config, sha256, lane), lane)
         return await asyncio.shield(pending)
 
-    async def _decode(self, data: bytes, config: DecodeConfig, sha256: str) -> imaging.DecodedImage:
-        self.scheduler.decoding += 1
+    async def _decode(self, data: bytes, config: DecodeConfig, sha256: str, lane: str) -> imaging.DecodedImage:
+        scheduler = self.scheduler
+        scheduler.decoding += 1
         try:
             if self.device_decode:
-                header = await self.off_loop(imaging.read_jpeg_header, data, config)
+                scheduler.reading_headers += 1  # it may join the next decode batch
+                try:
+                    header = await self.off_loop(imaging.read_jpeg_header, data, config)
+                finally:
+                    scheduler.reading_headers -= 1
                 if header is not None:
                     try:
                         encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                        timed = await self.scheduler.submit("decode", encoded)
+                        timed = await scheduler.submit("decode", encoded, lane)
                         pixels = imaging.apply_orientation(timed.value, header.orientation)
                         _, height, width = pixels.shape
                         return imaging.DecodedImage(pixels, width, height, sha256, "jpeg")
@@ -230,8 +233,8 @@ class Engine:
                 return imaging.decode_image(data, config, sha256)
             return await self.off_loop(imaging.decode_image, data, config, sha256)
         finally:
-            self.scheduler.decoding -= 1
-            self.scheduler.wake()
+            scheduler.decoding -= 1
+            scheduler.wake()
 
     # -- requests -------------------------------------------------------------------------
 
@@ -324,7 +327,7 @@ class _RequestRun:
         reuse = self.engine.reuse
         if reuse is None or identity is None or self.decoded.sha256 is None:
             return await make(), "computed"
-        return await reuse.share((self.decoded.sha256, key, identity), make)
+        return await reuse.share((self.decoded.sha256, key, identity), make, self.lane)
 
     async def _identity(self, model_key: str) -> tuple[str, str, int | None]:
         """What decides a model's outputs besides its input: name and weights (and the seed of random ones)."""
@@ -450,7 +453,9 @@ class _RequestRun:
         box, region = await self.region(task, entry.region, params, clock)
         vectors = [await self.embedding(EMBEDDING_MODELS[t], box, clock) for t in entry.embedding_types]
         features = np.concatenate([np.asarray(v, dtype=np.float32) for v in vectors])
-        version = await self.engine.off_loop(store.version, entry)
+        # The classifier file's version and the weights of the embeddings it reads decide its answer.
+        version = (await self.engine.off_loop(store.version, entry),
+                   *[await self._identity(EMBEDDING_MODELS[t]) for t in entry.embedding_types])
         prediction = await self._stage(
             ("classify", entry.collection_id, tuple(box) if box else None, entry.embedding_type),
             lambda: self.engine.off_loop(store.predict, entry, features), clock, identity=version)

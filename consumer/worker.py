@@ -402,7 +402,7 @@ class Worker:
         refused = await self.publisher.results(request.request_id, [f.payload for f in fitted], stop=stop)
         if refused:
             why = "; ".join(f"{fitted[i].result.operation_id}: {_brief(exc)}" for i, exc in sorted(refused.items()))
-            log.error("request %s: results refused by the broker (%s); request goes to the DLQ",
+            log.error("request %s: results refused (%s); request goes to the DLQ",
                       request.request_id, why)
             order = sorted(refused)
             stand_ins = [failed_result(fitted[i].result, "publish_failed",
@@ -453,7 +453,7 @@ class Worker:
             timings["fetch"] = fetched.elapsed_ms
             self.metrics.fetch_ms.labels(outcome="ok").observe(fetched.elapsed_ms)
             t0 = time.perf_counter()
-            decoded = await self.engine.decode(fetched.data, self.config.decode)
+            decoded = await self.engine.decode(fetched.data, self.config.decode, lane)
             del fetched
             timings["decode"] = (time.perf_counter() - t0) * 1000.0
             self.images.add(hold, decoded.nbytes)
@@ -654,8 +654,7 @@ class Worker:
                     lambda: [({"model": k}, v) for k, v in self.engine.queued().items()])
 
     def _publish_failures(self) -> list[tuple[dict[str, str], float]]:
-        outcomes = self.publisher.outcomes if self.publisher else {}
-        return [({"kind": kind, "outcome": outcome}, n) for (kind, outcome), n in outcomes.items()]
+        return self.publisher.failure_samples() if self.publisher else []
 
     def _lag(self) -> list[tuple[dict[str, str], float]]:
         # highwater() is read from fetch responses: end_offsets() can under-report on some brokers.

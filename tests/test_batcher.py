@@ -12,8 +12,9 @@ from contextlib import asynccontextmanager
 import pytest
 import torch
 
-from analysis.batcher import Scheduler, resolve
+from analysis.batcher import LIVE, REPLAY, Scheduler, resolve
 from analysis.devices import Device
+from analysis.reuse import InFlight
 from schemas.config import BatchConfig
 
 
@@ -41,11 +42,11 @@ class SlowDouble:
 
 @asynccontextmanager
 async def scheduling(model: SlowDouble, max_batch: int = 8, max_wait_ms: float = 5.0,
-                     devices: int = 1) -> AsyncIterator[tuple[Scheduler, list[Device]]]:
-    """A scheduler serving `model` as "double" on `devices` CPU devices; closed afterwards."""
+                     devices: int = 1, key: str = "double") -> AsyncIterator[tuple[Scheduler, list[Device]]]:
+    """A scheduler serving `model` as `key` on `devices` CPU devices; closed afterwards."""
     pool = [Device(torch.device("cpu"), index) for index in range(devices)]
     scheduler = Scheduler(pool)
-    scheduler.add("double", BatchConfig(max_batch_size=max_batch, max_wait_ms=max_wait_ms),
+    scheduler.add(key, BatchConfig(max_batch_size=max_batch, max_wait_ms=max_wait_ms),
                   {d.index: model for d in pool})
     try:
         yield scheduler, pool
@@ -100,6 +101,54 @@ async def test_a_free_device_lingers_for_decodes_in_flight_but_only_up_to_max_wa
             assert time.perf_counter() - started < 1.0  # the ceiling released it although decoding never ended
         finally:
             scheduler.decoding = 0
+
+
+async def test_the_device_decode_batch_lingers_only_for_jpegs_still_reading_their_headers():
+    model = SlowDouble()
+    async with scheduling(model, max_batch=8, max_wait_ms=2000, key="decode") as (scheduler, pool):
+        scheduler.decoding = 1  # the image in the decode queue is itself still "decoding"
+        started = time.perf_counter()
+        await scheduler.submit("decode", 1)
+        assert time.perf_counter() - started < 1.0  # nothing else can join: no wait
+        scheduler.reading_headers = 1  # another JPEG's header is being read: it may join
+        pending = asyncio.ensure_future(scheduler.submit("decode", 2))
+        await asyncio.sleep(0.1)
+        assert model.batches == [[1]]
+        scheduler.reading_headers = 0
+        await asyncio.gather(pending, scheduler.submit("decode", 3))
+        assert model.batches == [[1], [2, 3]]
+        scheduler.decoding = 0
+
+
+async def test_replay_takes_at_most_its_share_of_a_batch_while_live_items_wait():
+    model = SlowDouble(seconds=0.2)
+    async with scheduling(model, max_batch=10) as (scheduler, pool):
+        scheduler.replay_share = 0.2
+        blocker = asyncio.ensure_future(scheduler.submit("double", 0))
+        await asyncio.sleep(0.05)  # the device is busy: both lanes queue up
+        replay = [asyncio.ensure_future(scheduler.submit("double", 100 + i, REPLAY)) for i in range(12)]
+        live = [asyncio.ensure_future(scheduler.submit("double", i, LIVE)) for i in range(1, 11)]
+        await asyncio.gather(blocker, *replay, *live)
+        assert model.batches[1:] == [
+            [*range(1, 9), 100, 101],  # 8 live, replay's 2 of 10
+            [9, 10, 102, 103],  # live items still waited for this batch: replay keeps to its share
+            list(range(104, 112)),  # live is idle: replay takes the whole batch
+        ]
+
+
+async def test_live_work_that_joins_replay_work_lifts_it_into_the_live_lane():
+    model = SlowDouble(seconds=0.2)
+    async with scheduling(model, max_batch=4) as (scheduler, pool):
+        scheduler.replay_share = 0.0  # replay runs only when no live item waits
+        work = InFlight()
+        blocker = asyncio.ensure_future(scheduler.submit("double", 0))
+        await asyncio.sleep(0.05)
+        shared = work.start("same-image", lambda: scheduler.submit("double", 7), REPLAY)
+        await asyncio.sleep(0.01)  # queued in the replay lane
+        live = [asyncio.ensure_future(scheduler.submit("double", i)) for i in range(1, 7)]
+        assert work.join("same-image", LIVE) is shared  # a live request now waits on it
+        await asyncio.gather(blocker, shared, *live)
+        assert 7 in model.batches[1]  # ran with the first live batch, not after every live item
 
 
 async def test_a_failing_batch_is_retried_item_by_item():

@@ -117,4 +117,5 @@ async def test_a_replay_backlog_never_starves_live_requests(broker, topics, engi
     while_live = max(n for t, n in samples if mixed_started <= t <= mixed_done)
     once_idle = max((n for t, n in samples if t > mixed_done + LIVE_IDLE_AFTER_S + 0.5), default=0)
     assert while_live <= worker.replay_slots == 3  # replay kept to its share while live requests came
-    assert once_idle > worker.replay_slots  # with live idle, replay used more than its share
+    # With live idle, replay is not held to its share: it fills (nearly) every in-flight slot.
+    assert once_idle >= 0.75 * worker.config.max_in_flight > worker.replay_slots, (once_idle, worker.replay_slots)

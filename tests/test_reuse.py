@@ -15,9 +15,10 @@ import pytest
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
+from analysis.batcher import Timed
 from analysis.engine import Engine
 from analysis.models import load_model
-from analysis.reuse import ReuseStore
+from analysis.reuse import ENTRY_OVERHEAD_BYTES, ReuseStore
 from schemas.config import DecodeConfig, KafkaConfig, ModelsConfig
 from tests.engine_helpers import by_op, photo, request
 from tests.kafka_helpers import consume_all
@@ -53,7 +54,7 @@ async def fresh(engine, tmp_path):
     made: list[Engine] = []
 
     async def make(**config) -> Engine:
-        models = {key: (await engine.model(key)) for key in ("clip", "face", "dino")}
+        models = {key: (await engine.model(key)) for key in ("clip", "face", "dino", "person")}
         base = {"weights": "random", "device": "cpu", "preload": [], "classifiers_dir": str(tmp_path)}
         new = Engine(ModelsConfig(**{**base, **config}), models=models)
         await new.start()
@@ -186,6 +187,20 @@ async def test_an_error_is_never_kept():
     assert await store.share("k", flaky) == ("ok", "cached")
 
 
+async def test_a_kept_embedding_owns_its_row_not_its_whole_batch():
+    batch = np.arange(64 * 512, dtype=np.float32).reshape(64, 512)  # a model's output for 64 images
+    store = ReuseStore(1 << 20)
+
+    async def embed():
+        return Timed(batch[3], queue_ms=1.0, compute_ms=2.0)  # a row: a view into the batch
+
+    first, _ = await store.share("k", embed)
+    kept, kind = await store.share("k", embed)
+    assert kind == "cached" and np.array_equal(kept.value, first.value)
+    assert kept.value.base is None  # the 128 KiB batch is not held alive by the cache
+    assert store.bytes == batch[3].nbytes + ENTRY_OVERHEAD_BYTES
+
+
 async def test_fifty_requests_for_five_images_do_the_model_work_of_five(broker, topics, fresh, tmp_path):
     engine = await fresh()
     images = variants(5)
@@ -214,4 +229,13 @@ async def test_fifty_requests_for_five_images_do_the_model_work_of_five(broker, 
                 by_image.setdefault(r["image"]["sha256"], []).append(r["data"])
         # Exactly equal, not merely close: a reused embedding is the computed one, written again.
         assert len(by_image) == 5 and all(all(v == vs[0] for v in vs) for vs in by_image.values())
-    assert await committed_offsets(broker, group, topics.requests) == 50
+
+        # A near miss through the same worker: the same bytes, the face searched in another context.
+        near = [{"operation_id": "face", "type": "detect_bounding_box",
+                 "params": {"target": "prominent_face", "face_context": "prominent_person"}}]
+        await produce_paced(broker, topics.requests, [(b"near", request_bytes("near", {"blob": paths[0].as_uri()},
+                                                                              near))])
+        (record,) = [r for r in await consume_all(broker, topics.results, 101, timeout_s=120) if r.key == b"near"]
+        assert orjson.loads(record.value)["reused"] is False
+        assert engine.batch_stats()["face"]["items"] == 6  # computed anew
+    assert await committed_offsets(broker, group, topics.requests) == 51
