@@ -38,10 +38,13 @@ class Device:
         self.index = index
         self.name = str(device)
         self.is_cuda = device.type == "cuda"
-        self.compute = ThreadPoolExecutor(1, thread_name_prefix=f"imgstream-dev{index}-{self.name}")
+        # Each thread's current CUDA device is this one, so library code that allocates on "the
+        # current device" stays on this GPU.
+        bind = {"initializer": torch.cuda.set_device, "initargs": (device,)} if self.is_cuda else {}
+        self.compute = ThreadPoolExecutor(1, thread_name_prefix=f"imgstream-dev{index}-{self.name}", **bind)
         # On the CPU preparing and computing share the cores: one thread, one batch at a time.
-        self.prep = ThreadPoolExecutor(1, thread_name_prefix=f"imgstream-dev{index}-{self.name}-prep") if self.is_cuda \
-            else self.compute
+        self.prep = ThreadPoolExecutor(1, thread_name_prefix=f"imgstream-dev{index}-{self.name}-prep", **bind) \
+            if self.is_cuda else self.compute
         self.slots = 2 if self.is_cuda else 1  # batches in its pipeline at once
         self.running = 0
         self.batches = 0

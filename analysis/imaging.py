@@ -149,10 +149,15 @@ class JpegHeader:
 def read_jpeg_header(data: bytes, config: DecodeConfig) -> JpegHeader | None:
     """The header of a JPEG a GPU decoder can take (8-bit RGB or greyscale), or None for anything else.
 
-    The pixel limit applies here, before any pixel is decoded; other formats, CMYK and broken
-    headers return None and take the CPU path, which reports their errors.
+    The pixel limit applies here, before any pixel is decoded; other formats, CMYK, broken
+    headers and files without their end marker return None and take the CPU path, which
+    reports their errors.
     """
     if sniff_format(data) != "jpeg":
+        return None
+    if data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+        # No end-of-image marker: truncated, or trailing bytes after it. nvJPEG may decode a cut
+        # file without complaint; Pillow refuses a truncated one and reads past trailing bytes.
         return None
     try:
         image = _open_checked(data, "jpeg", config.max_pixels)

@@ -125,20 +125,23 @@ def test_mixed_sizes_in_one_call_match_one_image_at_a_time(detector: FaceDetecto
         np.testing.assert_allclose(mine.probs, reference.probs, atol=1e-5)
 
 
-def test_r_net_and_o_net_take_all_images_candidates_in_one_call_each(detector: FaceDetector) -> None:
+def test_p_net_takes_images_of_one_size_together_and_r_and_o_net_all_candidates_at_once(
+        detector: FaceDetector) -> None:
     calls = {"pnet": 0, "rnet": 0, "onet": 0}
     nets = {"pnet": detector._mtcnn.pnet, "rnet": detector._mtcnn.rnet, "onet": detector._mtcnn.onet}
     hooks = [net.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
              for name, net in nets.items()]
-    images = [_astronaut(), PIL.Image.fromarray(data.chelsea()), _astronaut().resize((256, 256))]
+    images = [_astronaut(), PIL.Image.fromarray(data.chelsea()), _astronaut().resize((256, 256)),
+              PHOTOS["camera, grey"]()]  # 512x512, as the astronaut
     tables = AreaTables.build([pixels_of(image) for image in images])
     try:
-        as_on_a_gpu = Cascade(detector._mtcnn, chunks={"rnet": 4096, "onet": 4096}).detect(tables)
+        as_on_a_gpu = Cascade(detector._mtcnn, chunks={"pnet": 4096, "rnet": 4096, "onet": 4096}).detect(tables)
     finally:
         for hook in hooks:
             hook.remove()
-    assert [len(faces.boxes) for faces in as_on_a_gpu] == [1, 0, 1]
-    assert calls["pnet"] == sum(len(pyramid_scales(*size, 20, 0.709)) for size in tables.sizes)
+    assert [len(faces.boxes) for faces in as_on_a_gpu] == [1, 0, 1, 1]
+    assert calls["pnet"] == sum(len(pyramid_scales(*size, 20, 0.709)) for size in set(tables.sizes))
+    assert len(set(tables.sizes)) < len(images)  # one P-Net call per size and scale, not per image
     assert (calls["rnet"], calls["onet"]) == (1, 1)
     # The CPU's small calls give the same faces.
     for chunked, whole in zip(detector._cascade.detect(tables), as_on_a_gpu):
