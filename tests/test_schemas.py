@@ -3,11 +3,12 @@
 import subprocess
 import sys
 
+import numpy as np
 import orjson
 import pytest
 
 from schemas.codec import InvalidEvent, decode_request, encode
-from schemas.events import DeadLetter, ResultEvent, make_event_id
+from schemas.events import DeadLetter, ImageInfo, ModelInfo, ResultEvent, make_event_id
 from schemas.export import SCHEMA_DIR, render
 from schemas.operations import InvalidParams, UnsupportedOperation, describe_operations, resolve_params
 
@@ -78,6 +79,21 @@ def test_result_event_round_trips_through_the_codec():
     event = ResultEvent(event_id="r/o", request_id="r", operation_id="o", type="embed_clip_vit_b_32",
                         status="success", data=[0.5, -0.25])
     assert ResultEvent.model_validate_json(encode(event)) == event
+
+
+def test_encoding_writes_what_model_dump_holds_with_embeddings_straight_from_numpy():
+    vector = np.linspace(-1, 1, 512, dtype=np.float32)
+    event = ResultEvent(event_id="r/o", request_id="r", operation_id="o", type="embed_clip_vit_b_32",
+                        status="success", data=vector, image=ImageInfo(url="https://example.org/a.jpg", width=4,
+                                                                       height=3, sha256="ab" * 32),
+                        model=ModelInfo(name="ViT-B-32-quickgelu", weights="random", dim=512),
+                        metadata={"photo_id": 1, "tags": ["a"]}, timings_ms={"fetch": 1.5}, reused=True)
+    expected = orjson.dumps(event.model_dump(), option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_UTC_Z)
+    assert encode(event) == expected
+    back = ResultEvent.model_validate_json(encode(event))  # and it is a valid result event
+    assert np.allclose(back.data, vector, atol=0) and back.image == event.image and back.reused
+    request = decode_request(_with(metadata={"photo_id": 7}))
+    assert orjson.loads(encode(request)) == orjson.loads(orjson.dumps(request.model_dump(), option=orjson.OPT_UTC_Z))
 
 
 def test_dead_letter_headers_round_trip():
