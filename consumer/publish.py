@@ -73,6 +73,13 @@ def fit_result(result: ResultEvent, limit: int, crops: BlobStore) -> Fitted:
 _TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
 
 
+class PublishRefused(Exception):
+    """A record the client failed to send for a reason of its own, not the broker's (retrying cannot help)."""
+
+
+_REFUSED = (*_TOO_LARGE, PublishRefused)
+
+
 class PublishAbandoned(Exception):
     """A publish given up because the worker is stopping; the request stays uncommitted and is redone."""
 
@@ -93,6 +100,10 @@ class Publisher:
         self.max_message_bytes = max_message_bytes
         self.outcomes: Counter[tuple[str, str]] = Counter()
 
+    def failure_samples(self) -> list[tuple[dict[str, str], float]]:
+        """`outcomes` as labelled samples for imgstream_publish_failures_total."""
+        return [({"kind": kind, "outcome": outcome}, n) for (kind, outcome), n in self.outcomes.items()]
+
     async def _send(self, kind: str, topic: str, key: bytes | None, value: bytes,
                     headers: list[tuple[str, bytes]] | None = None, stop: asyncio.Event | None = None) -> None:
         delay = 0.2
@@ -103,7 +114,7 @@ class Publisher:
             except _TOO_LARGE:
                 self.outcomes[kind, "refused"] += 1
                 raise
-            except KafkaError as exc:
+            except (KafkaError, OSError) as exc:
                 # Keep trying: the request's offset is not committed until this succeeds. At
                 # shutdown give up instead; the uncommitted request is redone after the restart.
                 if stop is not None and stop.is_set():
@@ -113,9 +124,12 @@ class Publisher:
                 log.warning("publish to %s failed (%s); retrying in %.1fs", topic, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+            except Exception as exc:  # noqa: BLE001 - not the broker's: the same record would fail again
+                self.outcomes[kind, "refused"] += 1
+                raise PublishRefused(f"{type(exc).__name__}: {exc}") from exc
 
     async def results(self, request_id: str, payloads: list[bytes],
-                      stop: asyncio.Event | None = None) -> dict[int, KafkaError]:
+                      stop: asyncio.Event | None = None) -> dict[int, Exception]:
         """Publish every payload; returns the ones the broker refused for good, by index.
 
         Raises PublishAbandoned if the worker began stopping while some could not be sent.
@@ -124,9 +138,9 @@ class Publisher:
         sent = await asyncio.gather(*(self._send("results", self.results_topic, key, p, stop=stop)
                                       for p in payloads), return_exceptions=True)
         for outcome in sent:
-            if isinstance(outcome, BaseException) and not isinstance(outcome, _TOO_LARGE):
+            if isinstance(outcome, BaseException) and not isinstance(outcome, _REFUSED):
                 raise outcome
-        return {i: outcome for i, outcome in enumerate(sent) if isinstance(outcome, _TOO_LARGE)}
+        return {i: outcome for i, outcome in enumerate(sent) if isinstance(outcome, _REFUSED)}
 
     async def dead_letter(self, key: bytes | None, value: bytes | None, letter: DeadLetter,
                           stop: asyncio.Event | None = None) -> None:

@@ -26,7 +26,7 @@ from consumer.fetch import (
     address_block_reason,
     parse_retry_after,
 )
-from schemas.config import DecodeConfig, FetchConfig
+from schemas.config import DecodeConfig, FetchConfig, WorkerConfig
 from schemas.events import ImageRef
 
 
@@ -488,6 +488,21 @@ async def test_blob_outside_the_roots_is_refused(tmp_path: Path) -> None:
         err = await fetch_error(config, blob=reference)
         assert err.code == "image_fetch_failed"
         assert "outside" in err.message
+
+
+async def test_no_blob_roots_refuses_every_file_blob(tmp_path: Path) -> None:
+    path = tmp_path / "a.png"
+    path.write_bytes(PNG)
+    for config in (local_config(blob_roots=[]), local_config()):  # empty, and unset on a bare fetcher
+        err = await fetch_error(config, blob=path.as_uri())
+        assert err.code == "image_fetch_failed"
+        assert "fetch.blob_roots" in err.message
+
+
+def test_an_empty_blob_roots_setting_means_none_not_anything() -> None:
+    assert WorkerConfig(fetch=FetchConfig(blob_roots=[])).file_blob_roots() == []
+    default = WorkerConfig(blobs={"dir": "/srv/imgstream/blobs"}).file_blob_roots()
+    assert default == ["/srv/imgstream/blobs"]  # unset: the blob store directory submit writes to
 
 
 async def test_large_blob_is_too_large(tmp_path: Path) -> None:

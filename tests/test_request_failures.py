@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 import consumer.worker as worker_module
+from consumer.metrics import WorkerMetrics
 from consumer.publish import Fitted, PublishAbandoned, Publisher
 from consumer.worker import Worker
 from producer.embedded_broker import EmbeddedBroker
@@ -163,7 +165,36 @@ async def test_results_the_broker_refuses_become_error_results_and_the_request_g
         assert b"face_no_crop" in headers["imgstream.reason"]
         assert await until_committed(broker, worker.config.kafka.group, topics.requests, 1) == 1
         assert worker.publisher.outcomes["results", "refused"] == 1
+        assert worker.metrics.value("imgstream_publish_failures_total", kind="results", outcome="refused") == 1
         assert worker.metrics.value("imgstream_dlq_records_total", reason="publish_failed") == 1
+
+
+async def test_a_result_the_client_fails_to_send_is_answered_and_dead_lettered(
+        broker, topics, engine, tmp_path, astronaut):
+    async with running_worker(broker, topics, engine, fetch=FetchConfig(blob_roots=[str(tmp_path)]),
+                              blobs={"dir": str(tmp_path / "blobs")}) as worker:
+        while worker.publisher is None:  # the worker makes its producer as it starts
+            await asyncio.sleep(0.05)
+        producer = worker.publisher.producer
+        real_send = producer.send_and_wait
+
+        async def send_or_fail(topic, value=None, key=None, **kwargs):
+            if topic == topics.results and b'"operation_id":"box"' in value and b'"status":"success"' in value:
+                raise TypeError("a bug in the client's encoding")  # not a broker error: no retry can help
+            return await real_send(topic, value=value, key=key, **kwargs)
+
+        producer.send_and_wait = send_or_fail
+        value = request_bytes("client", {"blob": astronaut.as_uri()}, TASKS)
+        await produce_paced(broker, topics.requests, [(b"client", value)])
+        results = await results_by_op(broker, topics.results, 3)
+        box = results["client", "box"]
+        assert (box.status, box.error_code) == ("error", "publish_failed")
+        assert "a bug in the client's encoding" in box.error_message
+        assert results["client", "face_crop"].status == "success"
+        (letter,) = await consume_all(broker, topics.dlq, 1, timeout_s=30)
+        assert letter.key == b"client" and letter.value == value
+        assert await until_committed(broker, worker.config.kafka.group, topics.requests, 1) == 1
+        assert worker.metrics.value("imgstream_requests_unhandled_total") == 0
 
 
 async def test_file_blobs_outside_the_root_are_refused_by_default(broker, topics, engine, tmp_path, astronaut):
@@ -207,6 +238,15 @@ async def test_publishes_give_up_at_shutdown_and_are_counted():
         with pytest.raises(PublishAbandoned):
             await asyncio.wait_for(publisher.results("r", [b"{}"], stop=stop), 30)
         assert publisher.outcomes["results", "abandoned"] == 1
+        # What /metrics shows of them, through the worker's collector and prometheus-client's parser.
+        metrics = WorkerMetrics()
+        metrics.add_live_counter("imgstream_publish_failures_total", "test", publisher.failure_samples)
+        body, _ = metrics.exposition()
+        samples = {(s.labels["kind"], s.labels["outcome"]): s.value
+                   for family in text_string_to_metric_families(body.decode()) for s in family.samples
+                   if s.name == "imgstream_publish_failures_total"}
+        assert samples["dlq", "abandoned"] == 1 and samples["results", "abandoned"] == 1
+        assert samples["dlq", "retried"] >= 1
     finally:
         with contextlib.suppress(Exception):  # closing may time out against the missing broker
             await asyncio.wait_for(producer.stop(), 10)
