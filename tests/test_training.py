@@ -473,6 +473,37 @@ async def test_trains_from_the_sink_tables_joined_by_a_metadata_key(db, tmp_path
     assert set(index_of(classifiers)) == {"5", "6"}
 
 
+async def test_trains_from_the_embedded_database_it_starts_on_data_dir(tmp_path):
+    import shutil
+    import tempfile
+
+    from consumer.embedded_pg import start_embedded_postgres
+
+    # Not under pytest's basetemp (see conftest's `pg`): pgserver runs postgres as another user.
+    parent = tempfile.mkdtemp(prefix="imgstream-pg-train-")
+    data_dir = f"{parent}/pgdata"
+    embedded = await asyncio.to_thread(start_embedded_postgres, data_dir)  # as `imgstream sink` leaves it
+    try:
+        keys, latent, clip, _ = latent_data(60, classes=2)
+        store = await PgStore.connect(embedded.uri)
+        try:
+            await store.ensure_schema()
+            await store.write([row_from_event(embedding_event(k, CLIP, clip[i])) for i, k in enumerate(keys)])
+        finally:
+            await store.close()
+        labels = write_labels(tmp_path / "labels.csv", [(8, k, c == 0) for k, c in zip(keys, latent)])
+        classifiers, report = tmp_path / "classifiers", tmp_path / "report.json"
+        code = await asyncio.to_thread(train, "--labels", labels, "--data-dir", data_dir, "--out", classifiers,
+                                       "--report", report)
+        assert code == 0
+        outcome = report_of(report, 8)
+        assert outcome["status"] == "promoted" and outcome["examples"]["with_embeddings"] == 60
+        assert index_of(classifiers)["8"]["embedding_type"] == CLIP
+    finally:
+        await asyncio.to_thread(embedded.stop)
+        shutil.rmtree(parent, ignore_errors=True)
+
+
 # -- the command and the store that serves its output -----------------------------------------
 
 def test_help_and_lazy_imports():

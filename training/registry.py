@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -138,7 +139,9 @@ class Registry:
         folder = self.directory / collection_folder(collection_id)
         folder.mkdir(parents=True, exist_ok=True)
         model_file = f"{collection_folder(collection_id)}/{version_id}.pkl"
-        joblib.dump(model, self.directory / model_file)
+        pickled = io.BytesIO()  # a classifier is small: written whole, so a crash leaves no half file
+        joblib.dump(model, pickled)
+        _write_atomically(self.directory / model_file, pickled.getvalue())
         raw = {
             "format": MANIFEST_FORMAT, "collection_id": collection_id, "version": version_id, "sequence": sequence,
             "created_at": now.isoformat(timespec="seconds"), "model_file": model_file, **manifest,
