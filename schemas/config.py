@@ -19,11 +19,14 @@ DAY_MS = 24 * 3600 * 1000
 
 
 class Topics(BaseModel):
-    requests: str = Field(default="imgstream.requests", description="Topic crawlers and `submit` publish requests to.")
+    requests: str = Field(default="imgstream.requests", description="Topic crawlers and `submit` publish requests to. "
+                          "Change all four names to run two deployments on one cluster.")
     replay: str = Field(default="imgstream.replay", description="Topic `imgstream replay` publishes to; workers "
                         "read it beside the requests topic.")
-    results: str = Field(default="imgstream.results", description="Topic workers publish one result per task to.")
-    dlq: str = Field(default="imgstream.dlq", description="Topic for events that are not valid requests.")
+    results: str = Field(default="imgstream.results", description="Topic workers publish one result per task to; the sink "
+                         "and `submit --wait` read it.")
+    dlq: str = Field(default="imgstream.dlq", description="Topic for events that are not valid requests (and requests "
+                     "whose results the broker refused); watch its rate.")
 
 
 CompressionType = Literal["producer", "uncompressed", "gzip", "snappy", "lz4", "zstd"]
@@ -35,11 +38,13 @@ class TopicSettings(BaseModel):
     partitions: int = Field(default=12, ge=1, description="Partitions: the most workers (or sinks) that can share "
                             "the topic's load. Set before the first event: adding partitions later moves keys.")
     retention_ms: int = Field(default=7 * DAY_MS, ge=-1, description="`retention.ms`: how long records are kept "
-                              "(-1: forever).")
+                              "(-1: forever). Longer on requests widens what `imgstream replay` can reprocess; "
+                              "on results, how far back a new sink can rebuild its tables.")
     compression_type: CompressionType = Field(default="producer", description="`compression.type`: `producer` "
-                                              "keeps what producers send; a codec makes the broker store that.")
+                                              "keeps what producers send; a codec makes the broker store that "
+                                              "(zstd suits results, whose float text compresses about 2x).")
     max_message_bytes: int | None = Field(default=None, ge=1, description="`max.message.bytes`; unset: "
-                                          "`kafka.max_message_bytes`.")
+                                          "`kafka.max_message_bytes`. Set it only together with that setting.")
 
 
 # Why each topic differs from the TopicSettings defaults: docs/DEPLOY.md "Topics".
@@ -73,10 +78,12 @@ class TopicSettingsByTopic(BaseModel):
 
 
 class KafkaConfig(BaseModel):
-    bootstrap: str = Field(default="127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port].")
+    bootstrap: str = Field(default="127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port]. "
+                           "Set it in every deployment; list two or three brokers so a start survives one down.")
     group: str = Field(default="imgstream-workers", description="The workers' consumer group; every worker of one "
                        "deployment shares it. A second group would process every request again.")
-    client_id: str = Field(default="imgstream", description="Prefix of the Kafka client ids (broker logs, quotas).")
+    client_id: str = Field(default="imgstream", description="Prefix of the Kafka client ids (broker logs, "
+                           "quotas). Change it when the cluster's quotas or logs must tell deployments apart.")
     topics: Topics = Field(default_factory=Topics)
     topic_settings: TopicSettingsByTopic = Field(default_factory=TopicSettingsByTopic)
     max_message_bytes: int = Field(
@@ -106,15 +113,20 @@ class KafkaConfig(BaseModel):
 class FetchConfig(BaseModel):
     total_timeout_s: float = Field(default=20.0, gt=0, description="Deadline for one fetch, retries included. "
                                    "Raise it for slow image hosts.")
-    connect_timeout_s: float = Field(default=5.0, gt=0, description="Deadline for the TCP and TLS connect.")
+    connect_timeout_s: float = Field(default=5.0, gt=0, description="Deadline for the TCP and TLS connect. "
+                                     "Lower it when dead hosts hold fetch slots; raise it for far-away hosts.")
     max_bytes: int = Field(default=20 * 1024 * 1024, gt=0, description="Larger images are `image_too_large`. "
                            "Raise it for very large originals; it is also a worker's memory per fetch.")
-    max_redirects: int = Field(default=5, ge=0, description="Redirects followed per fetch.")
-    retries: int = Field(default=2, ge=0, description="Retries for timeouts, 5xx and 429.")
-    backoff_s: float = Field(default=0.5, ge=0, description="First retry delay; it doubles per retry.")
+    max_redirects: int = Field(default=5, ge=0, description="Redirects followed per fetch (more is "
+                               "`image_fetch_failed`). Rarely worth changing.")
+    retries: int = Field(default=2, ge=0, description="Retries for timeouts, 5xx and 429. Lower "
+                         "it when a failing host should cost less; 4xx are never retried.")
+    backoff_s: float = Field(default=0.5, ge=0, description="First retry delay; it doubles per retry. "
+                            "Raise it for hosts that answer 429 (rate limits).")
     allow_private_addresses: bool = Field(
         default=False,
-        description="Allow URLs that resolve to loopback, private, link-local or metadata addresses.",
+        description="Allow URLs that resolve to loopback, private, link-local or metadata addresses. Only for "
+        "images on an internal store the workers must reach (and tests): it lets requests probe your network.",
     )
     user_agent: str = Field(default="imgstream/0.1", description="User-Agent of image fetches; image hosts may "
                             "ask for a contact address in it.")
@@ -140,7 +152,8 @@ class BatchConfig(BaseModel):
     max_wait_ms: float = Field(default=5.0, ge=0, description="A ceiling, not a tax: a free device starts a "
                                "batch at once, and holds a small one back at most this long, only while more "
                                "images are being decoded.")
-    max_queue: int = Field(default=1024, ge=1, description="Items that may wait for this model.")
+    max_queue: int = Field(default=1024, ge=1, description="Items that may wait for this model; "
+                           "beyond it callers wait. Rarely worth changing: max_in_flight bounds the work first.")
 
 
 def _default_batching() -> dict[str, BatchConfig]:
@@ -153,7 +166,8 @@ class ModelsConfig(BaseModel):
     weights: Literal["pretrained", "random"] = Field(
         default="pretrained", description="pretrained: the real weights; random: the same architectures with "
         "seeded random weights (tests, machines without the weights).")
-    seed: int = Field(default=0, description="Seed of the random weights.")
+    seed: int = Field(default=0, description="Seed of the random weights (with "
+                      "weights=random only; results of other seeds never share a reuse entry).")
     device: str = Field(default="auto", description="auto (every GPU when there are any, else the CPU), cpu, "
                         "cuda (every visible GPU: a model replica on each, every batch to the least busy), cuda:N "
                         "(that one), or a list such as cuda:0,cuda:2.")
@@ -227,13 +241,14 @@ class SinkConfig(BaseModel):
         default=None, description="PostgreSQL URI, e.g. postgresql://user:password@host:5432/db?sslmode=require; "
         "unset: the embedded server (pgserver) starts on data_dir, for development."
     )
-    data_dir: str = Field(default=".imgstream/pgdata", description="Data directory of the embedded PostgreSQL.")
+    data_dir: str = Field(default=".imgstream/pgdata", description="Data directory of the embedded "
+                          "PostgreSQL (development); `search` and `train-classifiers --data-dir` read the same.")
     group: str = Field(default="imgstream-sink", description="The sinks' consumer group; more sinks in it write "
                        "in parallel, one per few results partitions.")
     batch_max_records: int = Field(default=500, ge=1, description="Records per database transaction: larger "
                                    "batches write faster, smaller ones show results sooner.")
     batch_max_ms: float = Field(default=500.0, ge=0, description="A batch is written at the latest this many ms "
-                                "after its first record.")
+                                "after its first record. Lower it when results must be searchable sooner.")
     hnsw_m: int = Field(default=16, ge=2, le=100, description="HNSW graph degree of new embedding "
                         "tables (pgvector's default); higher: better recall, more memory, slower inserts.")
     hnsw_ef_construction: int = Field(
@@ -248,22 +263,30 @@ RankMetric = Literal["average_precision", "f1", "precision", "recall"]
 class TrainingConfig(BaseModel):
     """`imgstream train-classifiers`: how models are fitted, compared and kept."""
 
-    keep_versions: int = Field(default=10, ge=1, description="Versions kept per collection (the best ranked).")
+    keep_versions: int = Field(default=10, ge=1, description="Versions kept per collection (the best "
+                               "ranked); raise it to keep more history to roll back to.")
     rank_metric: RankMetric = Field(default="average_precision",
-                                    description="Held-out metric the bake-off ranks versions by.")
+                                    description="Held-out metric the bake-off ranks versions by. "
+                                    "precision when false positives cost most, recall when misses do.")
     holdout_fraction: float = Field(
         default=0.2, ge=0.0, le=0.5,
-        description="Share of each class held out from training, drawn from keys no stored version trained on.",
+        description="Share of each class held out from training, drawn from keys no stored version trained on. "
+        "Lower it for small collections (more to train on), at the cost of a noisier bake-off.",
     )
     min_holdout_per_class: int = Field(
-        default=5, ge=1, description="Positives and negatives the held-out set needs for a bake-off.",
+        default=5, ge=1, description="Positives and negatives the held-out set needs for a bake-off; fewer "
+        "keeps the current model. Raise it for decisions that must rest on more evidence.",
     )
     min_examples_per_class: int = Field(
-        default=5, ge=2, description="Positives and negatives with embeddings a collection needs to train.",
+        default=5, ge=2, description="Positives and negatives with embeddings a collection needs to train "
+        "(fewer: skipped). A classifier from fewer examples rarely generalises.",
     )
     c_grid: list[PositiveFloat] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0], min_length=1,
-                                description="Inverse regularisation strengths tried by cross-validation.")
-    cv_folds: int = Field(default=5, ge=2, description="Stratified folds for C and the threshold.")
+                                description="Inverse regularisation strengths tried by "
+                                "cross-validation; widen it when the best C is at either end of the grid (see the "
+                                "report).")
+    cv_folds: int = Field(default=5, ge=2, description="Stratified folds for C and the threshold; "
+                          "fewer for collections with few positives (each fold needs some).")
     target_precision: float | None = Field(
         default=None, gt=0.0, le=1.0,
         description="Choose the threshold that reaches this out-of-fold precision (highest recall); "
@@ -300,7 +323,8 @@ class WorkerConfig(BaseModel):
         description="On a rebalance: time to finish the revoked partitions' requests before they are abandoned "
         "to the new owner (keep it under the group's rebalance timeout).",
     )
-    log_level: str = Field(default="INFO", description="DEBUG, INFO or WARNING.")
+    log_level: str = Field(default="INFO", description="DEBUG, INFO or WARNING. DEBUG logs a line per "
+                           "request (costly above a few hundred requests/s); WARNING keeps only problems.")
     replay_share: float = Field(
         default=0.2, ge=0.0, le=1.0, description="While live requests wait, replayed ones (the replay topic) may "
         "hold at most this share of max_in_flight and of each model batch; with the live lane idle, replay may use "

@@ -168,7 +168,9 @@ def test_same_seed_gives_identical_embeddings(
         return model.run_batch([model.preprocess(small)])[0]
 
     first = request.getfixturevalue(key)
-    np.testing.assert_array_equal(embed(load_model(key, RANDOM, CPU)), embed(first))
+    # The same weights give the same vector (up to the last bits a kernel choice may change);
+    # another seed gives a different one.
+    np.testing.assert_allclose(embed(load_model(key, RANDOM, CPU)), embed(first), rtol=0, atol=1e-5)
     assert not np.allclose(embed(load_model(key, ModelsConfig(weights="random", seed=1), CPU)), embed(first))
 
 
@@ -286,7 +288,8 @@ def test_caption_is_deterministic_across_loads(caption: Model, small: PIL.Image.
 
 # --- pretrained loading from local files (the code path real weights take) ----------------
 # The files hold the same seeded random weights, built with the loaders' public pieces, so a
-# model loaded from them must match the fixture bit for bit.
+# model loaded from them must compute what the fixture computes (within float noise; a caption,
+# greedy over the same logits, is the same text).
 
 
 def test_dino_loads_from_a_local_directory(tmp_path: Path, dino: Model, small: PIL.Image.Image) -> None:
@@ -297,7 +300,7 @@ def test_dino_loads_from_a_local_directory(tmp_path: Path, dino: Model, small: P
     local = load_model("dino", ModelsConfig(dino_model=str(tmp_path)), CPU)
     assert (local.info.name, local.info.weights, local.info.dim) == (str(tmp_path), "pretrained", 768)
     expected = dino.run_batch([dino.preprocess(small)])[0]
-    np.testing.assert_array_equal(local.run_batch([local.preprocess(small)])[0], expected)
+    np.testing.assert_allclose(local.run_batch([local.preprocess(small)])[0], expected, rtol=0, atol=1e-5)
 
 
 def test_caption_loads_from_a_local_directory(tmp_path: Path, caption: Model, small: PIL.Image.Image) -> None:
@@ -319,7 +322,7 @@ def test_clip_loads_a_local_checkpoint(tmp_path: Path, clip: Model, small: PIL.I
     local = load_model("clip", ModelsConfig(clip_weights_path=str(tmp_path / "clip.pt")), CPU)
     assert (local.info.name, local.info.weights) == ("ViT-B-32-quickgelu", str(tmp_path / "clip.pt"))
     expected = clip.run_batch([clip.preprocess(small)])[0]
-    np.testing.assert_array_equal(local.run_batch([local.preprocess(small)])[0], expected)
+    np.testing.assert_allclose(local.run_batch([local.preprocess(small)])[0], expected, rtol=0, atol=1e-5)
 
 
 def test_person_loads_a_local_state_dict(tmp_path: Path) -> None:
