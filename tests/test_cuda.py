@@ -15,7 +15,7 @@ import torch
 from skimage import data
 
 from analysis.engine import Engine
-from analysis.imaging import decode_image, pixels_of
+from analysis.imaging import ImageError, decode_image, pixels_of
 from analysis.models.clip import ClipModel
 from analysis.models.dino import DinoModel
 from analysis.models.face import FaceDetector
@@ -46,6 +46,9 @@ async def test_nvjpeg_decodes_in_batches_like_pillow_with_exif_applied():
             assert image.pixels.shape == reference.pixels.shape
             assert (image.pixels.cpu().int() - reference.pixels.int()).abs().float().mean() < 2.0
         assert engine.batch_stats()["decode"]["calls"] < len(jpegs)  # batched across requests
+        with pytest.raises(ImageError) as info:  # cut in half: nvJPEG might decode what is there, Pillow refuses it
+            await engine.decode(jpegs[0][:len(jpegs[0]) // 2], DecodeConfig())
+        assert info.value.code == "image_undecodable"
     finally:
         await engine.close()
 

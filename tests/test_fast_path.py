@@ -98,9 +98,10 @@ async def test_device_decode_batches_jpegs_and_falls_back_to_pillow(photos):
         assert (decoded[-2].width, decoded[-2].height) == (photos[1].height, photos[1].width)  # EXIF applied
         stats = engine.batch_stats()["decode"]
         assert stats["items"] == len(jpegs)  # the PNG went to Pillow
-        with pytest.raises(ImageError) as info:  # the device decoder refuses it, Pillow says why
+        with pytest.raises(ImageError) as info:  # cut short: no end marker, so Pillow decodes it and says why
             await engine.decode(jpegs[0][:2000], config)
         assert info.value.code == "image_undecodable"
+        assert engine.batch_stats()["decode"]["items"] == len(jpegs)  # never handed to the device decoder
         with pytest.raises(ImageError) as info:  # the pixel limit holds before any decoding
             await engine.decode(jpegs[0], DecodeConfig(max_pixels=1000))
         assert info.value.code == "image_too_large"
