@@ -685,24 +685,27 @@ def _synchronize(device: Any) -> None:
 
 def sweep_batch_sizes(model: Any, items: list[Any], sizes: tuple[int, ...], min_s: float,
                       device: Any) -> dict[int, float]:
-    """Items/s of forward at each batch size (batches cycle through `items`, collated untimed), each timed >= min_s."""
+    """Items/s of forward at each batch size, each timed >= min_s. The batches (collated untimed)
+    take the items in turn, so every size sees the whole mix of photos: a detector's cost
+    follows each photo's size, and a batch of one must not time the first photo only."""
     rates: dict[int, float] = {}
     for index, size in enumerate(sizes):
-        batch = model.collate([items[i % len(items)] for i in range(size)])
+        count = -(-len(items) // size)  # enough batches to hold every item once
+        batches = [model.collate([items[(b * size + i) % len(items)] for i in range(size)]) for b in range(count)]
         _synchronize(device)
         # A warm-up call per size on CUDA (new shapes); on the CPU one at the first size, which is
         # also counted when it alone takes min_s (a slow model gains nothing from a second call).
         calls, elapsed = 0, 0.0
         if device.type == "cuda" or index == 0:
             started = time.perf_counter()
-            model.forward(batch)
+            model.forward(batches[0])
             _synchronize(device)
             warm = time.perf_counter() - started
             if device.type == "cpu" and warm >= min_s:
                 calls, elapsed = 1, warm
-        while calls < 1 or elapsed < min_s:
+        while calls < count or elapsed < min_s:  # every batch at least once
             started = time.perf_counter()
-            model.forward(batch)
+            model.forward(batches[calls % count])
             _synchronize(device)
             elapsed += time.perf_counter() - started
             calls += 1
