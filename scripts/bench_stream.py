@@ -759,7 +759,7 @@ def seed_person_box(person: Any, image: Any) -> list[int] | None:
     from torchvision.transforms.functional import to_tensor
 
     with torch.no_grad():
-        output = person._model([to_tensor(image).to(person.device)])[0]
+        output = stock_person(person)([to_tensor(image).to(person.device)])[0]
     keep = (output["labels"] == 1) & (output["scores"] >= PERSON_MIN_SCORE)
     if not bool(keep.any()):
         return None
@@ -767,6 +767,23 @@ def seed_person_box(person: Any, image: Any) -> list[int] | None:
     x0, y0, x1, y1 = output["boxes"][keep][best].cpu().numpy().astype(int).tolist()
     width, height = image.size
     return [max(0, min(x0, width)), max(0, min(y0, height)), max(0, min(x1, width)), max(0, min(y1, height))]
+
+
+_STOCK_PERSON: dict[str, Any] = {}
+
+
+def stock_person(person: Any) -> Any:
+    """torchvision's Faster R-CNN as the seed ran it: the engine's weights and score threshold in
+    torchvision's default layout (the engine runs its backbone channels-last)."""
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+    key = str(person.device)
+    if key not in _STOCK_PERSON:
+        model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None,
+                                        box_score_thresh=person._model.roi_heads.score_thresh)
+        model.load_state_dict(person._model.state_dict())
+        _STOCK_PERSON[key] = model.to(person.device).eval()
+    return _STOCK_PERSON[key]
 
 
 _STOCK_MTCNN: dict[str, Any] = {}

@@ -225,6 +225,21 @@ def test_person_detector_returns_a_sorted_list_per_image(person: Model, small: P
         assert all(0 <= d.box[0] <= d.box[2] <= width and 0 <= d.box[1] <= d.box[3] <= height for d in detections)
 
 
+def test_person_backbone_runs_channels_last_with_torchvisions_outputs(person: Model, small: PIL.Image.Image) -> None:
+    stock = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None,
+                                    box_score_thresh=person._model.roi_heads.score_thresh)
+    stock.load_state_dict(person._model.state_dict())  # the same weights in torchvision's default layout
+    stock.eval()
+    conv = person._model.backbone.body.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    (item,) = person.collate([person.preprocess(small)])
+    with torch.inference_mode():
+        ours, reference = person._model([item.pixels])[0], stock([item.pixels])[0]
+    np.testing.assert_allclose(ours["scores"][:20].numpy(), reference["scores"][:20].numpy(), atol=1e-4)
+    for box in ours["boxes"][:5]:  # each of our best boxes is one of torchvision's (order may swap on ties)
+        assert (reference["boxes"] - box).abs().max(dim=1).values.min() < 0.5
+
+
 def test_person_collate_shrinks_large_images_only(person: Model) -> None:
     large, kept = person.collate([person.preprocess(blank(2666, 1000)), person.preprocess(blank(160, 120))])
     assert (large.width, large.height) == (2666, 1000)
