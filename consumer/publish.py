@@ -130,7 +130,7 @@ class Publisher:
 
     async def results(self, request_id: str, payloads: list[bytes],
                       stop: asyncio.Event | None = None) -> dict[int, Exception]:
-        """Publish every payload; returns the ones the broker refused for good, by index.
+        """Publish every payload; returns the ones refused for good (by the broker or the client), by index.
 
         Raises PublishAbandoned if the worker began stopping while some could not be sent.
         """
