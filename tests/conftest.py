@@ -15,6 +15,7 @@ from producer.embedded_broker import EmbeddedBroker
 from producer.topics import create_topics
 from schemas.config import Topics
 from tests.kafka_helpers import unique_topics
+from tests.secure_kafka import secure_cluster  # noqa: F401 - a fixture: TLS and SASL listeners
 
 
 def docker_engine_reason() -> str | None:
