@@ -20,7 +20,7 @@ from aiokafka.errors import IllegalStateError, KafkaError
 
 from consumer.pgstore import HnswParams, PgStore, RejectedEvent, Row, SourcePosition, WriteReport, row_from_event
 from consumer.signals import on_stop_signals
-from kafka_clients import BrokerUnreachable, open_consumer
+from kafka_clients import BrokerUnreachable, check_login, open_consumer
 from schemas.codec import decode_result
 from schemas.config import KafkaConfig, SinkConfig
 
@@ -281,6 +281,7 @@ async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:
 
 async def run_sink(kafka: KafkaConfig, sink: SinkConfig) -> int:
     """The `imgstream sink pgvector` command: start the embedded database if no DSN, then sink until a signal."""
+    await check_login(kafka)  # a refused login or certificate ends the start now, before the database waits
     embedded = None
     dsn = sink.dsn
     if dsn is None:

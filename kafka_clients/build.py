@@ -71,10 +71,13 @@ async def open_producer(kafka: KafkaLike, role: str = "producer", **overrides: A
     """A started producer. With `enable_idempotence: auto`, a broker that cannot do it gets a plain one."""
     kafka = kafka_settings(kafka)
     args = producer_args(kafka, role, **overrides)
-    auto = args["enable_idempotence"] and kafka.producer.enable_idempotence == "auto"
     try:
-        return await _started(AIOKafkaProducer(**args), kafka, _NO_IDEMPOTENCE if auto else ())
+        return await _started(AIOKafkaProducer(**args), kafka, _NO_IDEMPOTENCE if args["enable_idempotence"] else ())
     except _NO_IDEMPOTENCE as exc:
+        if kafka.producer.enable_idempotence != "auto":
+            raise KafkaSetupError("configuration", f"the broker refused an idempotent producer "
+                                  f"({type(exc).__name__}): set kafka.producer.enable_idempotence to auto or "
+                                  "false, or grant the principal IdempotentWrite") from None
         log.info("the broker refused an idempotent producer (%s); producing without idempotence "
                  "(kafka.producer.enable_idempotence)", type(exc).__name__)
         return await _started(AIOKafkaProducer(**{**args, "enable_idempotence": False}), kafka)

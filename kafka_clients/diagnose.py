@@ -13,6 +13,7 @@ from typing import Iterator
 
 from aiokafka import errors as kerrors
 from aiokafka.conn import create_conn
+from aiokafka.protocol.metadata import MetadataRequest
 
 from kafka_clients.errors import BrokerUnreachable, KafkaSetupError, explain_runtime_error
 from kafka_clients.security import connection_args
@@ -41,9 +42,7 @@ async def diagnose(kafka: KafkaConfig, original: BaseException) -> KafkaSetupErr
     seen = []
     for host, port in bootstrap_hosts(kafka.bootstrap):
         try:
-            conn = await create_conn(host, port, client_id=f"{kafka.client_id}-probe",
-                                     request_timeout_ms=min(kafka.request_timeout_ms, PROBE_TIMEOUT_MS),
-                                     **connection_args(kafka))
+            await _probe(kafka, host, port)
         except KafkaSetupError as exc:
             return exc
         except (Exception, asyncio.TimeoutError) as exc:  # noqa: BLE001 - whatever it is, it is classified
@@ -52,9 +51,20 @@ async def diagnose(kafka: KafkaConfig, original: BaseException) -> KafkaSetupErr
                 return setup
             seen.append(f"{host}:{port}: {_brief(exc)}")
             continue
-        conn.close()
         seen.append(f"{host}:{port} answers")
     return BrokerUnreachable(f"{_brief(original)} ({'; '.join(seen)})")
+
+
+async def _probe(kafka: KafkaConfig, host: str, port: int) -> None:
+    """Connect (TLS, SASL) and ask for metadata, as a client's bootstrap does, letting the cause escape."""
+    conn = await create_conn(host, port, client_id=f"{kafka.client_id}-probe",
+                             request_timeout_ms=min(kafka.request_timeout_ms, PROBE_TIMEOUT_MS),
+                             **connection_args(kafka))
+    try:
+        # Some refusals only show here: a missing client certificate under TLS 1.3, a refused OAUTHBEARER token.
+        await conn.send(MetadataRequest([]))
+    finally:
+        conn.close()
 
 
 def classify(exc: BaseException, kafka: KafkaConfig, host: str, port: int) -> KafkaSetupError | None:
@@ -87,11 +97,29 @@ def classify(exc: BaseException, kafka: KafkaConfig, host: str, port: int) -> Ka
         if isinstance(cause, kerrors.UnsupportedSaslMechanismError):
             return KafkaSetupError("authentication", f"{where} does not offer SASL {kafka.sasl_mechanism} "
                                    f"({_brief(cause)}): set kafka.sasl_mechanism to one it offers")
-        explained = explain_runtime_error(cause, f"log in to {where} as {kafka.sasl_username or 'this client'} "
-                                          f"with {kafka.sasl_mechanism}")
+        explained = explain_runtime_error(cause, f"{kafka.sasl_username or 'this client'} with "
+                                          f"{kafka.sasl_mechanism} at {where}")
         if explained is not None:
             return explained
-    return None
+    return _closed_at_once(exc, kafka, where)
+
+
+def _closed_at_once(exc: BaseException, kafka: KafkaConfig, where: str) -> KafkaSetupError | None:
+    """A broker that accepts the connection, then closes it at the first request, refuses how we talk to it."""
+    if not (isinstance(exc, kerrors.KafkaConnectionError) and "closed" in str(exc)):
+        if kafka.security_protocol.endswith("SSL") and isinstance(exc, ConnectionResetError):
+            return KafkaSetupError("tls", f"TLS: {where} reset the connection at the TLS handshake: it does not "
+                                   f"speak TLS; check kafka.security_protocol ({kafka.security_protocol}) and the "
+                                   "port")
+        return None
+    if kafka.sasl_mechanism == "OAUTHBEARER" and kafka.security_protocol.startswith("SASL_"):
+        # Kafka answers a bad token with an error challenge that aiokafka takes for success, then closes.
+        return KafkaSetupError("authentication", f"{where} closed the connection after the OAUTHBEARER login: "
+                               "it refused the token; check kafka.oauth (provider, client id and secret, scope, "
+                               "extensions)")
+    return KafkaSetupError("configuration", f"{where} accepted the connection but closed it at the first "
+                           f"request: its listener expects another protocol than {kafka.security_protocol} "
+                           "(TLS, or a SASL login); check kafka.security_protocol and the port")
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:

@@ -41,8 +41,8 @@ _AUTHENTICATION = (kerrors.SaslAuthenticationFailed, kerrors.AuthenticationFaile
 
 
 def explain_runtime_error(exc: BaseException, what: str) -> KafkaSetupError | None:
-    """A KafkaSetupError for an error met while running (`what`: e.g. "read imgstream.requests"), or None
-    when the error is one that retrying can fix."""
+    """A KafkaSetupError for an error that retrying cannot fix, or None. `what` says what was being done
+    ("write to imgstream.results", "alice with SCRAM-SHA-512 at host:9093")."""
     if isinstance(exc, kerrors.TopicAuthorizationFailedError):
         return KafkaSetupError("authorization", f"not authorized to {what}: grant this principal the topic ACL "
                                f"it needs (Read for consumers, Write for producers) or fix the topic name in "
@@ -54,8 +54,9 @@ def explain_runtime_error(exc: BaseException, what: str) -> KafkaSetupError | No
         return KafkaSetupError("authorization", f"not authorized to {what}: {type(exc).__name__} "
                                f"({_detail(exc)}); grant this principal the cluster ACL it needs")
     if isinstance(exc, _AUTHENTICATION):
-        return KafkaSetupError("authentication", f"the cluster refused our login while we {what} "
-                               f"({_detail(exc)}): check kafka.sasl_username and kafka.sasl_password")
+        return KafkaSetupError("authentication", f"login refused ({what}): {_detail(exc)}; check "
+                               "kafka.sasl_username and kafka.sasl_password (IMGSTREAM_KAFKA__SASL_PASSWORD or "
+                               "IMGSTREAM_KAFKA__SASL_PASSWORD_FILE)")
     return None
 
 

@@ -19,7 +19,13 @@ def tls_context(kafka: KafkaConfig) -> ssl.SSLContext:
                               f"PEM CA bundle: {_reason(exc)}") from None
     context.check_hostname = kafka.ssl_check_hostname
     if kafka.ssl_certfile is not None:
-        password = kafka.ssl_key_password.get_secret_value() if kafka.ssl_key_password else None
+        # A callable even without a password: an encrypted key then fails here instead of OpenSSL
+        # asking for a pass phrase on the terminal.
+        secret = kafka.ssl_key_password.get_secret_value() if kafka.ssl_key_password else ""
+
+        def password() -> str:
+            return secret
+
         try:
             context.load_cert_chain(kafka.ssl_certfile, kafka.ssl_keyfile, password=password)
         except (OSError, ssl.SSLError) as exc:
