@@ -152,3 +152,22 @@ def test_help_never_shows_a_secret():
         run = _cli(*command, "--help", environ=environ)
         assert run.returncode == 0, run.stderr
         assert "help-must-not-show" not in run.stdout + run.stderr
+
+
+def test_every_imgstream_variable_the_deployment_sets_is_a_setting():
+    import re
+
+    import yaml
+
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    checked = 0
+    for name, service in compose["services"].items():
+        environment = service.get("environment") or {}
+        given = {k: re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(v)) for k, v in environment.items()
+                 if k.startswith("IMGSTREAM_")}
+        try:
+            load_config(environ=given)
+        except ConfigError as exc:
+            raise AssertionError(f"docker-compose.yml service {name}: {exc}") from None
+        checked += bool(given)
+    assert checked >= 4, checked
