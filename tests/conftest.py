@@ -15,7 +15,7 @@ from producer.embedded_broker import EmbeddedBroker
 from producer.topics import create_topics
 from schemas.config import Topics
 from tests.kafka_helpers import unique_topics
-from tests.secure_kafka import secure_cluster  # noqa: F401 - a fixture: TLS and SASL listeners
+from tests.secure_kafka import acl_listener, secure_cluster  # noqa: F401 - fixtures: TLS, SASL and ACL listeners
 
 
 def docker_engine_reason() -> str | None:

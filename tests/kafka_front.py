@@ -1,4 +1,7 @@
-"""A TLS and SASL front on loopback before a plaintext Kafka broker: real handshakes, then bytes passed through."""
+"""A TLS and SASL front on loopback before a plaintext Kafka broker: real handshakes, then bytes passed through.
+
+With an AclPolicy (tests/kafka_acl.py) the bytes are Kafka frames that the front checks one by one.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +13,14 @@ import socket
 import ssl
 import struct
 import threading
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from producer.embedded_broker import HOST
+from tests.kafka_acl import AclPolicy, AclSession, Answer, Close, Forward
 from tests.sasl_server import (
     ALL_MECHANISMS,
     OAuthBearerServer,
@@ -138,7 +143,10 @@ async def _read_frame(reader: asyncio.StreamReader) -> bytes | None:
 
 @dataclass(frozen=True)
 class FrontEvent:
-    """Something a front saw: kind is tls_failed, authenticated, auth_failed, refused, no_upstream or error."""
+    """Something a front saw: kind is tls_failed, authenticated, auth_failed, refused, denied, no_upstream or error.
+
+    denied: the ACL policy refused a request (detail e.g. "write topic-x: error 29").
+    """
 
     kind: str
     detail: str
@@ -267,7 +275,8 @@ class KafkaFront:
     """A proxy on 127.0.0.1 before a plaintext Kafka broker: TLS (optionally mutual) and/or SASL, then bytes.
 
     Bind with `start()` first (the port is then fixed, so a broker can advertise it), set `upstream`
-    once the broker runs; connections that arrive without an upstream are closed.
+    once the broker runs; connections that arrive without an upstream are closed. With `acl`, every
+    request after login is checked against that policy (which may change while clients run).
     """
 
     def __init__(
@@ -279,6 +288,7 @@ class KafkaFront:
         mechanisms: tuple[str, ...] = (),
         users: Mapping[str, str] | None = None,
         oauth_validate: Callable[[str], bool] | None = None,
+        acl: AclPolicy | None = None,
         port: int = 0,
     ) -> None:
         unknown = set(mechanisms) - set(ALL_MECHANISMS)
@@ -286,6 +296,7 @@ class KafkaFront:
             raise ValueError(f"unsupported SASL mechanisms {sorted(unknown)}")
         self.upstream = upstream
         self.mechanisms = tuple(mechanisms)
+        self.acl = acl
         self.events: list[FrontEvent] = []
         self._port = port
         self._oauth_validate = oauth_validate
@@ -347,6 +358,9 @@ class KafkaFront:
 
         return lookup
 
+    def _note(self, kind: str, detail: str) -> None:
+        self.events.append(FrontEvent(kind, detail))
+
     def _mechanism(self, name: str) -> SaslServer:
         if name == "PLAIN":
             return PlainServer(self._users)
@@ -385,9 +399,15 @@ class KafkaFront:
             except OSError as exc:
                 self.events.append(FrontEvent("no_upstream", f"{self.upstream}: {exc}"))
                 return
-            if self.mechanisms and not await self._authenticate(*client, upstream_reader, upstream_writer):
+            acl = AclSession(self.acl, self._note) if self.acl is not None else None
+            if self.mechanisms and not await self._authenticate(*client, upstream_reader, upstream_writer, acl):
                 return
-            await _pipe(*client, upstream_reader, upstream_writer)
+            if acl is not None:
+                await _checked_pipe(*client, upstream_reader, upstream_writer, acl, self._note)
+            else:
+                await _pipe(*client, upstream_reader, upstream_writer)
+        except asyncio.CancelledError:
+            pass  # stop(): ending quietly, as Python 3.11's start_server logs a cancelled handler as an error
         except Exception as exc:  # a bug in the front: visible in the events and the log, not a silent close
             self.events.append(FrontEvent("error", f"{type(exc).__name__}: {exc}"))
             log.exception("Kafka front on %s failed", self.address)
@@ -416,6 +436,7 @@ class KafkaFront:
         writer: _Sink,
         upstream_reader: asyncio.StreamReader,
         upstream_writer: asyncio.StreamWriter,
+        acl: AclSession | None,
     ) -> bool:
         """Serve ApiVersions (relayed), SaslHandshake and SaslAuthenticate as a SASL listener does."""
         server: SaslServer | None = None
@@ -443,6 +464,9 @@ class KafkaFront:
                 if answer is None:
                     self.events.append(FrontEvent("no_upstream", "upstream closed during ApiVersions"))
                     return False
+                step = acl.request(frame) if acl is not None else None
+                if isinstance(step, Forward) and step.rewrite is not None:
+                    answer = step.rewrite(answer)  # the versions the ACL front can check
                 writer.write(struct.pack(">i", len(answer)) + answer)
                 await writer.drain()
             elif (request is not None and request.api_key == SASL_HANDSHAKE and server is None
@@ -493,6 +517,70 @@ async def _pipe(
              asyncio.ensure_future(copy(upstream_reader, writer))]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _send(sink: _Sink, frame: bytes) -> bool:
+    """Write one frame; False when that end has gone away."""
+    try:
+        sink.write(struct.pack(">i", len(frame)) + frame)
+        await sink.drain()
+    except (ConnectionError, ssl.SSLError, OSError):
+        return False
+    return True
+
+
+async def _checked_pipe(
+    reader: asyncio.StreamReader,
+    writer: _Sink,
+    upstream_reader: asyncio.StreamReader,
+    upstream_writer: asyncio.StreamWriter,
+    acl: AclSession,
+    note: Callable[[str, str], None],
+) -> None:
+    """Pass frames both ways, each request as `acl` says; answers reach the client in request order."""
+    loop = asyncio.get_running_loop()
+    answers: asyncio.Queue[asyncio.Future[bytes]] = asyncio.Queue()
+    owed: deque[tuple[bytes, asyncio.Future[bytes], Callable[[bytes], bytes] | None]] = deque()
+
+    async def requests() -> None:
+        while (frame := await _read_frame(reader)) is not None:
+            step = acl.request(frame)
+            if isinstance(step, Close):
+                note(step.kind, step.reason)
+                return
+            answer: asyncio.Future[bytes] = loop.create_future()
+            if isinstance(step, Answer):
+                answer.set_result(step.frame)
+                answers.put_nowait(answer)
+                continue
+            if step.answered:
+                owed.append((frame[4:8], answer, step.rewrite))  # correlation id
+                answers.put_nowait(answer)
+            if not await _send(upstream_writer, step.frame):
+                return
+
+    async def responses() -> None:
+        while (frame := await _read_frame(upstream_reader)) is not None:
+            if not owed or owed[0][0] != frame[:4]:
+                raise RuntimeError("the broker answered a request the front did not send")
+            _, answer, rewrite = owed.popleft()
+            answer.set_result(rewrite(frame) if rewrite is not None else frame)
+
+    async def deliver() -> None:
+        while True:
+            if not await _send(writer, await (await answers.get())):
+                return
+
+    tasks = [asyncio.ensure_future(job()) for job in (requests, responses, deliver)]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # a bug in the rewriting: _accept records it as an error event
     finally:
         for task in tasks:
             task.cancel()

@@ -16,8 +16,19 @@ Use: the session fixture `secure_cluster` (registered in tests/conftest.py) yiel
 A Listener has .bootstrap (the front, "127.0.0.1:PORT"), .upstream (its Tansu's plaintext listener; Tansu
 advertises the front, so clients come back through it), .security_protocol, .mechanisms and .front, whose
 .events (FrontEvent kind/detail/mechanism/principal: authenticated, auth_failed, tls_failed, refused,
-no_upstream, error) say what the front saw; passwords never appear in them. Start: ~0.1 s for the PKI and
-four Tansu brokers; stop: ~0.5 s. KafkaFront(...) on its own serves ad-hoc listeners (other mechanisms).
+denied, no_upstream, error) say what the front saw; passwords never appear in them. Start: ~0.1 s for the
+PKI and four Tansu brokers; stop: ~0.5 s. KafkaFront(...) on its own serves ad-hoc listeners (other mechanisms).
+
+Authorization and missing topics: the function-scoped fixture `acl_listener` (~0.03 s to start) yields a
+PLAINTEXT Listener with its own Tansu whose front answers as a Kafka cluster with ACLs and without topic
+auto-creation, per `listener.acl`, an AclPolicy (tests/kafka_acl.py) that starts empty and may change
+while clients run:
+    acl_listener.acl.deny("imgstream.results", "write")   # or "read", "describe"; .allow(topic, ...) undoes
+    acl_listener.acl.deny_group("imgstream")              # GROUP_AUTHORIZATION_FAILED; .allow_group(...)
+    acl_listener.acl.hide("imgstream.dlq")                # UNKNOWN_TOPIC_OR_PARTITION; .reveal(...)
+Each refusal adds a FrontEvent("denied", "write TOPIC: error 29"). acl_listener_running(policy, **front)
+is the same as a context manager (pass tls=/mechanisms=/users= for a secured one). What aiokafka does on
+each refusal is at the top of tests/kafka_acl.py.
 
 What aiokafka 0.14 does on each failure, measured on loopback against these fronts (pinned by
 tests/test_secure_kafka_fronts.py):
@@ -93,12 +104,14 @@ from aiokafka.abc import AbstractTokenProvider
 from aiokafka.helpers import create_ssl_context
 
 from producer.embedded_broker import EmbeddedBroker
+from tests.kafka_acl import AclPolicy
 from tests.kafka_front import FrontEvent, KafkaFront
 from tests.pki import Pki, make_pki
 from tests.sasl_server import ALL_MECHANISMS
 
-__all__ = ["ALL_MECHANISMS", "FrontEvent", "KafkaFront", "Listener", "Pki", "SecureCluster", "StaticTokenProvider",
-           "make_pki", "secure_cluster", "secure_cluster_running"]
+__all__ = ["ALL_MECHANISMS", "AclPolicy", "FrontEvent", "KafkaFront", "Listener", "Pki", "SecureCluster",
+           "StaticTokenProvider", "acl_listener", "acl_listener_running", "make_pki", "secure_cluster",
+           "secure_cluster_running"]
 
 
 class StaticTokenProvider(AbstractTokenProvider):
@@ -132,6 +145,12 @@ class Listener:
     @property
     def mechanisms(self) -> tuple[str, ...]:
         return self.front.mechanisms
+
+    @property
+    def acl(self) -> AclPolicy:
+        """The front's authorization policy (only on an ACL listener)."""
+        assert self.front.acl is not None, f"listener {self.name} has no ACL policy"
+        return self.front.acl
 
 
 @dataclass
@@ -221,3 +240,23 @@ def secure_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureC
     """Every secured listener kind for the whole session (four Tansu brokers; about 0.1 s to start)."""
     with secure_cluster_running(tmp_path_factory.mktemp("pki")) as cluster:
         yield cluster
+
+
+@contextlib.contextmanager
+def acl_listener_running(policy: AclPolicy | None = None, **front: Any) -> Iterator[Listener]:
+    """A listener with its own Tansu whose front enforces `policy` (empty by default); `front`: TLS/SASL arguments."""
+    protocol = ("SASL_" if front.get("mechanisms") else "") + ("SSL" if front.get("tls") else "PLAINTEXT")
+    listener = _fronted("acl", protocol, KafkaFront(acl=policy if policy is not None else AclPolicy(), **front))
+    try:
+        yield listener
+    finally:
+        listener.front.stop()
+        assert listener.broker is not None
+        listener.broker.stop()
+
+
+@pytest.fixture
+def acl_listener() -> Iterator[Listener]:
+    """A PLAINTEXT listener with ACLs: change `acl_listener.acl` to deny, hide or allow (its own Tansu)."""
+    with acl_listener_running() as listener:
+        yield listener
