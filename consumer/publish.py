@@ -13,6 +13,7 @@ from aiokafka.errors import (
     KafkaError,
     KafkaTimeoutError,
     MessageSizeTooLargeError,
+    NotLeaderForPartitionError,
     RecordTooLargeError,
     UnknownTopicOrPartitionError,
 )
@@ -76,6 +77,9 @@ def fit_result(result: ResultEvent, limit: int, crops: BlobStore) -> Fitted:
                          f"result of {len(payload)} bytes does not fit the {limit}-byte message limit")
 
 
+# What aiokafka raises, after request_timeout_ms, for a topic the cluster does not have: never seen
+# (UnknownTopicOrPartition), deleted while producing (NotLeaderForPartition), or no metadata at all.
+_NO_TOPIC = (UnknownTopicOrPartitionError, NotLeaderForPartitionError, KafkaTimeoutError)
 # The producer refuses these before sending; retrying the same record cannot help.
 _TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
 
@@ -142,12 +146,12 @@ class Publisher:
 
     async def _forbidden(self, topic: str, exc: BaseException) -> PublishForbidden | None:
         """A PublishForbidden when `exc` means the cluster will never take records for `topic`."""
-        explained = explain_runtime_error(exc, f"write to {topic}")
+        explained = explain_runtime_error(exc, f"write to {topic}", "Write")
         if explained is not None:
             return PublishForbidden(explained.kind, topic, explained.message)
-        if not isinstance(exc, (KafkaTimeoutError, UnknownTopicOrPartitionError)):
+        if not isinstance(exc, _NO_TOPIC):
             return None
-        # No metadata for the topic: missing, or the cluster is unreachable. A full metadata answer tells.
+        # Missing, or the cluster cannot answer right now (a leader election): a full metadata answer tells.
         try:
             cluster = await self.producer.client.fetch_all_metadata()
         except (KafkaError, OSError):

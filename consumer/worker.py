@@ -23,7 +23,14 @@ from consumer.offsets import OffsetTracker
 from consumer.publish import Fitted, PublishAbandoned, Publisher, crop_store, failed_result, fit_result
 from consumer.s3blobs import S3BlobReader
 from consumer.signals import on_stop_signals, sleep_unless
-from kafka_clients import BrokerUnreachable, KafkaSetupError, PublishForbidden, explain_runtime_error, open_consumer, open_producer
+from kafka_clients import (
+    BrokerUnreachable,
+    KafkaSetupError,
+    PublishForbidden,
+    explain_runtime_error,
+    open_consumer,
+    open_producer,
+)
 from schemas.codec import InvalidEvent, decode_request, encode
 from schemas.config import WorkerConfig
 from schemas.events import AnalysisRequest, DeadLetter, ResultEvent

@@ -12,7 +12,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.client import AIOKafkaClient
 
 from kafka_clients.diagnose import diagnose
-from kafka_clients.errors import BrokerUnreachable, KafkaSetupError
+from kafka_clients.errors import BrokerUnreachable, KafkaSetupError, explain_runtime_error
 from kafka_clients.security import connection_args
 from schemas.config import KafkaConfig
 
@@ -47,15 +47,22 @@ def consumer_args(kafka: KafkaLike, role: str, group_id: str | None, **overrides
     kafka = kafka_settings(kafka)
     args = {**_common_args(kafka, role), **kafka.consumer.model_dump(), "group_id": group_id,
             "enable_auto_commit": False, "fetch_max_wait_ms": kafka.fetch_max_wait_ms}
-    if group_id is not None:
-        args.update(session_timeout_ms=kafka.session_timeout_ms, max_poll_interval_ms=kafka.max_poll_interval_ms,
-                    heartbeat_interval_ms=max(1000, kafka.session_timeout_ms // 3))
-    return {**args, **overrides}
+    if group_id is None:
+        return {**args, **overrides}
+    args.update(session_timeout_ms=kafka.session_timeout_ms, max_poll_interval_ms=kafka.max_poll_interval_ms,
+                heartbeat_interval_ms=max(1000, kafka.session_timeout_ms // 3))
+    args.update(overrides)
+    # A JoinGroup is answered only when the group has rebalanced: its request must outwait that.
+    rebalance_ms = args.get("rebalance_timeout_ms") or args["session_timeout_ms"]
+    args["request_timeout_ms"] = max(args["request_timeout_ms"], rebalance_ms + 5000)
+    return args
 
 
-async def _started(client: Any, kafka: KafkaConfig, passthrough: tuple[type[Exception], ...] = ()) -> Any:
+async def _started(client: Any, kafka: KafkaConfig, what: str, passthrough: tuple[type[Exception], ...] = (),
+                   permission: str = "Read") -> Any:
     """`client` started, or closed and the reason raised: KafkaSetupError (change a setting) or
-    BrokerUnreachable (retry); `passthrough` errors are raised as they are."""
+    BrokerUnreachable (retry); `passthrough` errors are raised as they are. `what` is what the
+    client is for, for a refused permission's message ("read imgstream.requests as group g")."""
     start = getattr(client, "start", None) or client.bootstrap  # AIOKafkaClient only bootstraps
     try:
         await start()
@@ -64,7 +71,8 @@ async def _started(client: Any, kafka: KafkaConfig, passthrough: tuple[type[Exce
         await _close_quietly(client)
         if isinstance(exc, (KafkaSetupError, *passthrough)) or not isinstance(exc, Exception):
             raise
-        raise await diagnose(kafka, exc) from exc
+        refused = explain_runtime_error(exc, what, permission)  # the broker answered, and said no
+        raise (refused or await diagnose(kafka, exc)) from exc
 
 
 async def open_producer(kafka: KafkaLike, role: str = "producer", **overrides: Any) -> AIOKafkaProducer:
@@ -72,7 +80,8 @@ async def open_producer(kafka: KafkaLike, role: str = "producer", **overrides: A
     kafka = kafka_settings(kafka)
     args = producer_args(kafka, role, **overrides)
     try:
-        return await _started(AIOKafkaProducer(**args), kafka, _NO_IDEMPOTENCE if args["enable_idempotence"] else ())
+        return await _started(AIOKafkaProducer(**args), kafka, "produce",
+                              _NO_IDEMPOTENCE if args["enable_idempotence"] else (), permission="Write")
     except _NO_IDEMPOTENCE as exc:
         if kafka.producer.enable_idempotence != "auto":
             raise KafkaSetupError("configuration", f"the broker refused an idempotent producer "
@@ -80,7 +89,8 @@ async def open_producer(kafka: KafkaLike, role: str = "producer", **overrides: A
                                   "false, or grant the principal IdempotentWrite") from None
         log.info("the broker refused an idempotent producer (%s); producing without idempotence "
                  "(kafka.producer.enable_idempotence)", type(exc).__name__)
-        return await _started(AIOKafkaProducer(**{**args, "enable_idempotence": False}), kafka)
+        return await _started(AIOKafkaProducer(**{**args, "enable_idempotence": False}), kafka, "produce",
+                              permission="Write")
 
 
 async def open_consumer(kafka: KafkaLike, *topics: str, role: str = "consumer", group_id: str | None = None,
@@ -90,18 +100,20 @@ async def open_consumer(kafka: KafkaLike, *topics: str, role: str = "consumer", 
     consumer = AIOKafkaConsumer(**consumer_args(kafka, role, group_id, **overrides))
     if topics:
         consumer.subscribe(list(topics), listener=listener)
-    return await _started(consumer, kafka)
+    what = f"read {', '.join(topics) or 'topics'}" + (f" as group {group_id}" if group_id else "")
+    return await _started(consumer, kafka, what)
 
 
 async def open_client(kafka: KafkaLike, role: str = "client") -> AIOKafkaClient:
     """aiokafka's low-level client (requests the high-level clients do not make), bootstrapped."""
     kafka = kafka_settings(kafka)
-    return await _started(AIOKafkaClient(**_common_args(kafka, role)), kafka)
+    return await _started(AIOKafkaClient(**_common_args(kafka, role)), kafka, "read the cluster's metadata")
 
 
 async def open_admin(kafka: KafkaLike, role: str = "admin", **overrides: Any) -> AIOKafkaAdminClient:
     kafka = kafka_settings(kafka)
-    return await _started(AIOKafkaAdminClient(**{**_common_args(kafka, role), **overrides}), kafka)
+    return await _started(AIOKafkaAdminClient(**{**_common_args(kafka, role), **overrides}), kafka,
+                          "use the cluster's admin API")
 
 
 async def check_login(kafka: KafkaLike) -> None:

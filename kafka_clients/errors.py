@@ -40,13 +40,14 @@ _AUTHENTICATION = (kerrors.SaslAuthenticationFailed, kerrors.AuthenticationFaile
                    kerrors.IllegalSaslStateError, kerrors.UnsupportedSaslMechanismError)
 
 
-def explain_runtime_error(exc: BaseException, what: str) -> KafkaSetupError | None:
+def explain_runtime_error(exc: BaseException, what: str, permission: str = "Read") -> KafkaSetupError | None:
     """A KafkaSetupError for an error that retrying cannot fix, or None. `what` says what was being done
-    ("write to imgstream.results", "alice with SCRAM-SHA-512 at host:9093")."""
+    ("write to imgstream.results", "alice with SCRAM-SHA-512 at host:9093"); `permission` is the topic
+    ACL operation that needs (Read, Write)."""
     if isinstance(exc, kerrors.TopicAuthorizationFailedError):
-        return KafkaSetupError("authorization", f"not authorized to {what}: grant this principal the topic ACL "
-                               f"it needs (Read for consumers, Write for producers) or fix the topic name in "
-                               f"kafka.topics ({_detail(exc)})")
+        return KafkaSetupError("authorization", f"not authorized to {what} ({_detail(exc)}): the principal needs "
+                               f"{permission} (and Describe) on the topic; grant it, or fix the topic's name in "
+                               "kafka.topics")
     if isinstance(exc, kerrors.GroupAuthorizationFailedError):
         return KafkaSetupError("authorization", f"not authorized to {what}: grant this principal Read on the "
                                f"consumer group (kafka.group / sink.group) ({_detail(exc)})")

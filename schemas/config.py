@@ -203,7 +203,8 @@ class KafkaConfig(Settings):
                                    "wait, so there it adds latency at light load (measured p50/p99: 29/35 ms at 20, "
                                    "31/36 at 100, 31/110 at 250).")
     request_timeout_ms: int = Field(default=30_000, ge=1000, description="How long a client waits for one broker "
-                                    "answer (and a connection). Raise it for brokers far away.")
+                                    "answer (and a connection); a group member waits at least its rebalance "
+                                    "timeout plus 5 s. Raise it for brokers far away.")
 
     @model_validator(mode="after")
     def _results_topic_takes_results(self) -> KafkaConfig:

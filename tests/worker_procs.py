@@ -91,6 +91,17 @@ class WorkerProc:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
 
+    async def exited(self, timeout_s: float = 60.0) -> int:
+        """The exit status of a worker that stops by itself (SIGKILL and an AssertionError past the timeout)."""
+        deadline = time.monotonic() + timeout_s
+        while self.alive():
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"worker {self.name} did not stop by itself within {timeout_s}s; "
+                                     f"log:\n{self.tail()}")
+            await asyncio.sleep(0.1)
+        return self.proc.returncode
+
     async def terminate(self, timeout_s: float = 60.0, sig: int = signal.SIGTERM) -> int:
         """Send `sig` and wait for the exit status (SIGKILL and an AssertionError past the timeout)."""
         if self.alive():
