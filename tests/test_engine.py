@@ -168,6 +168,9 @@ async def test_detections_and_crops_run_once_per_request(engine, person_prone_de
     assert delta["embed"] == 3  # face CLIP once (plain and normalised share it), face DINOv2, person CLIP
     plain, unit = np.array(results["clip"].data), np.array(results["clip_norm"].data)
     assert np.allclose(unit, plain / np.linalg.norm(plain), atol=1e-5)
+    assert (results["clip"].normalized, results["clip_norm"].normalized, results["dino"].normalized) == (
+        False, True, False)  # every embedding says which it is; other results say nothing
+    assert results["box"].normalized is None and results["caption"].normalized is None
     assert results["clip"].cropped_image_base64 == results["dino"].cropped_image_base64
 
 
