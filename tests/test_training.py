@@ -581,3 +581,97 @@ def test_the_promised_precision_is_measured_on_data_that_did_not_choose_the_thre
         chosen_on.append(new["cv"]["precision"])
     assert abs(np.mean(promised) - np.mean(fresh)) <= 0.06, (promised, fresh)
     assert np.mean(chosen_on) - np.mean(fresh) > 0.06, (chosen_on, fresh)
+
+
+# -- training and serving read the same vectors ----------------------------------------------
+
+PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel", "horse",
+          "hubble_deep_field", "immunohistochemistry", "logo", "moon", "page", "retina", "rocket")
+
+
+async def test_a_classifier_trained_on_normalised_vectors_gets_them_whatever_the_task_says(engine, tmp_path):
+    from tests.engine_helpers import by_op, photo, request
+
+    lines, rows = [], ["key,label"]
+    for i, name in enumerate(PHOTOS):
+        req = request(("clip", CLIP, {"normalize": True}), metadata={"photo_id": name})
+        (result,) = await engine.run(req, photo(name))
+        assert result.status == "success" and result.normalized is True
+        lines.append(result.model_dump_json())
+        rows.append(f"{name},{int(i % 2 == 0)}")
+    (tmp_path / "results.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    out, report = tmp_path / "classifiers", tmp_path / "report.json"
+    assert train("--labels", tmp_path / "labels.csv", "--results", tmp_path / "results.jsonl", "--key",
+                 "metadata.photo_id", "--collection-id", "4", "--out", out, "--report", report,
+                 "--min-examples", "4") == 0
+    part = {"embedding_type": CLIP, "model": "ViT-B-32-quickgelu/random", "dim": 512, "normalized": True}
+    entry = index_of(out)["4"]
+    assert entry["input"]["parts"] == [part]
+    (version,) = Registry(out).versions(4)[0]
+    assert version.manifest["input"]["parts"] == [part] and report_of(report, 4)["input"]["parts"] == [part]
+
+    saved = engine.classifiers
+    engine.classifiers = ClassifierStore(out)
+    try:
+        results = by_op(await engine.run(request(
+            ("default", "classify", {"collection_id": 4}),
+            ("asks_normalised", "classify", {"collection_id": 4, "normalize": True}),
+            ("asks_raw", "classify", {"collection_id": 4, "normalize": False}),
+            ("raw", CLIP, {}), ("unit", CLIP, {"normalize": True}),
+        ), photo("text")))
+    finally:
+        engine.classifiers = saved
+    model = joblib.load(out / entry["model_file"])
+    expected = positive_probability(model, np.asarray([results["unit"].data], dtype=np.float64))[0]
+    on_raw = positive_probability(model, np.asarray([results["raw"].data], dtype=np.float64))[0]
+    assert abs(on_raw - expected) > 1e-3, "raw and normalised inputs must give different answers for this to test"
+    for op in ("default", "asks_normalised", "asks_raw"):
+        assert results[op].status == "success", results[op].error_message
+        assert results[op].data["probability"] == pytest.approx(expected, abs=1e-5), op
+
+
+def test_raw_and_normalised_vectors_of_one_model_train_normalised_and_the_report_says_so(one_collection, tmp_path):
+    results, labels, classifiers = one_collection
+    report = tmp_path / "report.json"
+    assert train("--labels", labels, "--results", results, "--out", classifiers) == 0  # raw vectors only
+    (raw_version,) = Registry(classifiers).versions(1)[0]
+    assert raw_version.normalized == [False]
+    assert index_of(classifiers)["1"]["input"]["parts"][0]["normalized"] is False
+
+    # A third normalised and saying so, a third normalised by an older worker (no flag, unit length), a third raw.
+    keys, latent, clip, _ = latent_data(90)
+    lines = []
+    for i, key in enumerate(keys):
+        unit = clip[i] / np.linalg.norm(clip[i])
+        event = embedding_event(key, CLIP, unit if i % 3 < 2 else clip[i])
+        event.normalized = {0: True, 1: None, 2: False}[i % 3]
+        lines.append(event.model_dump_json())
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join(lines) + "\n")
+    assert train("--labels", labels, "--results", mixed, "--out", classifiers, "--report", report) == 0
+    outcome = report_of(report, 1)
+    assert outcome["input"]["parts"][0]["normalized"] is True and outcome["input"]["normalized_here"] == {CLIP: 30}
+    assert any(note.startswith(f"30 raw {CLIP} vectors were L2-normalised") for note in outcome["notes"])
+    (unscored,) = outcome["unscored"]  # the raw model cannot be given raw vectors from this data
+    assert unscored["version"] == raw_version.version and "reads raw vectors" in unscored["reason"]
+    new = Registry(classifiers).versions(1)[0][-1]
+    assert new.normalized == [True]
+
+
+def test_features_normalise_as_serving_does_and_refuse_to_unnormalise():
+    from training.features import DataProblem, Embedding, FeatureStore
+
+    rng = np.random.default_rng(0)
+    raw = rng.normal(size=(6, 8)).astype(np.float32) * 5
+    store = FeatureStore()
+    store.merge((CLIP, "whole_image"), {f"k{i}": Embedding(v / np.linalg.norm(v) if i < 3 else v, "m/random", None,
+                                                           True if i < 3 else None) for i, v in enumerate(raw)})
+    matrix = store.assemble([f"k{i}" for i in range(6)], CLIP, "whole_image")
+    assert matrix.parts[0].normalized and matrix.normalized_here == {CLIP: 3}
+    assert np.allclose(np.linalg.norm(matrix.X, axis=1), 1.0, atol=1e-6)
+    assert np.allclose(matrix.X[3], raw[3] / np.linalg.norm(raw[3]), atol=1e-6)
+    with pytest.raises(DataProblem, match="reads raw vectors"):
+        store.assemble([f"k{i}" for i in range(6)], CLIP, "whole_image", normalized=[False])
+    only_raw = store.assemble(["k4", "k5"], CLIP, "whole_image")
+    assert not only_raw.parts[0].normalized and np.allclose(only_raw.X, raw[4:], atol=1e-5)
