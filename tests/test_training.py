@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -675,3 +676,144 @@ def test_features_normalise_as_serving_does_and_refuse_to_unnormalise():
         store.assemble([f"k{i}" for i in range(6)], CLIP, "whole_image", normalized=[False])
     only_raw = store.assemble(["k4", "k5"], CLIP, "whole_image")
     assert not only_raw.parts[0].normalized and np.allclose(only_raw.X, raw[4:], atol=1e-5)
+
+
+# -- copies of one image stay on one side ----------------------------------------------------
+
+def _save_copies(image: Image.Image, folder: Path, name: str) -> dict[str, Path]:
+    """A photo and four copies: the same bytes under another name, mirrored, half size, JPEG quality 40."""
+    from PIL import ImageOps
+
+    def save(key: str, picture: Image.Image, fmt: str = "PNG", **options) -> Path:
+        path = folder / f"{key}.{fmt.lower()}"
+        picture.save(path, fmt, **options)
+        return path
+
+    files = {name: save(name, image)}
+    files[f"{name}-same-bytes"] = folder / f"{name}-same-bytes.png"
+    files[f"{name}-same-bytes"].write_bytes(files[name].read_bytes())
+    files[f"{name}-mirrored"] = save(f"{name}-mirrored", ImageOps.mirror(image))
+    files[f"{name}-half"] = save(f"{name}-half", image.resize((image.width // 2, image.height // 2)))
+    files[f"{name}-jpeg"] = save(f"{name}-jpeg", image, "JPEG", quality=40)
+    return files
+
+
+def test_copies_of_one_photo_never_sit_on_both_sides_of_a_split(tmp_path):
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    from tests.engine_helpers import photo
+    from training.fit import _estimator, grouped_folds
+
+    # 16 real photos, 5 files each. The label belongs to the photo and has nothing to do with what the
+    # embeddings (the photo's random vector, a little noise per copy) say: only memorising copies helps.
+    rng = np.random.default_rng(7)
+    (tmp_path / "images").mkdir()
+    lines, rows, photo_of, vectors, labels = [], [], {}, {}, {}
+    for i, name in enumerate(PHOTOS):
+        base = rng.normal(size=512)
+        for key, path in _save_copies(photo(name), tmp_path / "images", name).items():
+            vectors[key], labels[key], photo_of[key] = base + rng.normal(scale=0.05, size=512), i % 2 == 0, name
+            lines.append(embedding_event(key, CLIP, vectors[key]).model_dump_json())
+            rows.append(f"1,{key},images/{path.name},{int(labels[key])}")
+    (tmp_path / "results.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "labels.csv").write_text("collection_id,key,image,label\n" + "\n".join(rows) + "\n")
+    classifiers, report = tmp_path / "classifiers", tmp_path / "report.json"
+    assert train("--labels", tmp_path / "labels.csv", "--results", tmp_path / "results.jsonl", "--out", classifiers,
+                 "--report", report) == 0
+    outcome = report_of(report, 1)
+
+    # Every photo's five files were found to be one image: by bytes, and by perceptual hash.
+    by_photo = sorted(sorted(k for k in photo_of if photo_of[k] == name) for name in PHOTOS)
+    assert sorted(outcome["grouping"]["duplicates"]) == by_photo
+    assert outcome["grouping"]["with_perceptual_hash"] == 80 and outcome["grouping"]["groups"] == 16
+    # The held-out set takes whole photos ...
+    held = set(outcome["holdout"]["keys"])
+    assert held and all(len({k in held for k in group}) == 1 for group in by_photo)
+    held_photos = {photo_of[k] for k in held}
+    assert outcome["holdout"]["groups"] == len(held_photos)
+    # ... and so does every cross-validation fold of the rest.
+    train_keys = sorted(k for k in photo_of if k not in held)
+    y = np.array([labels[k] for k in train_keys])
+    groups = np.array([photo_of[k] for k in train_keys])
+    assert outcome["new_version"]["folds"]["groups"] == 16 - len(held_photos)
+    for fit_rows, test_rows in grouped_folds(y, groups, 5, 42):
+        assert not set(groups[fit_rows]) & set(groups[test_rows])
+
+    # Split by key instead, copies of each test photo would train its model: a far rosier score.
+    X = np.stack([vectors[k] for k in train_keys])
+    by_key = StratifiedKFold(n_splits=5, shuffle=True, random_state=42)
+    proba = cross_val_predict(_estimator(outcome["new_version"]["C"], 42), X, y, cv=by_key,
+                              method="predict_proba")[:, 1]
+    ungrouped, reported = average_precision(y, proba), outcome["new_version"]["cv"]["average_precision"]
+    assert ungrouped > 0.95 and reported < ungrouped - 0.2, (reported, ungrouped)
+    assert outcome["new_version"]["expected"]["average_precision"] < ungrouped - 0.2
+
+    # A later run on other copies of the same photos (new keys, new bytes) holds out none whose
+    # photo the stored version trained on: its record keeps the perceptual hashes of its images.
+    from PIL import ImageOps
+
+    lines, rows = [], []
+    for i, name in enumerate(PHOTOS):
+        key = f"{name}-again"
+        image = ImageOps.mirror(photo(name))
+        image.resize((image.width * 3 // 4, image.height * 3 // 4)).save(tmp_path / "images" / f"{key}.jpg",
+                                                                        quality=70)
+        lines.append(embedding_event(key, CLIP, vectors[name] + rng.normal(scale=0.05, size=512)).model_dump_json())
+        rows.append(f"1,{key},images/{key}.jpg,{int(i % 2 == 0)}")
+    (tmp_path / "again.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "again.csv").write_text("collection_id,key,image,label\n" + "\n".join(rows) + "\n")
+    assert train("--labels", tmp_path / "again.csv", "--results", tmp_path / "again.jsonl", "--out", classifiers,
+                 "--report", report, "--min-examples", "2", "--min-holdout", "1") == 0
+    again = report_of(report, 1)["holdout"]
+    assert again["excluded_trained_on"] == 16 - len(held_photos)
+    assert {k.removesuffix("-again") for k in again["keys"]} <= held_photos
+
+
+# -- pruning ----------------------------------------------------------------------------------
+
+def test_versions_a_run_cannot_score_are_pruned_oldest_first_beyond_keep(one_collection):
+    results, labels, classifiers = one_collection
+    report = classifiers.parent / "report.json"
+    keys, _, clip, _ = latent_data(90)
+    openai = write_results(classifiers.parent / "openai.jsonl", keys, clip, None, clip_weights="openai")
+    quick = ["--labels", labels, "--out", classifiers, "--c-grid", "1", "--cv-folds", "3", "--report", report,
+             "--prune-grace", "0"]
+    for _ in range(3):  # v1 (in service), v2, v3 on random-weight embeddings
+        assert train(*quick, "--results", results) == 0
+    v1, v2, v3 = (v.version for v in Registry(classifiers).versions(1)[0])
+    assert index_of(classifiers)["1"]["version"] == v1
+    assert train(*quick, "--results", openai) == 0  # v4: the others cannot be scored on these embeddings
+    assert {u["version"] for u in report_of(report, 1)["unscored"]} == {v1, v2, v3}
+    assert report_of(report, 1)["pruned"] == []
+
+    assert train(*quick, "--results", openai, "--keep", "4") == 0  # v5
+    outcome = report_of(report, 1)
+    # Kept: the model in service, the two this run ranked, then the newest it could not score.
+    assert outcome["status"] == "kept" and outcome["pruned"] == [v2]
+    left = [v.version for v in Registry(classifiers).versions(1)[0]]
+    assert len(left) == 4 and v1 in left and v3 in left and v2 not in left
+    assert index_of(classifiers)["1"]["version"] == v1
+
+
+def test_a_pruned_model_file_stays_readable_for_a_worker_that_read_the_older_index(one_collection):
+    results, labels, classifiers = one_collection
+    report = classifiers.parent / "report.json"
+    run = ["--labels", labels, "--results", results, "--out", classifiers, "--c-grid", "1", "--cv-folds", "3",
+           "--report", report, "--keep", "1"]
+    assert train(*run, "--embedding-type", DINO) == 0
+    store = ClassifierStore(classifiers)
+    entry = store.entry(1)  # a worker reads the index ...
+    assert train(*run, "--prune-grace", "1") == 0  # ... just before a better version replaces and prunes it
+    outcome = report_of(report, 1)
+    assert outcome["status"] == "promoted" and outcome["pruned"] == [Path(entry.model_file).stem]
+    assert store.entry(1).model_file != entry.model_file
+    assert len(Registry(classifiers).versions(1)[0]) == 1  # gone from the versions ...
+    features = np.random.default_rng(0).normal(size=768)
+    assert 0.0 <= store.predict(entry, features).probability <= 1.0  # ... still served from the older index
+
+    time.sleep(1.1)  # the grace period is over: the next run deletes the file
+    assert train(*run, "--prune-grace", "1") == 0
+    assert orjson.loads(report.read_bytes())["deleted_model_files"] == [entry.model_file]
+    assert not (classifiers / entry.model_file).exists()
+    retiring = list((classifiers / "collection_1").glob("*.retired"))  # what this run pruned, in its grace period
+    assert len(retiring) == len(report_of(report, 1)["pruned"])
