@@ -817,3 +817,38 @@ def test_a_pruned_model_file_stays_readable_for_a_worker_that_read_the_older_ind
     assert not (classifiers / entry.model_file).exists()
     retiring = list((classifiers / "collection_1").glob("*.retired"))  # what this run pruned, in its grace period
     assert len(retiring) == len(report_of(report, 1)["pruned"])
+
+
+async def test_images_are_read_from_file_blobs_inside_the_roots_and_only_there(tmp_path):
+    from schemas.config import load_config
+    from tests.engine_helpers import photo
+    from training.duplicates import group_keys
+    from training.features import Embedding, FeatureStore
+    from training.image_identity import identify_images
+
+    roots, outside = tmp_path / "blobs", tmp_path / "elsewhere"
+    roots.mkdir()
+    outside.mkdir()
+    photo("camera").save(roots / "a.png")
+    photo("camera").resize((256, 256)).save(roots / "a-small.jpg", quality=50)
+    photo("camera").save(outside / "b.png")
+    (roots / "broken.png").write_bytes(b"not an image")
+    vector = np.ones(4, dtype=np.float32)
+    found = {
+        "a": Embedding(vector, "m/random", "1" * 64, False, (roots / "a.png").as_uri()),
+        "a-small": Embedding(vector, "m/random", "2" * 64, False, (roots / "a-small.jpg").as_uri()),
+        "b": Embedding(vector, "m/random", "3" * 64, False, (outside / "b.png").as_uri()),
+        "broken": Embedding(vector, "m/random", "4" * 64, False, (roots / "broken.png").as_uri()),
+        "by-url": Embedding(vector, "m/random", "1" * 64, False, None),  # the same bytes as "a", known by URL
+    }
+    store = FeatureStore()
+    store.merge((CLIP, "whole_image"), found)
+    config = load_config({"fetch": {"blob_roots": [str(roots)]}})
+    identities = await identify_images(config, {}, store, set(found), progress=False)
+    assert set(identities.hashes) == {"a", "a-small"}
+    assert "outside the blob roots" in identities.unhashed["b"]
+    assert identities.unhashed["broken"] == "not a decodable image"
+    assert identities.unhashed["by-url"].startswith("no readable copy")
+    groups = group_keys(sorted(found), identities.sha256, identities.hashes)
+    assert groups["a"] == groups["a-small"] == groups["by-url"]  # a near-duplicate, and the same SHA-256
+    assert len({groups["a"], groups["b"], groups["broken"]}) == 3  # unread: never guessed to be a copy

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from dataclasses import dataclass, field
 
 from schemas.config import WorkerConfig
 from training.duplicates import ImageHash, perceptual_hash
 from training.features import FeatureStore
 from training.progress import Progress
+
+log = logging.getLogger(__name__)
 
 IN_FLIGHT = 8  # images read and hashed at once (decoding releases the GIL)
 
@@ -59,6 +62,13 @@ async def identify_images(config: WorkerConfig, images: dict[str, str], store: F
         else:
             out.unhashed[key] = "no readable copy (an image file or a file:// blob)"
     if not sources:
+        return out
+    try:
+        import imagehash  # noqa: F401
+    except ImportError:
+        log.warning("imagehash is not installed (pip install 'imgstream[train]'): copies of one image are "
+                    "found by identical bytes only")
+        out.unhashed.update({k: "imagehash is not installed" for keys_ in sources.values() for k in keys_})
         return out
     from analysis.imaging import ImageError  # torch comes with these: only when there are images to read
     from consumer.fetch import FileBlobReader
