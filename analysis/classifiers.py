@@ -49,7 +49,10 @@ class InputPart:
 
     @property
     def weights(self) -> str | None:
-        return None if self.model is None else self.model.rpartition("/")[2]
+        """The weights part of `model` ("random", "openai", ...); None when the record does not know it."""
+        if self.model is None or "/" not in self.model:
+            return None
+        return self.model.rpartition("/")[2]
 
 
 @dataclass(frozen=True)

@@ -326,6 +326,19 @@ def test_threshold_maximises_f1_or_reaches_the_target_precision():
     assert unreachable.note and "not reached" in unreachable.note
 
 
+def test_too_few_examples_to_nest_say_the_figures_are_from_the_threshold_choice():
+    from schemas.config import TrainingConfig
+    from training.fit import SAME_PREDICTIONS, TooFewGroups, fit_classifier
+
+    rng = np.random.default_rng(1)
+    X, y = rng.normal(size=(12, 4)), np.array([True, True] + [False] * 10)
+    fitted = fit_classifier(X, y, TrainingConfig())
+    assert fitted.evaluation == SAME_PREDICTIONS and fitted.honest == fitted.choice.expected
+    assert any("optimistic" in note for note in fitted.notes)
+    with pytest.raises(TooFewGroups, match="2 positive and 2 negative images"):  # two copies of one image
+        fit_classifier(X, y, TrainingConfig(), groups=np.array(["a", "a"] + [f"n{i}" for i in range(10)]))
+
+
 def test_target_precision_is_stored_with_the_model_and_reported(tmp_path):
     keys, latent, clip, _ = latent_data(200, classes=2, signal=0.35, seed=5)  # overlapping classes
     results = write_results(tmp_path / "results.jsonl", keys, clip, None)
@@ -852,3 +865,20 @@ async def test_images_are_read_from_file_blobs_inside_the_roots_and_only_there(t
     groups = group_keys(sorted(found), identities.sha256, identities.hashes)
     assert groups["a"] == groups["a-small"] == groups["by-url"]  # a near-duplicate, and the same SHA-256
     assert len({groups["a"], groups["b"], groups["broken"]}) == 3  # unread: never guessed to be a copy
+
+
+def test_an_index_entry_input_record_is_applied_part_by_part_and_checked():
+    from analysis.classifiers import ClassifierInvalid, InputPart, _parse_entry
+
+    both = {"model_file": "m.pkl", "derivative_type": "whole_image", "embedding_type": f"{CLIP}+{DINO}"}
+    entry = _parse_entry(3, {**both, "input": {"parts": [
+        {"embedding_type": CLIP, "model": "unknown", "dim": 4, "normalized": True},  # weights not known: no check
+        {"embedding_type": DINO, "normalized": False}]}})
+    features = entry.features([np.array([3.0, 4.0, 0.0, 0.0]), np.array([1.0, 2.0])], ["random", "random"])
+    assert np.allclose(features, [0.6, 0.8, 0.0, 0.0, 1.0, 2.0])
+    with pytest.raises(ClassifierInvalid, match="4-value"):
+        entry.features([np.ones(5), np.ones(2)], ["random", "random"])
+    old = _parse_entry(3, {**both, "embedding_type": CLIP})  # written before the record: raw vectors
+    assert old.parts == (InputPart(CLIP),) and np.allclose(old.features([np.array([3.0, 4.0])], ["openai"]), [3, 4])
+    with pytest.raises(ClassifierInvalid, match="part by part"):
+        _parse_entry(3, {**both, "input": {"parts": [{"embedding_type": DINO}]}})

@@ -143,9 +143,9 @@ def _nested(c: float, X: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: l
     for train, test in folds:
         try:
             inner = grouped_folds(y[train], groups[train], settings.cv_folds, settings.seed)
-        except TooFewGroups:
+            inner_proba = _out_of_fold(c, X[train], y[train], inner, settings.seed)
+        except ValueError:  # too few groups, or an inner fold with one class only
             return None
-        inner_proba = _out_of_fold(c, X[train], y[train], inner, settings.seed)
         threshold = choose_threshold(y[train], inner_proba, settings.target_precision).threshold
         predicted[test] = proba[test] >= threshold
         thresholds.append(threshold)
