@@ -300,7 +300,7 @@ class TrainingConfig(BaseModel):
         default=8, ge=0, le=32,
         description="Two labelled images whose perceptual hashes (64-bit pHash, the smaller of as-is and "
         "mirrored) differ in at most this many bits are copies: folds and the held-out set keep them on one "
-        "side. Unset: copies by identical bytes (SHA-256) only.",
+        "side. null: copies by identical bytes (SHA-256) only.",
     )
     prune_grace_s: float = Field(
         default=3600.0, ge=0,
