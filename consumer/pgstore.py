@@ -425,7 +425,8 @@ class PgStore:
         # A table no sink of this version has opened yet lacks the flag: its rows read as unknown.
         normalized = sql.SQL("normalized" if await self._has_column(table, "normalized") else "NULL::boolean")
         query = sql.SQL(
-            "SELECT DISTINCT ON (k) k, embedding::text, model_name, model_weights, image_sha256, normalized, image_blob "
+            "SELECT DISTINCT ON (k) k, embedding::text, model_name, model_weights, image_sha256, normalized, "
+            "       image_blob "
             "FROM (SELECT {key} AS k, embedding, model_name, model_weights, image_sha256, {normalized} AS normalized, "
             "             image_blob, completed_at, written_at "
             "      FROM {table} WHERE region = %(region)s AND status = 'success') AS labelled "

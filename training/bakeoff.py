@@ -1,4 +1,4 @@
-"""The bake-off: a held-out set no compared version trained on (nor on a copy of), every version scored on it, ranked."""
+"""The bake-off: a held-out set no compared version trained on (nor on copies of), every version scored on it."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ class Holdout:
     excluded_trained: int  # candidate keys left out because a stored version trained on them (or on a copy)
     needed_per_class: int
     groups: int = 0  # groups of copies the keys come from
-    excluded_copies: int = 0  # candidate keys left out because a copy of their image was (or could not be)
+    # candidate keys left out with their group: a copy of their image was trained on, or is no candidate
+    excluded_copies: int = 0
 
     @property
     def positives(self) -> int:

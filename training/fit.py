@@ -53,7 +53,7 @@ class Fitted:
     def evaluation_dict(self) -> dict[str, Any]:
         """How the reported precision and recall were measured, for the report and the manifest."""
         return {"method": self.evaluation, "folds": self.folds, "groups": self.groups,
-                "fold_thresholds": self.fold_thresholds, "metrics": self.honest.as_dict()}
+                "fold_thresholds": self.fold_thresholds}
 
 
 def _operating_points(y: np.ndarray, proba: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -281,8 +281,8 @@ def _training_data(collection: CollectionLabels, store: FeatureStore, failed_ima
                              "left out")
     outcome.input = {**_input_record(inputs, matrix), "normalized_here": matrix.normalized_here}
     for t, count in matrix.normalized_here.items():
-        outcome.notes.append(f"{count} raw {t} vectors were L2-normalised to match the other "
-                             f"{len(matrix.keys) - count}, which are: the model reads normalised vectors")
+        outcome.notes.append(f"{count} raw {t} vectors were L2-normalised to match the "
+                             f"{len(matrix.keys) - count} normalised ones: the model reads normalised vectors")
     if not keys:
         raise DataProblem("no labelled rows for this collection")
     if not matrix.keys:
