@@ -584,6 +584,16 @@ def test_the_promised_precision_is_measured_on_data_that_did_not_choose_the_thre
     assert train("--labels", labels, "--results", results, "--out", out, "--report", report,
                  "--target-precision", "0.9") == 0
 
+    # The fields of before are all still there; what is new comes beside them.
+    entry, outcome = index_of(out)["1"], report_of(report, 1)
+    assert {"model_file", "derivative_type", "embedding_type", "threshold", "version", "trained_at",
+            "expected_precision", "expected_recall", "rank_metric", "metrics", "input"} <= set(entry)
+    assert {"cv", "holdout", "expected"} <= set(entry["metrics"])
+    assert {"version", "stored", "threshold", "threshold_rule", "expected_precision", "expected_recall", "C",
+            "training_examples", "cv", "expected", "threshold_evaluation"} <= set(outcome["new_version"])
+    assert {"examples", "positives", "negatives", "excluded_trained_on", "needed_per_class", "enough", "keys",
+            "groups"} <= set(outcome["holdout"])
+
     promised, chosen_on, fresh = [], [], []
     for c in range(1, sets + 1):
         entry, new = index_of(out)[str(c)], report_of(report, c)["new_version"]
