@@ -1,7 +1,9 @@
 """Collection classifiers indexed by `best_models.json`, reloaded when their files change.
 
 `best_models.json` maps collection_id -> {model_file, derivative_type, embedding_type,
-threshold}. `embedding_type` is one operation type or `a+b` (concatenated in that order).
+threshold, input}. `embedding_type` is one operation type or `a+b` (concatenated in that order);
+`input` records what each part was when the model was trained (embedding model, dimension,
+L2-normalised or not), and serving rebuilds exactly that. An entry without it gets raw vectors.
 Classifier files are scikit-learn estimators saved with joblib: treat the directory as
 trusted code (pickle), exactly like a model checkpoint.
 """
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from analysis.vectors import l2_normalize
 from schemas.operations import TARGETS
 
 log = logging.getLogger(__name__)
@@ -36,16 +39,59 @@ class ClassifierInvalid(Exception):
 
 
 @dataclass(frozen=True)
+class InputPart:
+    """One embedding the classifier reads, as it was when the classifier was trained."""
+
+    embedding_type: str
+    normalized: bool = False  # the old default: raw vectors, as classify always served them
+    dim: int | None = None
+    model: str | None = None  # "name/weights" of the embedding model
+
+    @property
+    def weights(self) -> str | None:
+        """The weights part of `model` ("random", "openai", ...); None when the record does not know it."""
+        if self.model is None or "/" not in self.model:
+            return None
+        return self.model.rpartition("/")[2]
+
+
+@dataclass(frozen=True)
 class ClassifierEntry:
     collection_id: int
     model_file: str
     region: str
     embedding_types: tuple[str, ...]
     threshold: float
+    parts: tuple[InputPart, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.parts:
+            object.__setattr__(self, "parts", tuple(InputPart(t) for t in self.embedding_types))
 
     @property
     def embedding_type(self) -> str:
         return "+".join(self.embedding_types)
+
+    def features(self, vectors: list[np.ndarray], weights: list[str]) -> np.ndarray:
+        """The classifier's input from the raw embedding of each part (computed with `weights`).
+
+        Each part is L2-normalised exactly when the classifier was trained on normalised vectors;
+        a part of another size, or from random weights where it learnt pretrained ones (or the
+        reverse), raises ClassifierInvalid rather than giving a wrong probability.
+        """
+        out = []
+        for part, vector, used in zip(self.parts, vectors, weights, strict=True):
+            vector = np.asarray(vector, dtype=np.float32)
+            if part.dim is not None and vector.shape[-1] != part.dim:
+                raise ClassifierInvalid(
+                    f"classifier for collection {self.collection_id} was trained on {part.dim}-value "
+                    f"{part.embedding_type} vectors; this worker computes {vector.shape[-1]}")
+            if part.weights is not None and (part.weights == "random") != (used == "random"):
+                raise ClassifierInvalid(
+                    f"classifier for collection {self.collection_id} was trained on {part.model} "
+                    f"{part.embedding_type} vectors; this worker computes them with {used} weights")
+            out.append(l2_normalize(vector) if part.normalized else vector)
+        return np.concatenate(out)
 
 
 @dataclass(frozen=True)
@@ -90,7 +136,25 @@ def _parse_entry(cid: int, raw: Any) -> ClassifierEntry:
         raise ClassifierInvalid(
             f"collection {cid}: unsupported embedding_type {bad}; supported {list(EMBEDDING_TYPES)}")
     threshold = float(raw.get("threshold", DEFAULT_THRESHOLD))
-    return ClassifierEntry(cid, str(raw["model_file"]), region, types, threshold)
+    return ClassifierEntry(cid, str(raw["model_file"]), region, types, threshold, _parse_input(cid, types, raw))
+
+
+def _parse_input(cid: int, types: tuple[str, ...], raw: dict[str, Any]) -> tuple[InputPart, ...]:
+    """The recorded input of each part; an entry written before the record exists reads as raw vectors."""
+    record = raw.get("input")
+    if record is None:
+        return ()
+    parts = record.get("parts") if isinstance(record, dict) else None
+    if not isinstance(parts, list) or [p.get("embedding_type") if isinstance(p, dict) else None
+                                       for p in parts] != list(types):
+        raise ClassifierInvalid(f"collection {cid}: the index entry's input does not describe {'+'.join(types)} "
+                                "part by part")
+    try:
+        return tuple(InputPart(str(p["embedding_type"]), bool(p.get("normalized", False)),
+                               None if p.get("dim") is None else int(p["dim"]),
+                               None if p.get("model") is None else str(p["model"])) for p in parts)
+    except (TypeError, ValueError) as exc:
+        raise ClassifierInvalid(f"collection {cid}: invalid input record ({exc})") from None
 
 
 class ClassifierStore:
@@ -146,9 +210,9 @@ class ClassifierStore:
         return model
 
     def version(self, entry: ClassifierEntry) -> tuple:
-        """What identifies the classifier behind `entry` now: its file's identity and the threshold."""
+        """What identifies the classifier behind `entry` now: its file's identity, the threshold and its input."""
         path = (self.directory / entry.model_file).resolve()
-        return ("classifier", str(path), _stamp(path), entry.threshold)
+        return ("classifier", str(path), _stamp(path), entry.threshold, entry.parts)
 
     def predict(self, entry: ClassifierEntry, features: np.ndarray) -> Prediction:
         """P(in collection) for one feature vector, compared with the entry's threshold."""

@@ -27,6 +27,7 @@ from analysis.batcher import LIVE, Scheduler, Timed
 from analysis.devices import Device
 from analysis.classifiers import ClassifierEntry, ClassifierInvalid, ClassifierNotFound, ClassifierStore
 from analysis.reuse import InFlight, ReuseStore
+from analysis.vectors import l2_normalize
 from analysis.results import image_info, task_result
 from schemas.config import DecodeConfig, ModelsConfig
 from schemas.events import AnalysisRequest, ModelInfo, ResultEvent, Task
@@ -91,6 +92,7 @@ class _Outcome:
     box: list[int] | None = None
     crop_base64: str | None = None
     model: ModelInfo | None = None
+    normalized: bool | None = None  # embeddings only
 
 
 class Engine:
@@ -432,15 +434,14 @@ class _RequestRun:
     async def embed(self, task: Task, params: dict[str, Any], clock: _TaskClock) -> _Outcome:
         model_key = EMBEDDING_MODELS[task.type]
         box, region = await self.region(task, params["target"], params, clock)
-        vector = await self.embedding(model_key, box, clock)
-        if params.get("normalize"):
-            norm = float(np.linalg.norm(vector))
-            vector = vector / norm if norm > 0 else vector
+        vector = np.asarray(await self.embedding(model_key, box, clock), dtype=np.float32)
+        normalized = bool(params.get("normalize"))
+        if normalized:
+            vector = l2_normalize(vector)
         bbox, b64 = await self._crop_fields(box, params, clock)
         model = (await self.engine.model(model_key)).info
         # A float32 array: the codec writes it straight from numpy (no Python float per value).
-        return _Outcome(data=np.asarray(vector, dtype=np.float32), region=region, box=bbox,
-                        crop_base64=b64, model=model)
+        return _Outcome(data=vector, region=region, box=bbox, crop_base64=b64, model=model, normalized=normalized)
 
     async def classify(self, task: Task, params: dict[str, Any], clock: _TaskClock) -> _Outcome:
         store = self.engine.classifiers
@@ -451,15 +452,18 @@ class _RequestRun:
                 f"which works on '{entry.region}'; omit target or use '{entry.region}'"
             )
         box, region = await self.region(task, entry.region, params, clock)
+        # Always the raw embeddings, turned into the input the classifier was trained on (its record
+        # says which parts are L2-normalised); the task's own `normalize` plays no part.
         vectors = [await self.embedding(EMBEDDING_MODELS[t], box, clock) for t in entry.embedding_types]
-        features = np.concatenate([np.asarray(v, dtype=np.float32) for v in vectors])
+        infos = [(await self.engine.model(EMBEDDING_MODELS[t])).info for t in entry.embedding_types]
+        features = entry.features(vectors, [info.weights for info in infos])
         # The classifier file's version and the weights of the embeddings it reads decide its answer.
         version = (await self.engine.off_loop(store.version, entry),
                    *[await self._identity(EMBEDDING_MODELS[t]) for t in entry.embedding_types])
         prediction = await self._stage(
             ("classify", entry.collection_id, tuple(box) if box else None, entry.embedding_type),
             lambda: self.engine.off_loop(store.predict, entry, features), clock, identity=version)
-        weights = "+".join([(await self.engine.model(EMBEDDING_MODELS[t])).info.weights for t in entry.embedding_types])
+        weights = "+".join(info.weights for info in infos)
         bbox, b64 = await self._crop_fields(box, params, clock)
         model = ModelInfo(name=f"{entry.model_file} on {entry.embedding_type}", weights=weights,
                           dim=int(features.shape[0]))
@@ -517,7 +521,8 @@ class _RequestRun:
                 self.engine.reused[reused] += 1
             return task_result(
                 self.request, task, "success", data=outcome.data, region=outcome.region, bbox=outcome.box,
-                crop_base64=outcome.crop_base64, model=outcome.model, timings_ms=self._timings(clock),
+                crop_base64=outcome.crop_base64, model=outcome.model, normalized=outcome.normalized,
+                timings_ms=self._timings(clock),
                 reused=reused is not None, **common,
             )
         except Exception as exc:  # noqa: BLE001 - an outcome the schema refuses fails this task only

@@ -35,6 +35,7 @@ def task_result(
     error_message: str | None = None,
     image: ImageInfo | None = None,
     model: ModelInfo | None = None,
+    normalized: bool | None = None,
     timings_ms: dict[str, float] | None = None,
     reused: bool = False,
 ) -> ResultEvent:
@@ -56,6 +57,7 @@ def task_result(
         error_message=error_message,
         image=image or image_info(request),
         model=model,
+        normalized=normalized,
         metadata=request.metadata,
         timings_ms={k: round(v, 3) for k, v in (timings_ms or {}).items()},
         replayed=request.replay_of is not None,

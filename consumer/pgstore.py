@@ -37,7 +37,7 @@ COMMON_COLUMNS = (
     "event_id", "request_id", "operation_id", "type", "status", "region", "bbox", "crop_ref",
     "image_url", "image_blob", "image_sha256", "image_width", "image_height",
     "model_name", "model_weights", "model_dim", "metadata", "timings_ms", "completed_at", "replayed",
-    "source_topic", "source_partition", "source_offset",
+    "source_topic", "source_partition", "source_offset", "normalized",
 )
 RESULTS_COLUMNS = COMMON_COLUMNS + ("data", "error_code", "error_message")
 EMBEDDING_COLUMNS = COMMON_COLUMNS + ("embedding",)
@@ -67,6 +67,7 @@ _COMMON_DDL = """
     source_topic text,
     source_partition integer,
     source_offset bigint,
+    normalized boolean,
     written_at timestamptz NOT NULL DEFAULT now()"""
 
 
@@ -122,6 +123,8 @@ class StoredEmbedding:
     model_name: str | None
     model_weights: str | None
     image_sha256: str | None
+    normalized: bool | None = None  # None: a row from before the flag
+    image_blob: str | None = None
 
 
 @dataclass(frozen=True)
@@ -198,6 +201,7 @@ def row_from_event(event: ResultEvent, source: SourcePosition | None = None) -> 
         model.name if model else None, model.weights if model else None, model.dim if model else None,
         _json(event.metadata), _json(event.timings_ms), event.completed_at, event.replayed,
         source.topic if source else None, source.partition if source else None, source.offset if source else None,
+        event.normalized,
     )
     if is_embedding(event):
         vector = _vector(event)
@@ -260,10 +264,27 @@ class PgStore:
             await self.conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, data jsonb, error_code text, "
                                             "error_message text)").format(sql.Identifier(RESULTS_TABLE),
                                                                           sql.SQL(_COMMON_DDL)))
+            await self._add_new_columns(RESULTS_TABLE)
             await self._create_index(RESULTS_TABLE, "request_id", "(request_id)")
             for result_type, dim in KNOWN_EMBEDDING_DIMS.items():
                 await self._create_embedding_table(embedding_table(result_type), dim)
+            for table in await self.refresh_embedding_tables():
+                await self._add_new_columns(table)
         await self.refresh_embedding_tables()
+
+    async def _add_new_columns(self, table: str) -> None:
+        """Columns added since the first release, on tables an older sink created (idempotent)."""
+        # Looked up first: ALTER TABLE locks the table even when there is nothing to add.
+        if not await self._has_column(table, "normalized"):
+            await self.conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS normalized boolean").format(
+                sql.Identifier(table)))
+
+    async def _has_column(self, table: str, column: str) -> bool:
+        cursor = await self.conn.execute(
+            "SELECT 1 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+            "WHERE c.relname = %s AND c.relnamespace = current_schema()::regnamespace "
+            "AND a.attname = %s AND NOT a.attisdropped", (table, column))
+        return await cursor.fetchone() is not None
 
     async def _create_index(self, table: str, suffix: str, definition: str) -> None:
         await self.conn.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} " + definition).format(
@@ -272,6 +293,7 @@ class PgStore:
     async def _create_embedding_table(self, table: str, dim: int) -> None:
         await self.conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, embedding vector({}) NOT NULL)").format(
             sql.Identifier(table), sql.SQL(_COMMON_DDL), sql.Literal(dim)))
+        await self._add_new_columns(table)
         await self._create_index(table, "request_id", "(request_id)")
         await self._create_index(table, "model", "(model_name, model_weights)")
         if dim <= HNSW_MAX_DIM:
@@ -400,12 +422,16 @@ class PgStore:
         if table not in self.embedding_dims or not keys:
             return []
         key = sql.SQL("request_id") if key_path is None else sql.SQL("metadata #>> %(path)s")
+        # A table no sink of this version has opened yet lacks the flag: its rows read as unknown.
+        normalized = sql.SQL("normalized" if await self._has_column(table, "normalized") else "NULL::boolean")
         query = sql.SQL(
-            "SELECT DISTINCT ON (k) k, embedding::text, model_name, model_weights, image_sha256 "
-            "FROM (SELECT {key} AS k, embedding, model_name, model_weights, image_sha256, completed_at, written_at "
+            "SELECT DISTINCT ON (k) k, embedding::text, model_name, model_weights, image_sha256, normalized, "
+            "       image_blob "
+            "FROM (SELECT {key} AS k, embedding, model_name, model_weights, image_sha256, {normalized} AS normalized, "
+            "             image_blob, completed_at, written_at "
             "      FROM {table} WHERE region = %(region)s AND status = 'success') AS labelled "
             "WHERE k = ANY(%(keys)s) ORDER BY k, completed_at DESC NULLS LAST, written_at DESC"
-        ).format(key=key, table=sql.Identifier(table))
+        ).format(key=key, normalized=normalized, table=sql.Identifier(table))
         cursor = await self.conn.execute(query, {"path": key_path, "keys": keys, "region": region})
-        return [StoredEmbedding(k, orjson.loads(text), name, weights, sha)
-                for k, text, name, weights, sha in await cursor.fetchall()]
+        return [StoredEmbedding(k, orjson.loads(text), name, weights, sha, normalized, blob)
+                for k, text, name, weights, sha, normalized, blob in await cursor.fetchall()]

@@ -135,6 +135,8 @@ def _add_train_parser(sub: Any) -> None:
                       help="Held-out positives and negatives needed for a bake-off (default 5).")
     bake.add_argument("--min-examples", type=int, metavar="N",
                       help="Positives and negatives with embeddings needed to train (default 5).")
+    bake.add_argument("--prune-grace", type=float, metavar="S",
+                      help="Seconds a pruned version's model file stays readable (default 3600).")
     out = p.add_argument_group("output")
     out.add_argument("--classifiers-dir", "--out", dest="classifiers_dir", metavar="DIR",
                      help="Classifier folder with best_models.json (env IMGSTREAM_MODELS__CLASSIFIERS_DIR; "
@@ -481,7 +483,7 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
     training = {"c_grid": args.c_grid, "cv_folds": args.cv_folds, "target_precision": args.target_precision,
                 "seed": args.seed, "rank_metric": args.metric, "keep_versions": args.keep,
                 "holdout_fraction": args.holdout_fraction, "min_holdout_per_class": args.min_holdout,
-                "min_examples_per_class": args.min_examples}
+                "min_examples_per_class": args.min_examples, "prune_grace_s": args.prune_grace}
     return {"training": training, "sink": {"dsn": args.dsn, "data_dir": args.data_dir},
             "models": {"classifiers_dir": args.classifiers_dir, "weights": args.weights, "device": args.device}}
 

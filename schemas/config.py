@@ -444,6 +444,17 @@ class TrainingConfig(Settings):
     )
     seed: int = Field(default=42, description="Seed of the held-out split and the folds, so a run can be "
                       "repeated exactly.")
+    near_duplicate_distance: int | None = Field(
+        default=8, ge=0, le=32,
+        description="Two labelled images whose perceptual hashes (64-bit pHash, the smaller of as-is and "
+        "mirrored) differ in at most this many bits are copies: folds and the held-out set keep them on one "
+        "side. null: copies by identical bytes (SHA-256) only.",
+    )
+    prune_grace_s: float = Field(
+        default=3600.0, ge=0,
+        description="A pruned version's model file stays readable this long after the index stopped "
+        "naming it (deleted by the first run after that), so workers that read an older index still serve it.",
+    )
 
 
 class WorkerConfig(Settings):

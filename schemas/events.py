@@ -139,6 +139,8 @@ class ResultEvent(BaseModel):
     error_message: str | None = None
     image: ImageInfo | None = None
     model: ModelInfo | None = None
+    normalized: bool | None = Field(default=None, description="Embedding results: whether `data` is the "
+                                    "L2-normalised vector (the task's `normalize`); null for other results.")
     metadata: dict[str, Any] | None = None
     timings_ms: dict[str, float] = Field(default_factory=dict)
     replayed: bool = False

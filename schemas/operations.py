@@ -110,6 +110,11 @@ OPERATIONS: dict[str, OperationSpec] = {
                 choices=list(_REGION_TARGETS),
             ),
             "collection_id": ParamSpec(type="integer", description="Collection whose classifier to use.", required=True),
+            "normalize": ParamSpec(
+                type="boolean",
+                description="Accepted and ignored: the classifier's record says whether its input is "
+                "L2-normalised, and serving builds exactly that input.",
+            ),
         },
     ),
     "describe_image": OperationSpec(

@@ -168,10 +168,13 @@ async def test_detections_and_crops_run_once_per_request(engine, person_prone_de
     assert delta["embed"] == 3  # face CLIP once (plain and normalised share it), face DINOv2, person CLIP
     plain, unit = np.array(results["clip"].data), np.array(results["clip_norm"].data)
     assert np.allclose(unit, plain / np.linalg.norm(plain), atol=1e-5)
+    assert (results["clip"].normalized, results["clip_norm"].normalized, results["dino"].normalized) == (
+        False, True, False)  # every embedding says which it is; other results say nothing
+    assert results["box"].normalized is None and results["caption"].normalized is None
     assert results["clip"].cropped_image_base64 == results["dino"].cropped_image_base64
 
 
-def _train_classifier(directory, collection_id, dim, region, embedding_type, threshold=0.5):
+def _train_classifier(directory, collection_id, dim, region, embedding_type, threshold=0.5, input=None):
     rng = np.random.default_rng(collection_id)
     X = rng.normal(size=(40, dim))
     y = np.array([True, False] * 20)
@@ -181,7 +184,7 @@ def _train_classifier(directory, collection_id, dim, region, embedding_type, thr
     index_path = directory / "best_models.json"
     index = orjson.loads(index_path.read_bytes()) if index_path.exists() else {}
     index[str(collection_id)] = {"model_file": name, "derivative_type": region, "embedding_type": embedding_type,
-                                 "threshold": threshold}
+                                 "threshold": threshold, **({"input": input} if input is not None else {})}
     index_path.write_bytes(orjson.dumps(index))
     return model
 
@@ -219,6 +222,33 @@ async def test_classify_uses_the_classifiers_region_and_shares_the_embedding(eng
     assert engine.stage_counts["embed"] - clip_calls == 3
     assert (results["contradicts"].status, results["contradicts"].error_code) == ("skipped", "invalid_params")
     assert (results["missing"].status, results["missing"].error_code) == ("skipped", "classifier_not_found")
+
+
+async def test_classify_builds_the_input_the_classifier_records_part_by_part(engine, classifier_dir):
+    clip, dino = "embed_clip_vit_b_32", "embed_dino_v2"
+
+    def part(type_, dim, normalized, weights="random"):
+        name = "ViT-B-32-quickgelu" if type_ == clip else "dinov2-base-random"
+        return {"embedding_type": type_, "model": f"{name}/{weights}", "dim": dim, "normalized": normalized}
+
+    both = f"{clip}+{dino}"
+    model = _train_classifier(classifier_dir, 31, 1280, "whole_image", both,
+                              input={"parts": [part(clip, 512, False), part(dino, 768, True)]})
+    _train_classifier(classifier_dir, 32, 512, "whole_image", clip, input={"parts": [part(clip, 512, True, "openai")]})
+    _train_classifier(classifier_dir, 33, 512, "whole_image", clip, input={"parts": [part(dino, 768, True)]})
+    results = by_op(await engine.run(request(
+        ("mixed", "classify", {"collection_id": 31, "normalize": True}),
+        ("pretrained", "classify", {"collection_id": 32}),
+        ("garbled", "classify", {"collection_id": 33}),
+        ("clip", clip, {}), ("dino", dino, {"normalize": True}),
+    ), photo("astronaut")))
+    assert results["mixed"].status == "success", results["mixed"].error_message
+    features = np.concatenate([results["clip"].data, results["dino"].data])[None].astype(np.float64)
+    assert results["mixed"].data["probability"] == pytest.approx(model.predict_proba(features)[0][1], abs=1e-5)
+    # Served vectors from random weights, it learnt pretrained ones: an error, not a wrong probability.
+    assert (results["pretrained"].status, results["pretrained"].error_code) == ("error", "classifier_invalid")
+    assert "openai" in results["pretrained"].error_message
+    assert (results["garbled"].status, results["garbled"].error_code) == ("error", "classifier_invalid")
 
 
 async def test_classifier_changes_are_picked_up_without_restart(engine, classifier_dir):

@@ -173,6 +173,29 @@ async def test_a_replay_replaces_rows_instead_of_adding_them(broker, topics, db)
         assert float(text.strip("[]").split(",")[0]) == pytest.approx(vector(1000 + i)[0], rel=1e-6)
 
 
+async def test_rows_say_whether_the_vector_is_normalised_also_in_tables_an_older_sink_made(broker, topics, db):
+    from consumer.pgstore import _COMMON_DDL
+
+    # The CLIP table as a sink from before the flag created it, with one row in it.
+    old_ddl = _COMMON_DDL.replace("normalized boolean,", "")
+    assert "normalized" not in old_ddl
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        conn.execute(f"CREATE TABLE {CLIP_TABLE} ({old_ddl}, embedding vector(512) NOT NULL)")
+        conn.execute(f"INSERT INTO {CLIP_TABLE} (event_id, request_id, operation_id, type, status, embedding) "
+                     "VALUES ('old/clip', 'old', 'clip', %s, 'success', %s::vector)", (CLIP, str(vector(1))))
+    raw, unit, unknown = embedding_result(1), embedding_result(2), embedding_result(3)
+    raw.normalized, unit.normalized = False, True  # `unknown`: a result from before the flag
+    box = other_result("r1", "face_box", "detect_bounding_box", "success", [1, 2, 3, 4])
+    await produce(broker, topics.results, records([raw, unit, unknown, box]))
+    kafka, sink = sink_configs(broker, topics, db)
+    await sink_until(kafka, sink, read_all(4))
+
+    rows = dict(query(db, f"SELECT event_id, normalized FROM {CLIP_TABLE}"))
+    assert rows == {"old/clip": None, "req-1/clip": False, "req-2/clip": True, "req-3/clip": None}
+    assert query(db, f"SELECT normalized FROM {RESULTS_TABLE}") == [(None,)]
+
+
 async def test_non_embedding_results_land_in_the_jsonb_table(broker, topics, db):
     events = [
         other_result("r1", "face_box", "detect_bounding_box", "success", [170, 40, 290, 200],

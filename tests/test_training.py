@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -214,7 +215,7 @@ def test_an_eleventh_version_prunes_the_worst_and_keep_is_configurable(one_colle
     results, labels, classifiers = one_collection
     report = classifiers.parent / "report.json"
     quick = ["--labels", labels, "--results", results, "--out", classifiers, "--c-grid", "1", "--cv-folds", "3",
-             "--report", report]
+             "--report", report, "--prune-grace", "0"]  # model files go at once (the grace has a test of its own)
     assert train(*quick, "--embedding-type", DINO) == 0  # the worst version, first
     worst = index_of(classifiers)["1"]["version"]
     assert train(*quick) == 0
@@ -325,6 +326,19 @@ def test_threshold_maximises_f1_or_reaches_the_target_precision():
     assert unreachable.note and "not reached" in unreachable.note
 
 
+def test_too_few_examples_to_nest_say_the_figures_are_from_the_threshold_choice():
+    from schemas.config import TrainingConfig
+    from training.fit import SAME_PREDICTIONS, TooFewGroups, fit_classifier
+
+    rng = np.random.default_rng(1)
+    X, y = rng.normal(size=(12, 4)), np.array([True, True] + [False] * 10)
+    fitted = fit_classifier(X, y, TrainingConfig())
+    assert fitted.evaluation == SAME_PREDICTIONS and fitted.honest == fitted.choice.expected
+    assert any("optimistic" in note for note in fitted.notes)
+    with pytest.raises(TooFewGroups, match="2 positive and 2 negative images"):  # two copies of one image
+        fit_classifier(X, y, TrainingConfig(), groups=np.array(["a", "a"] + [f"n{i}" for i in range(10)]))
+
+
 def test_target_precision_is_stored_with_the_model_and_reported(tmp_path):
     keys, latent, clip, _ = latent_data(200, classes=2, signal=0.35, seed=5)  # overlapping classes
     results = write_results(tmp_path / "results.jsonl", keys, clip, None)
@@ -336,7 +350,11 @@ def test_target_precision_is_stored_with_the_model_and_reported(tmp_path):
                      reports[name], *extra) == 0
     f1, precise = report_of(reports["f1"], 1)["new_version"], report_of(reports["precise"], 1)["new_version"]
     assert f1["threshold_rule"] == "max_f1" and f1["expected_precision"] < 0.9
-    assert precise["threshold_rule"] == "target_precision" and precise["expected_precision"] >= 0.9
+    # The target is reached on the predictions that chose the threshold; the precision to expect is
+    # measured on folds that did not choose it (nested cross-validation), and may fall short of it.
+    assert precise["threshold_rule"] == "target_precision" and precise["cv"]["precision"] >= 0.9
+    assert precise["threshold_evaluation"] == "nested_cv" and precise["expected"]["precision"] == precise[
+        "expected_precision"]
     assert precise["threshold"] > f1["threshold"] and precise["expected_recall"] <= f1["expected_recall"]
     entry = index_of(tmp_path / "precise")["1"]
     assert entry["threshold"] == precise["threshold"] and entry["expected_precision"] == precise["expected_precision"]
@@ -532,3 +550,345 @@ def test_classifier_store_sees_an_index_replaced_with_the_same_size_and_time(tmp
     os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     replacement.replace(index)  # what an atomic index update does: same size, same mtime, new file
     assert store.entry(1).threshold == 0.75
+
+
+# -- honest figures --------------------------------------------------------------------------
+
+def test_the_promised_precision_is_measured_on_data_that_did_not_choose_the_threshold(tmp_path):
+    """Small noisy sets (400 rows, 16 features, a tenth of the labels flipped), a 0.9 precision target.
+
+    Stated tolerance: averaged over 16 such sets (one collection each), the precision best_models.json
+    promises is within 0.06 of the precision its model and threshold give on a fresh sample of 20,000
+    from the same distribution (one set alone is off by about 0.08 either way). The precision on the
+    predictions that chose the threshold, what was promised before, is too rosy by more than that.
+    """
+    dim, sets = 16, 16
+    centre = np.zeros(dim)
+    centre[:2] = (1.6, 0.8)
+
+    def sample(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.random(n) < 0.35
+        X = rng.normal(size=(n, dim)) + np.where(y[:, None], centre, 0.0)
+        return X, y ^ (rng.random(n) < 0.1)
+
+    lines, rows = [], []
+    for c in range(1, sets + 1):
+        X, y = sample(np.random.default_rng(c), 400)
+        for i, (x, label) in enumerate(zip(X, y)):
+            lines.append(embedding_event(f"s{c}-{i}", CLIP, x).model_dump_json())
+            rows.append((c, f"s{c}-{i}", bool(label)))
+    results = tmp_path / "results.jsonl"
+    results.write_text("\n".join(lines) + "\n")
+    labels = write_labels(tmp_path / "labels.csv", rows)
+    out, report = tmp_path / "classifiers", tmp_path / "report.json"
+    assert train("--labels", labels, "--results", results, "--out", out, "--report", report,
+                 "--target-precision", "0.9") == 0
+
+    # The fields of before are all still there; what is new comes beside them.
+    entry, outcome = index_of(out)["1"], report_of(report, 1)
+    assert {"model_file", "derivative_type", "embedding_type", "threshold", "version", "trained_at",
+            "expected_precision", "expected_recall", "rank_metric", "metrics", "input"} <= set(entry)
+    assert {"cv", "holdout", "expected"} <= set(entry["metrics"])
+    assert {"version", "stored", "threshold", "threshold_rule", "expected_precision", "expected_recall", "C",
+            "training_examples", "cv", "expected", "threshold_evaluation"} <= set(outcome["new_version"])
+    assert {"examples", "positives", "negatives", "excluded_trained_on", "needed_per_class", "enough", "keys",
+            "groups"} <= set(outcome["holdout"])
+
+    promised, chosen_on, fresh = [], [], []
+    for c in range(1, sets + 1):
+        entry, new = index_of(out)[str(c)], report_of(report, c)["new_version"]
+        assert new["threshold_evaluation"] == "nested_cv" and entry["expected_precision"] == new["expected_precision"]
+        model = joblib.load(out / entry["model_file"])
+        X_fresh, y_fresh = sample(np.random.default_rng(1000 + c), 20_000)
+        fresh.append(float(y_fresh[positive_probability(model, X_fresh) >= entry["threshold"]].mean()))
+        promised.append(entry["expected_precision"])
+        chosen_on.append(new["cv"]["precision"])
+    assert abs(np.mean(promised) - np.mean(fresh)) <= 0.06, (promised, fresh)
+    assert np.mean(chosen_on) - np.mean(fresh) > 0.06, (chosen_on, fresh)
+
+
+# -- training and serving read the same vectors ----------------------------------------------
+
+PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel", "horse",
+          "hubble_deep_field", "immunohistochemistry", "logo", "moon", "page", "retina", "rocket")
+
+
+async def test_a_classifier_trained_on_normalised_vectors_gets_them_whatever_the_task_says(engine, tmp_path):
+    from tests.engine_helpers import by_op, photo, request
+
+    lines, rows = [], ["key,label"]
+    for i, name in enumerate(PHOTOS):
+        req = request(("clip", CLIP, {"normalize": True}), metadata={"photo_id": name})
+        (result,) = await engine.run(req, photo(name))
+        assert result.status == "success" and result.normalized is True
+        lines.append(result.model_dump_json())
+        rows.append(f"{name},{int(i % 2 == 0)}")
+    (tmp_path / "results.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    out, report = tmp_path / "classifiers", tmp_path / "report.json"
+    assert train("--labels", tmp_path / "labels.csv", "--results", tmp_path / "results.jsonl", "--key",
+                 "metadata.photo_id", "--collection-id", "4", "--out", out, "--report", report,
+                 "--min-examples", "4") == 0
+    part = {"embedding_type": CLIP, "model": "ViT-B-32-quickgelu/random", "dim": 512, "normalized": True}
+    entry = index_of(out)["4"]
+    assert entry["input"]["parts"] == [part]
+    (version,) = Registry(out).versions(4)[0]
+    assert version.manifest["input"]["parts"] == [part] and report_of(report, 4)["input"]["parts"] == [part]
+
+    saved = engine.classifiers
+    engine.classifiers = ClassifierStore(out)
+    try:
+        results = by_op(await engine.run(request(
+            ("default", "classify", {"collection_id": 4}),
+            ("asks_normalised", "classify", {"collection_id": 4, "normalize": True}),
+            ("asks_raw", "classify", {"collection_id": 4, "normalize": False}),
+            ("raw", CLIP, {}), ("unit", CLIP, {"normalize": True}),
+        ), photo("text")))
+    finally:
+        engine.classifiers = saved
+    model = joblib.load(out / entry["model_file"])
+    expected = positive_probability(model, np.asarray([results["unit"].data], dtype=np.float64))[0]
+    on_raw = positive_probability(model, np.asarray([results["raw"].data], dtype=np.float64))[0]
+    assert abs(on_raw - expected) > 1e-3, "raw and normalised inputs must give different answers for this to test"
+    for op in ("default", "asks_normalised", "asks_raw"):
+        assert results[op].status == "success", results[op].error_message
+        assert results[op].data["probability"] == pytest.approx(expected, abs=1e-5), op
+
+
+def test_raw_and_normalised_vectors_of_one_model_train_normalised_and_the_report_says_so(one_collection, tmp_path):
+    results, labels, classifiers = one_collection
+    report = tmp_path / "report.json"
+    assert train("--labels", labels, "--results", results, "--out", classifiers) == 0  # raw vectors only
+    (raw_version,) = Registry(classifiers).versions(1)[0]
+    assert raw_version.normalized == [False]
+    assert index_of(classifiers)["1"]["input"]["parts"][0]["normalized"] is False
+
+    # A third normalised and saying so, a third normalised by an older worker (no flag, unit length), a third raw.
+    keys, latent, clip, _ = latent_data(90)
+    lines = []
+    for i, key in enumerate(keys):
+        unit = clip[i] / np.linalg.norm(clip[i])
+        event = embedding_event(key, CLIP, unit if i % 3 < 2 else clip[i])
+        event.normalized = {0: True, 1: None, 2: False}[i % 3]
+        lines.append(event.model_dump_json())
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join(lines) + "\n")
+    assert train("--labels", labels, "--results", mixed, "--out", classifiers, "--report", report) == 0
+    outcome = report_of(report, 1)
+    assert outcome["input"]["parts"][0]["normalized"] is True and outcome["input"]["normalized_here"] == {CLIP: 30}
+    assert any(note.startswith(f"30 raw {CLIP} vectors were L2-normalised") for note in outcome["notes"])
+    (unscored,) = outcome["unscored"]  # the raw model cannot be given raw vectors from this data
+    assert unscored["version"] == raw_version.version and "reads raw vectors" in unscored["reason"]
+    new = Registry(classifiers).versions(1)[0][-1]
+    assert new.normalized == [True]
+
+
+def test_features_normalise_as_serving_does_and_refuse_to_unnormalise():
+    from training.features import DataProblem, Embedding, FeatureStore
+
+    rng = np.random.default_rng(0)
+    raw = rng.normal(size=(6, 8)).astype(np.float32) * 5
+    store = FeatureStore()
+    store.merge((CLIP, "whole_image"), {f"k{i}": Embedding(v / np.linalg.norm(v) if i < 3 else v, "m/random", None,
+                                                           True if i < 3 else None) for i, v in enumerate(raw)})
+    matrix = store.assemble([f"k{i}" for i in range(6)], CLIP, "whole_image")
+    assert matrix.parts[0].normalized and matrix.normalized_here == {CLIP: 3}
+    assert np.allclose(np.linalg.norm(matrix.X, axis=1), 1.0, atol=1e-6)
+    assert np.allclose(matrix.X[3], raw[3] / np.linalg.norm(raw[3]), atol=1e-6)
+    with pytest.raises(DataProblem, match="reads raw vectors"):
+        store.assemble([f"k{i}" for i in range(6)], CLIP, "whole_image", normalized=[False])
+    only_raw = store.assemble(["k4", "k5"], CLIP, "whole_image")
+    assert not only_raw.parts[0].normalized and np.allclose(only_raw.X, raw[4:], atol=1e-5)
+
+
+# -- copies of one image stay on one side ----------------------------------------------------
+
+def _save_copies(image: Image.Image, folder: Path, name: str) -> dict[str, Path]:
+    """A photo and four copies: the same bytes under another name, mirrored, half size, JPEG quality 40."""
+    from PIL import ImageOps
+
+    def save(key: str, picture: Image.Image, fmt: str = "PNG", **options) -> Path:
+        path = folder / f"{key}.{fmt.lower()}"
+        picture.save(path, fmt, **options)
+        return path
+
+    files = {name: save(name, image)}
+    files[f"{name}-same-bytes"] = folder / f"{name}-same-bytes.png"
+    files[f"{name}-same-bytes"].write_bytes(files[name].read_bytes())
+    files[f"{name}-mirrored"] = save(f"{name}-mirrored", ImageOps.mirror(image))
+    files[f"{name}-half"] = save(f"{name}-half", image.resize((image.width // 2, image.height // 2)))
+    files[f"{name}-jpeg"] = save(f"{name}-jpeg", image, "JPEG", quality=40)
+    return files
+
+
+def test_copies_of_one_photo_never_sit_on_both_sides_of_a_split(tmp_path):
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    from tests.engine_helpers import photo
+    from training.fit import _estimator, grouped_folds
+
+    # 16 real photos, 5 files each. The label belongs to the photo and has nothing to do with what the
+    # embeddings (the photo's random vector, a little noise per copy) say: only memorising copies helps.
+    rng = np.random.default_rng(7)
+    (tmp_path / "images").mkdir()
+    lines, rows, photo_of, vectors, labels = [], [], {}, {}, {}
+    for i, name in enumerate(PHOTOS):
+        base = rng.normal(size=512)
+        for key, path in _save_copies(photo(name), tmp_path / "images", name).items():
+            vectors[key], labels[key], photo_of[key] = base + rng.normal(scale=0.05, size=512), i % 2 == 0, name
+            lines.append(embedding_event(key, CLIP, vectors[key]).model_dump_json())
+            rows.append(f"1,{key},images/{path.name},{int(labels[key])}")
+    (tmp_path / "results.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "labels.csv").write_text("collection_id,key,image,label\n" + "\n".join(rows) + "\n")
+    classifiers, report = tmp_path / "classifiers", tmp_path / "report.json"
+    assert train("--labels", tmp_path / "labels.csv", "--results", tmp_path / "results.jsonl", "--out", classifiers,
+                 "--report", report) == 0
+    outcome = report_of(report, 1)
+
+    # Every photo's five files were found to be one image: by bytes, and by perceptual hash.
+    by_photo = sorted(sorted(k for k in photo_of if photo_of[k] == name) for name in PHOTOS)
+    assert sorted(outcome["grouping"]["duplicates"]) == by_photo
+    assert outcome["grouping"]["with_perceptual_hash"] == 80 and outcome["grouping"]["groups"] == 16
+    # The held-out set takes whole photos ...
+    held = set(outcome["holdout"]["keys"])
+    assert held and all(len({k in held for k in group}) == 1 for group in by_photo)
+    held_photos = {photo_of[k] for k in held}
+    assert outcome["holdout"]["groups"] == len(held_photos)
+    # ... and so does every cross-validation fold of the rest.
+    train_keys = sorted(k for k in photo_of if k not in held)
+    y = np.array([labels[k] for k in train_keys])
+    groups = np.array([photo_of[k] for k in train_keys])
+    assert outcome["new_version"]["folds"]["groups"] == 16 - len(held_photos)
+    for fit_rows, test_rows in grouped_folds(y, groups, 5, 42):
+        assert not set(groups[fit_rows]) & set(groups[test_rows])
+
+    # Split by key instead, copies of each test photo would train its model: a far rosier score.
+    X = np.stack([vectors[k] for k in train_keys])
+    by_key = StratifiedKFold(n_splits=5, shuffle=True, random_state=42)
+    proba = cross_val_predict(_estimator(outcome["new_version"]["C"], 42), X, y, cv=by_key,
+                              method="predict_proba")[:, 1]
+    ungrouped, reported = average_precision(y, proba), outcome["new_version"]["cv"]["average_precision"]
+    assert ungrouped > 0.95 and reported < ungrouped - 0.2, (reported, ungrouped)
+    assert outcome["new_version"]["expected"]["average_precision"] < ungrouped - 0.2
+
+    # A later run on other copies of the same photos (new keys, new bytes) holds out none whose
+    # photo the stored version trained on: its record keeps the perceptual hashes of its images.
+    from PIL import ImageOps
+
+    lines, rows = [], []
+    for i, name in enumerate(PHOTOS):
+        key = f"{name}-again"
+        image = ImageOps.mirror(photo(name))
+        image.resize((image.width * 3 // 4, image.height * 3 // 4)).save(tmp_path / "images" / f"{key}.jpg",
+                                                                        quality=70)
+        lines.append(embedding_event(key, CLIP, vectors[name] + rng.normal(scale=0.05, size=512)).model_dump_json())
+        rows.append(f"1,{key},images/{key}.jpg,{int(i % 2 == 0)}")
+    (tmp_path / "again.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "again.csv").write_text("collection_id,key,image,label\n" + "\n".join(rows) + "\n")
+    assert train("--labels", tmp_path / "again.csv", "--results", tmp_path / "again.jsonl", "--out", classifiers,
+                 "--report", report, "--min-examples", "2", "--min-holdout", "1") == 0
+    again = report_of(report, 1)["holdout"]
+    assert again["excluded_trained_on"] == 16 - len(held_photos)
+    assert {k.removesuffix("-again") for k in again["keys"]} <= held_photos
+
+
+# -- pruning ----------------------------------------------------------------------------------
+
+def test_versions_a_run_cannot_score_are_pruned_oldest_first_beyond_keep(one_collection):
+    results, labels, classifiers = one_collection
+    report = classifiers.parent / "report.json"
+    keys, _, clip, _ = latent_data(90)
+    openai = write_results(classifiers.parent / "openai.jsonl", keys, clip, None, clip_weights="openai")
+    quick = ["--labels", labels, "--out", classifiers, "--c-grid", "1", "--cv-folds", "3", "--report", report,
+             "--prune-grace", "0"]
+    for _ in range(3):  # v1 (in service), v2, v3 on random-weight embeddings
+        assert train(*quick, "--results", results) == 0
+    v1, v2, v3 = (v.version for v in Registry(classifiers).versions(1)[0])
+    assert index_of(classifiers)["1"]["version"] == v1
+    assert train(*quick, "--results", openai) == 0  # v4: the others cannot be scored on these embeddings
+    assert {u["version"] for u in report_of(report, 1)["unscored"]} == {v1, v2, v3}
+    assert report_of(report, 1)["pruned"] == []
+
+    assert train(*quick, "--results", openai, "--keep", "4") == 0  # v5
+    outcome = report_of(report, 1)
+    # Kept: the model in service, the two this run ranked, then the newest it could not score.
+    assert outcome["status"] == "kept" and outcome["pruned"] == [v2]
+    left = [v.version for v in Registry(classifiers).versions(1)[0]]
+    assert len(left) == 4 and v1 in left and v3 in left and v2 not in left
+    assert index_of(classifiers)["1"]["version"] == v1
+
+
+def test_a_pruned_model_file_stays_readable_for_a_worker_that_read_the_older_index(one_collection):
+    results, labels, classifiers = one_collection
+    report = classifiers.parent / "report.json"
+    run = ["--labels", labels, "--results", results, "--out", classifiers, "--c-grid", "1", "--cv-folds", "3",
+           "--report", report, "--keep", "1"]
+    assert train(*run, "--embedding-type", DINO) == 0
+    store = ClassifierStore(classifiers)
+    entry = store.entry(1)  # a worker reads the index ...
+    assert train(*run, "--prune-grace", "1") == 0  # ... just before a better version replaces and prunes it
+    outcome = report_of(report, 1)
+    assert outcome["status"] == "promoted" and outcome["pruned"] == [Path(entry.model_file).stem]
+    assert store.entry(1).model_file != entry.model_file
+    assert len(Registry(classifiers).versions(1)[0]) == 1  # gone from the versions ...
+    features = np.random.default_rng(0).normal(size=768)
+    assert 0.0 <= store.predict(entry, features).probability <= 1.0  # ... still served from the older index
+
+    time.sleep(1.1)  # the grace period is over: the next run deletes the file
+    assert train(*run, "--prune-grace", "1") == 0
+    assert orjson.loads(report.read_bytes())["deleted_model_files"] == [entry.model_file]
+    assert not (classifiers / entry.model_file).exists()
+    retiring = list((classifiers / "collection_1").glob("*.retired"))  # what this run pruned, in its grace period
+    assert len(retiring) == len(report_of(report, 1)["pruned"])
+
+
+async def test_images_are_read_from_file_blobs_inside_the_roots_and_only_there(tmp_path):
+    from schemas.config import load_config
+    from tests.engine_helpers import photo
+    from training.duplicates import group_keys
+    from training.features import Embedding, FeatureStore
+    from training.image_identity import identify_images
+
+    roots, outside = tmp_path / "blobs", tmp_path / "elsewhere"
+    roots.mkdir()
+    outside.mkdir()
+    photo("camera").save(roots / "a.png")
+    photo("camera").resize((256, 256)).save(roots / "a-small.jpg", quality=50)
+    photo("camera").save(outside / "b.png")
+    (roots / "broken.png").write_bytes(b"not an image")
+    vector = np.ones(4, dtype=np.float32)
+    found = {
+        "a": Embedding(vector, "m/random", "1" * 64, False, (roots / "a.png").as_uri()),
+        "a-small": Embedding(vector, "m/random", "2" * 64, False, (roots / "a-small.jpg").as_uri()),
+        "b": Embedding(vector, "m/random", "3" * 64, False, (outside / "b.png").as_uri()),
+        "broken": Embedding(vector, "m/random", "4" * 64, False, (roots / "broken.png").as_uri()),
+        "by-url": Embedding(vector, "m/random", "1" * 64, False, None),  # the same bytes as "a", known by URL
+    }
+    store = FeatureStore()
+    store.merge((CLIP, "whole_image"), found)
+    config = load_config({"fetch": {"blob_roots": [str(roots)]}})
+    identities = await identify_images(config, {}, store, set(found), progress=False)
+    assert set(identities.hashes) == {"a", "a-small"}
+    assert "outside the blob roots" in identities.unhashed["b"]
+    assert identities.unhashed["broken"] == "not a decodable image"
+    assert identities.unhashed["by-url"].startswith("no readable copy")
+    groups = group_keys(sorted(found), identities.sha256, identities.hashes)
+    assert groups["a"] == groups["a-small"] == groups["by-url"]  # a near-duplicate, and the same SHA-256
+    assert len({groups["a"], groups["b"], groups["broken"]}) == 3  # unread: never guessed to be a copy
+
+
+def test_an_index_entry_input_record_is_applied_part_by_part_and_checked():
+    from analysis.classifiers import ClassifierInvalid, InputPart, _parse_entry
+
+    both = {"model_file": "m.pkl", "derivative_type": "whole_image", "embedding_type": f"{CLIP}+{DINO}"}
+    entry = _parse_entry(3, {**both, "input": {"parts": [
+        {"embedding_type": CLIP, "model": "unknown", "dim": 4, "normalized": True},  # weights not known: no check
+        {"embedding_type": DINO, "normalized": False}]}})
+    features = entry.features([np.array([3.0, 4.0, 0.0, 0.0]), np.array([1.0, 2.0])], ["random", "random"])
+    assert np.allclose(features, [0.6, 0.8, 0.0, 0.0, 1.0, 2.0])
+    with pytest.raises(ClassifierInvalid, match="4-value"):
+        entry.features([np.ones(5), np.ones(2)], ["random", "random"])
+    old = _parse_entry(3, {**both, "embedding_type": CLIP})  # written before the record: raw vectors
+    assert old.parts == (InputPart(CLIP),) and np.allclose(old.features([np.array([3.0, 4.0])], ["openai"]), [3, 4])
+    with pytest.raises(ClassifierInvalid, match="part by part"):
+        _parse_entry(3, {**both, "input": {"parts": [{"embedding_type": DINO}]}})

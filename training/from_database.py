@@ -19,7 +19,8 @@ async def read_database(dsn: str, key_field: str, pairs: set[Pair], keys: set[st
             rows = await store.labelled_embeddings(result_type, region, key_path, sorted(keys))
             found[(result_type, region)] = {
                 row.key: Embedding(np.asarray(row.vector, dtype=np.float32),
-                                   model_id(row.model_name, row.model_weights), row.image_sha256)
+                                   model_id(row.model_name, row.model_weights), row.image_sha256,
+                                   row.normalized, row.image_blob)
                 for row in rows
             }
     finally:

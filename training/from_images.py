@@ -67,7 +67,7 @@ async def embed_images(config: WorkerConfig, images: dict[str, str], wanted: dic
             if result.status == "success":
                 model = model_id(result.model.name, result.model.weights) if result.model else model_id(None, None)
                 out.found.setdefault((result.type, result.region or "whole_image"), {})[key] = Embedding(
-                    np.asarray(result.data, dtype=np.float32), model, decoded.sha256)
+                    np.asarray(result.data, dtype=np.float32), model, decoded.sha256, normalized=result.normalized)
             else:
                 out.failed.setdefault(key, f"{result.error_code} ({result.error_message})")
 

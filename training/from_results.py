@@ -46,6 +46,7 @@ def read_results_file(path: Path, key_field: str, pairs: set[Pair],
             if not isinstance(data, list) or not data or not all(isinstance(x, (int, float)) for x in data):
                 raise ResultsFileError(f"{path}:{number}: {result.type} success without a vector of numbers")
             model = model_id(result.model.name, result.model.weights) if result.model else model_id(None, None)
-            found[pair][key] = Embedding(np.asarray(data, dtype=np.float32), model,
-                                         result.image.sha256 if result.image else None)
+            image = result.image
+            found[pair][key] = Embedding(np.asarray(data, dtype=np.float32), model, image.sha256 if image else None,
+                                         result.normalized, image.blob if image else None)
     return found

@@ -49,8 +49,13 @@ def average_precision(y: np.ndarray, proba: np.ndarray) -> float:
 
 def binary_metrics(y: np.ndarray, proba: np.ndarray, threshold: float) -> Metrics:
     """The metrics of predicting `proba >= threshold` for boolean labels `y`."""
+    return prediction_metrics(y, np.asarray(proba) >= threshold, proba, threshold)
+
+
+def prediction_metrics(y: np.ndarray, predicted: np.ndarray, proba: np.ndarray, threshold: float) -> Metrics:
+    """The metrics of yes/no `predicted` for boolean labels `y` (`proba` for the average precision)."""
     y = np.asarray(y, dtype=bool)
-    predicted = np.asarray(proba) >= threshold
+    predicted = np.asarray(predicted, dtype=bool)
     tp = int(np.sum(predicted & y))
     fp = int(np.sum(predicted & ~y))
     fn = int(np.sum(~predicted & y))

@@ -15,8 +15,10 @@ from analysis.classifiers import EMBEDDING_TYPES
 from schemas.config import TrainingConfig, WorkerConfig
 from schemas.operations import TARGETS
 from training.bakeoff import Entrant, Holdout, choose_holdout, rank, score
+from training.duplicates import ImageHash, duplicate_groups, group_keys
 from training.features import DataProblem, FeatureStore, Matrix, Pair, check_key_field, pairs_of
-from training.fit import MAX_ITER, fit_classifier
+from training.fit import MAX_ITER, TooFewGroups, fit_classifier
+from training.image_identity import ImageIdentities, identify_images
 from training.labels import CollectionLabels, LabelSet, read_labels
 from training.progress import Progress
 from training.registry import Registry, Version
@@ -24,6 +26,7 @@ from training.registry import Registry, Version
 log = logging.getLogger(__name__)
 
 PROMOTED, KEPT, SKIPPED, FAILED = "promoted", "kept", "skipped", "failed"
+MAX_REPORTED_GROUPS = 100  # groups of copies listed per collection in the report (all are counted)
 
 
 class UsageError(ValueError):
@@ -60,6 +63,8 @@ class CollectionOutcome:
     unscored: list[dict[str, str]] = field(default_factory=list)
     best: dict[str, Any] | None = None
     pruned: list[str] = field(default_factory=list)
+    input: dict[str, Any] | None = None  # what the new model reads: per part, model, dim, normalised or not
+    grouping: dict[str, Any] | None = None  # copies of one image, kept on one side of every split
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -73,6 +78,7 @@ class RunReport:
     inputs: dict[str, Any]
     settings: dict[str, Any]
     collections: list[CollectionOutcome]
+    deleted_model_files: list[str] = field(default_factory=list)  # pruned earlier, their grace period over
 
     @property
     def ok(self) -> bool:
@@ -81,7 +87,8 @@ class RunReport:
     def as_dict(self) -> dict[str, Any]:
         return {"started_at": self.started_at, "finished_at": self.finished_at,
                 "classifiers_dir": self.classifiers_dir, "inputs": self.inputs, "settings": self.settings,
-                "ok": self.ok, "collections": [c.as_dict() for c in self.collections]}
+                "ok": self.ok, "collections": [c.as_dict() for c in self.collections],
+                "deleted_model_files": self.deleted_model_files}
 
 
 def _now() -> str:
@@ -190,7 +197,7 @@ def _comparable(versions: list[Version], store: FeatureStore, keys: list[str],
     out = []
     for version in versions:
         try:
-            matrix = store.assemble(keys, version.embedding_type, version.region)
+            matrix = store.assemble(keys, version.embedding_type, version.region, version.normalized)
         except DataProblem as exc:
             outcome.unscored.append({"version": version.version, "reason": str(exc)})
             continue
@@ -223,19 +230,28 @@ def _current(index: dict[str, Any], collection_id: int, versions: list[Version])
     return None, str(model_file)
 
 
+def _input_record(inputs: RunInputs, matrix: Matrix) -> dict[str, Any]:
+    """What a model reads, as its manifest and index entry record it and the worker rebuilds it."""
+    return {"embedding_type": inputs.embedding_type, "region": inputs.region, "dim": int(matrix.X.shape[1]),
+            "parts": [part.as_dict() for part in matrix.parts]}
+
+
 def _manifest(inputs: RunInputs, settings: TrainingConfig, matrix: Matrix, fitted: Any, y: np.ndarray,
               sources: list[str]) -> dict[str, Any]:
     return {
         "embedding_type": inputs.embedding_type, "derivative_type": inputs.region,
         "threshold": fitted.choice.threshold, "dim": int(matrix.X.shape[1]),
         "embedding_models": matrix.models,
+        "input": _input_record(inputs, matrix),
         "classifier": {"kind": "logistic_regression", "class_weight": "balanced", "C": fitted.C,
                        "max_iter": MAX_ITER},
         "settings": {"c_grid": sorted(set(settings.c_grid)), "cv_folds": settings.cv_folds, "seed": settings.seed,
                      "threshold_rule": fitted.choice.rule, "target_precision": settings.target_precision,
-                     "holdout_fraction": settings.holdout_fraction, "key": inputs.key_field, "sources": sources},
+                     "holdout_fraction": settings.holdout_fraction, "key": inputs.key_field, "sources": sources,
+                     "near_duplicate_distance": settings.near_duplicate_distance},
         "training": {"examples": int(len(y)), "positives": int(y.sum()), "negatives": int((~y).sum())},
-        "metrics": {"cv": fitted.choice.expected.as_dict(),
+        "metrics": {"cv": fitted.choice.expected.as_dict(), "expected": fitted.honest.as_dict(),
+                    "threshold_evaluation": fitted.evaluation_dict(),
                     "cv_average_precision_by_c": {str(c): ap for c, ap in fitted.cv_average_precision_by_c.items()}},
         "notes": fitted.notes,
     }
@@ -263,6 +279,10 @@ def _training_data(collection: CollectionLabels, store: FeatureStore, failed_ima
     if matrix.lacking and matrix.keys and "+" in inputs.embedding_type:
         outcome.notes.append(f"{matrix.lacking} labelled keys lack some part of {inputs.embedding_type} and were "
                              "left out")
+    outcome.input = {**_input_record(inputs, matrix), "normalized_here": matrix.normalized_here}
+    for t, count in matrix.normalized_here.items():
+        outcome.notes.append(f"{count} raw {t} vectors were L2-normalised to match the "
+                             f"{len(matrix.keys) - count} normalised ones: the model reads normalised vectors")
     if not keys:
         raise DataProblem("no labelled rows for this collection")
     if not matrix.keys:
@@ -285,31 +305,39 @@ class _NewModel:
     matrix: Matrix
     train_rows: list[int]
     y_train: np.ndarray
+    hashes: dict[str, ImageHash] = field(default_factory=dict)
 
     def store(self, registry: Registry, cid: int, inputs: RunInputs, settings: TrainingConfig,
               sources: list[str], versions: list[Version], outcome: CollectionOutcome) -> Version:
         manifest = _manifest(inputs, settings, self.matrix, self.fitted, self.y_train, sources)
-        version = registry.add(cid, self.fitted.model, manifest, [self.matrix.keys[i] for i in self.train_rows],
-                               [self.matrix.sha256[i] for i in self.train_rows], versions)
+        keys = [self.matrix.keys[i] for i in self.train_rows]
+        version = registry.add(cid, self.fitted.model, manifest, keys, [self.matrix.sha256[i] for i in self.train_rows],
+                               versions, [self.hashes[k] for k in keys if k in self.hashes])
         assert outcome.new_version is not None
         outcome.new_version.update(version=version.version, stored=True, model_file=version.model_file)
         return version
 
 
 def _fit_new(matrix: Matrix, y: np.ndarray, holdout: Holdout, settings: TrainingConfig,
-             outcome: CollectionOutcome) -> _NewModel:
+             outcome: CollectionOutcome, groups: dict[str, str], hashes: dict[str, ImageHash]) -> _NewModel:
     held = set(holdout.keys)
     train_rows = [i for i, k in enumerate(matrix.keys) if k not in held]
-    fitted = fit_classifier(matrix.X[train_rows], y[train_rows], settings)
+    try:
+        fitted = fit_classifier(matrix.X[train_rows], y[train_rows], settings,
+                                np.array([groups.get(matrix.keys[i], matrix.keys[i]) for i in train_rows]))
+    except TooFewGroups as exc:
+        raise DataProblem(str(exc)) from None
     outcome.notes += fitted.notes
-    expected = fitted.choice.expected
+    expected = fitted.honest
     outcome.new_version = {
         "version": None, "stored": False, "threshold": fitted.choice.threshold,
         "threshold_rule": fitted.choice.rule, "expected_precision": expected.precision,
         "expected_recall": expected.recall, "C": fitted.C, "training_examples": len(train_rows),
-        "cv": expected.as_dict(),
+        "cv": fitted.choice.expected.as_dict(), "expected": expected.as_dict(),
+        "threshold_evaluation": fitted.evaluation,
+        "folds": {"count": fitted.folds, "groups": fitted.groups, "fold_thresholds": fitted.fold_thresholds},
     }
-    return _NewModel(fitted, matrix, train_rows, y[train_rows])
+    return _NewModel(fitted, matrix, train_rows, y[train_rows], hashes)
 
 
 def _bake_off(new: Version, new_model: _NewModel, comparable: list[_Comparable], current: Version | None,
@@ -333,10 +361,28 @@ def _bake_off(new: Version, new_model: _NewModel, comparable: list[_Comparable],
     return ranked
 
 
+def _grouping(matrix: Matrix, groups: dict[str, str], identities: ImageIdentities,
+              settings: TrainingConfig) -> dict[str, Any]:
+    """How the collection's keys were grouped into images, for the report."""
+    mine = {k: groups.get(k, k) for k in matrix.keys}
+    copies = duplicate_groups(mine)
+    return {"by": ["sha256"] + (["perceptual_hash"] if settings.near_duplicate_distance is not None else []),
+            "near_duplicate_distance": settings.near_duplicate_distance, **identities.as_dict(matrix.keys),
+            "groups": len(set(mine.values())), "keys_with_copies": sum(len(c) for c in copies),
+            "duplicates": copies[:MAX_REPORTED_GROUPS], "duplicate_groups": len(copies)}
+
+
 def train_collection(collection: CollectionLabels, store: FeatureStore, failed_images: dict[str, str],
                      registry: Registry, settings: TrainingConfig, inputs: RunInputs,
-                     sources: list[str]) -> CollectionOutcome:
-    """Train a new version, run the bake-off, update the index and prune; data problems end in `skipped`."""
+                     sources: list[str], identities: ImageIdentities | None = None,
+                     groups: dict[str, str] | None = None) -> CollectionOutcome:
+    """Train a new version, run the bake-off, update the index and prune; data problems end in `skipped`.
+
+    `groups` maps each key to its group of copies of one image (see training.duplicates); folds
+    and the held-out set never split a group.
+    """
+    identities = identities or ImageIdentities()
+    groups = groups or {}
     cid = collection.collection_id
     outcome = CollectionOutcome(cid)
     versions, broken = registry.versions(cid)
@@ -347,13 +393,19 @@ def train_collection(collection: CollectionLabels, store: FeatureStore, failed_i
         outcome.status, outcome.message = SKIPPED, str(exc)
         return outcome
 
+    outcome.grouping = _grouping(matrix, groups, identities, settings)
     comparable = _comparable(versions, store, sorted(collection.labels), outcome)
     candidates = set(matrix.keys).intersection(*(set(c.matrix.keys) for c in comparable))
     holdout = choose_holdout(sorted(candidates), collection.labels, dict(zip(matrix.keys, matrix.sha256)), versions,
                              {True: int(y.sum()), False: int((~y).sum())}, settings.holdout_fraction,
-                             settings.min_holdout_per_class, settings.seed, cid)
+                             settings.min_holdout_per_class, settings.seed, cid, groups, identities.hashes,
+                             settings.near_duplicate_distance, matrix.keys)
     outcome.holdout = holdout.as_dict()
-    new_model = _fit_new(matrix, y, holdout, settings, outcome)
+    try:
+        new_model = _fit_new(matrix, y, holdout, settings, outcome, groups, identities.hashes)
+    except DataProblem as exc:
+        outcome.status, outcome.message = SKIPPED, str(exc)
+        return outcome
     current, current_file = _current(registry.index(), cid, versions)
 
     if not holdout.enough:
@@ -366,7 +418,8 @@ def train_collection(collection: CollectionLabels, store: FeatureStore, failed_i
             return outcome
         new = new_model.store(registry, cid, inputs, settings, sources, versions, outcome)
         cv = new_model.fitted.choice.expected.as_dict()
-        registry.set_best(cid, new.index_entry(rank_metric=settings.rank_metric, metrics={"cv": cv, "holdout": None}))
+        registry.set_best(cid, new.index_entry(rank_metric=settings.rank_metric,
+                                               metrics={"cv": cv, "holdout": None, "expected": new.expected}))
         outcome.status = PROMOTED
         outcome.message = f"first model of this collection: {new.version} (no bake-off: {too_few})"
         outcome.best = _best_summary(new, new.model_file, changed=True)
@@ -383,7 +436,7 @@ def train_collection(collection: CollectionLabels, store: FeatureStore, failed_i
         outcome.message = (f"{current.version} stays best: it cannot be scored on this data ({why}); "
                            f"best of the others: {winner.version.version}")
         outcome.best = _best_summary(current, current.model_file, changed=False)
-        _prune(registry, ranked, settings.keep_versions, outcome)
+        _prune(registry, current, ranked, versions, settings, outcome)
         return outcome
 
     changed = winner.version is not current
@@ -391,7 +444,8 @@ def train_collection(collection: CollectionLabels, store: FeatureStore, failed_i
     if changed:
         cv = winner.version.manifest.get("metrics", {}).get("cv")
         registry.set_best(cid, winner.version.index_entry(rank_metric=metric, selected_at=_now(),
-                                                          metrics={"cv": cv, "holdout": winner.metrics.as_dict()}))
+                                                          metrics={"cv": cv, "holdout": winner.metrics.as_dict(),
+                                                                   "expected": winner.version.expected}))
         outcome.status = PROMOTED
         replaced = current.version if current else current_file
         if replaced:
@@ -405,24 +459,30 @@ def train_collection(collection: CollectionLabels, store: FeatureStore, failed_i
         outcome.status = KEPT
         outcome.message = f"{summary} stays best; {new.version} ranked {new_rank} of {len(ranked)}"
     outcome.best = _best_summary(winner.version, winner.version.model_file, changed)
-    _prune(registry, ranked, settings.keep_versions, outcome)
+    _prune(registry, winner.version, ranked, versions, settings, outcome)
     return outcome
 
 
-def _prune(registry: Registry, ranked: list[Entrant], keep: int, outcome: CollectionOutcome) -> None:
-    """Delete the versions ranked below the best `keep` (after the index no longer names them)."""
-    for loser in ranked[keep:]:
-        registry.delete(loser.version)
-        outcome.pruned.append(loser.version.version)
+def _prune(registry: Registry, best: Version, ranked: list[Entrant], stored: list[Version],
+           settings: TrainingConfig, outcome: CollectionOutcome) -> None:
+    """Keep `keep_versions`: the best, the others this run ranked (best first), then those it could not
+    score (newest first); retire the rest (after the index no longer names them)."""
+    order = [best] + [e.version for e in ranked if e.version.version != best.version]
+    scored = {v.version for v in order}
+    order += sorted((v for v in stored if v.version not in scored), key=lambda v: -v.sequence)
+    for version in order[settings.keep_versions:]:
+        registry.delete(version, settings.prune_grace_s)
+        outcome.pruned.append(version.version)
 
 
 def _best_summary(version: Version | None, model_file: str | None, changed: bool) -> dict[str, Any]:
     if version is None:
         return {"version": None, "model_file": model_file, "changed": changed}
-    cv = version.manifest.get("metrics", {}).get("cv", {})
+    expected = version.expected
     return {"version": version.version, "model_file": version.model_file, "threshold": version.threshold,
             "embedding_type": version.embedding_type, "derivative_type": version.region,
-            "expected_precision": cv.get("precision"), "expected_recall": cv.get("recall"), "changed": changed}
+            "expected_precision": expected.get("precision"), "expected_recall": expected.get("recall"),
+            "changed": changed}
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -452,16 +512,19 @@ def run_training(config: WorkerConfig, inputs: RunInputs) -> RunReport:
         sources.append("images")
     outcomes: list[CollectionOutcome] = []
     with registry.locked():
+        deleted = registry.sweep_retired()
         versions = {cid: registry.versions(cid)[0] for cid in label_set.collections}
         needs = _pairs_by_collection(label_set, inputs, versions)
-        store, failed_images = asyncio.run(load_embeddings(config, inputs, label_set, needs))
+        store, failed_images, identities = asyncio.run(_load(config, inputs, label_set, needs))
+        groups = group_keys(sorted(label_set.keys), identities.sha256, identities.hashes,
+                            settings.near_duplicate_distance)
         bar = Progress("training", len(label_set.collections), inputs.progress, unit="collection")
         try:
             for cid in sorted(label_set.collections):
                 bar.note(f"collection {cid}")
                 try:
                     outcome = train_collection(label_set.collections[cid], store, failed_images, registry, settings,
-                                               inputs, sources)
+                                               inputs, sources, identities, groups)
                 except Exception as exc:  # noqa: BLE001 - reported as this collection's failure
                     log.exception("collection %d failed", cid)
                     outcome = CollectionOutcome(cid, FAILED, f"{type(exc).__name__}: {exc}")
@@ -474,5 +537,13 @@ def run_training(config: WorkerConfig, inputs: RunInputs) -> RunReport:
         inputs={"labels": [str(p) for p in inputs.labels], "results": [str(p) for p in inputs.results],
                 "database": inputs.use_database, "key": inputs.key_field, "embedding_type": inputs.embedding_type,
                 "region": inputs.region, "collection_ids": inputs.collection_ids},
-        settings=settings.model_dump(), collections=outcomes,
+        settings=settings.model_dump(), collections=outcomes, deleted_model_files=deleted,
     )
+
+
+async def _load(config: WorkerConfig, inputs: RunInputs, label_set: LabelSet,
+                needs: dict[int, set[Pair]]) -> tuple[FeatureStore, dict[str, str], ImageIdentities]:
+    """The embeddings, then what is known of each key's image (for grouping copies)."""
+    store, failed = await load_embeddings(config, inputs, label_set, needs)
+    identities = await identify_images(config, label_set.images, store, label_set.keys, inputs.progress)
+    return store, failed, identities

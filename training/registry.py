@@ -1,8 +1,10 @@
 """Stored classifier versions and the `best_models.json` index the worker reads.
 
 Each version of collection C lives in `collection_C/` as `<version>.pkl` (the joblib estimator)
-and `<version>.json` (its manifest: settings, training keys as hashes, metrics). Manifests are
-written once and never changed; the index is replaced atomically.
+and `<version>.json` (its manifest: its input, settings, training keys as hashes, metrics).
+Manifests are written once and never changed; the index is replaced atomically. A pruned
+version's manifest goes at once; its model file stays readable for a grace period (a
+`<version>.retired` note says since when), for workers that still read an older index.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import io
 import logging
 import os
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,11 +25,13 @@ from typing import Any
 import orjson
 
 from analysis.classifiers import INDEX_FILE
+from training.duplicates import ImageHash, decode_hash, encode_hash
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = 1
 LOCK_FILE = ".training.lock"
+RETIRED_SUFFIX = ".retired"
 KEY_HASH = "sha256-64"  # the first 64 bits of SHA-256 of the key's UTF-8 bytes, as hex
 
 
@@ -60,19 +65,52 @@ class Version:
     training_image_sha256: frozenset[str]
     manifest: dict[str, Any]
 
+    @property
+    def training_image_hashes(self) -> list[ImageHash]:
+        """Perceptual hashes of the images it trained on (manifests from before them: none)."""
+        hashes = []
+        for text in self.manifest.get("training", {}).get("image_phash", []):
+            try:
+                hashes.append(decode_hash(str(text)))
+            except ValueError:
+                continue
+        return hashes
+
+    @property
+    def input_parts(self) -> list[dict[str, Any]]:
+        """What the model reads, part by part; a manifest from before the record: raw vectors."""
+        parts = (self.manifest.get("input") or {}).get("parts")
+        if parts:
+            return list(parts)
+        return [{"embedding_type": t, "model": self.embedding_models.get(t), "dim": None, "normalized": False}
+                for t in self.embedding_type.split("+")]
+
+    @property
+    def normalized(self) -> list[bool]:
+        return [bool(p.get("normalized", False)) for p in self.input_parts]
+
+    @property
+    def expected(self) -> dict[str, Any]:
+        """The precision and recall to expect at the threshold: nested-CV figures, or the older `cv` ones."""
+        metrics = self.manifest.get("metrics", {})
+        return metrics.get("expected") or metrics.get("cv") or {}
+
     def trained_on(self, hashed_key: str, sha256: str | None) -> bool:
         """Whether this version saw the key (by `key_hash`) or the same image under another key."""
         return hashed_key in self.training_key_hashes or (sha256 is not None and sha256 in self.training_image_sha256)
 
     def index_entry(self, **extra: Any) -> dict[str, Any]:
         """The best_models.json entry pointing at this version (the format the engine reads, plus details)."""
-        expected = self.manifest.get("metrics", {}).get("cv", {})
-        return {
+        expected = self.expected
+        entry = {
             "model_file": self.model_file, "derivative_type": self.region, "embedding_type": self.embedding_type,
             "threshold": self.threshold, "version": self.version, "trained_at": self.created_at,
             "expected_precision": expected.get("precision"), "expected_recall": expected.get("recall"),
             **extra,
         }
+        if self.manifest.get("input"):  # the worker builds exactly this input; without it, raw vectors
+            entry["input"] = self.manifest["input"]
+        return entry
 
 
 def _version_from_manifest(raw: dict[str, Any]) -> Version:
@@ -129,14 +167,17 @@ class Registry:
         return sorted(versions, key=lambda v: v.sequence), broken
 
     def add(self, collection_id: int, model: Any, manifest: dict[str, Any], training_keys: Iterable[str],
-            training_sha256: Iterable[str | None], after: list[Version]) -> Version:
+            training_sha256: Iterable[str | None], after: list[Version],
+            training_hashes: Iterable[ImageHash] = ()) -> Version:
         """Save a new version (model file first, then its manifest) numbered after `after`."""
         import joblib
 
-        sequence = max((v.sequence for v in after), default=0) + 1
+        folder = self.directory / collection_folder(collection_id)
+        # Numbered after retired versions too: a new version never takes a file name awaiting deletion.
+        retired = [_sequence_of(p.name) for p in folder.glob(f"*{RETIRED_SUFFIX}")] if folder.is_dir() else []
+        sequence = max([v.sequence for v in after] + retired, default=0) + 1
         now = datetime.now(timezone.utc)
         version_id = f"v{sequence:04d}-{now.strftime('%Y%m%dT%H%M%SZ')}"
-        folder = self.directory / collection_folder(collection_id)
         folder.mkdir(parents=True, exist_ok=True)
         model_file = f"{collection_folder(collection_id)}/{version_id}.pkl"
         pickled = io.BytesIO()  # a classifier is small: written whole, so a crash leaves no half file
@@ -150,15 +191,44 @@ class Registry:
                 "key_hash": KEY_HASH,
                 "key_hashes": sorted({key_hash(k) for k in training_keys}),
                 "image_sha256": sorted({s for s in training_sha256 if s}),
+                "image_phash": sorted({encode_hash(h) for h in training_hashes}),
             },
         }
         _write_atomically(folder / f"{version_id}.json", orjson.dumps(raw, option=orjson.OPT_INDENT_2))
         return _version_from_manifest(raw)
 
-    def delete(self, version: Version) -> None:
-        """Remove a version's manifest, then its model file."""
-        (self.directory / collection_folder(version.collection_id) / f"{version.version}.json").unlink(missing_ok=True)
-        (self.directory / version.model_file).unlink(missing_ok=True)
+    def delete(self, version: Version, grace_s: float = 0.0) -> None:
+        """Remove a version's manifest, then its model file: now, or after `grace_s` (see `sweep_retired`)."""
+        folder = self.directory / collection_folder(version.collection_id)
+        (folder / f"{version.version}.json").unlink(missing_ok=True)
+        if grace_s <= 0:
+            (self.directory / version.model_file).unlink(missing_ok=True)
+            return
+        note = {"version": version.version, "model_file": version.model_file, "retired_at": time.time(),
+                "delete_after": time.time() + grace_s}
+        _write_atomically(folder / f"{version.version}{RETIRED_SUFFIX}", orjson.dumps(note))
+
+    def sweep_retired(self, now: float | None = None) -> list[str]:
+        """Delete the model files of pruned versions whose grace period is over; returns their files."""
+        now = time.time() if now is None else now
+        index = self.index()
+        serving = {e.get("model_file") if isinstance(e, dict) else e for e in index.values()}
+        swept = []
+        for note_path in sorted(self.directory.glob(f"collection_*/*{RETIRED_SUFFIX}")):
+            try:
+                note = orjson.loads(note_path.read_bytes())
+                model_file, due = str(note["model_file"]), float(note["delete_after"])
+            except (OSError, ValueError, KeyError, TypeError):
+                log.warning("%s: unreadable retirement note; left alone", note_path)
+                continue
+            if due > now:
+                continue
+            manifest = (self.directory / model_file).with_suffix(".json")
+            if model_file not in serving and not manifest.exists():  # in use again since: keep it
+                (self.directory / model_file).unlink(missing_ok=True)
+                swept.append(model_file)
+            note_path.unlink(missing_ok=True)
+        return swept
 
     def load_model(self, version: Version) -> Any:
         import joblib
@@ -182,6 +252,12 @@ class Registry:
         index[str(collection_id)] = entry
         _write_atomically(self.directory / INDEX_FILE,
                           orjson.dumps(index, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+
+
+def _sequence_of(name: str) -> int:
+    """The sequence number in a version file's name (`v0012-...`), 0 when it has none."""
+    digits = name[1:].split("-", 1)[0]
+    return int(digits) if name.startswith("v") and digits.isdigit() else 0
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
