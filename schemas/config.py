@@ -268,7 +268,7 @@ class SinkConfig(BaseModel):
                                   "scrapes or an orchestrator probes.")
     http_host: str = Field(default="127.0.0.1", description="Address the sink's HTTP port binds to: loopback "
                            "by default; 0.0.0.0 (all IPv4 interfaces) or :: where Prometheus scrapes from another "
-                           "host or container.")
+                           "host or container (the images set 0.0.0.0).")
 
 
 RankMetric = Literal["average_precision", "f1", "precision", "recall"]
