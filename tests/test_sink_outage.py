@@ -15,11 +15,13 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from consumer.embedded_pg import EmbeddedPostgres, start_embedded_postgres
+from consumer.sink import PgVectorSink
 from producer.embedded_broker import find_free_port
 from schemas.codec import encode
+from tests.kafka_helpers import produce
 from tests.sink_procs import start_sink, until_ready
 from tests.test_observability import parse_prometheus, sample
-from tests.test_sink import CLIP_TABLE, committed_total, embedding_result, query
+from tests.test_sink import CLIP_TABLE, committed_total, embedding_result, query, records, sink_configs
 
 OUTAGE_S = 60.0
 
@@ -196,3 +198,43 @@ async def test_with_a_give_up_deadline_the_sink_exits_1_once_the_database_stays_
         assert log.count("database unreachable") == 1, log[-3000:]  # each retry after the first at DEBUG only
     finally:
         sink.kill()
+
+
+async def test_a_rebalance_while_the_database_is_down_neither_waits_for_it_nor_loses_rows(broker, topics, own_pg):
+    kafka, config = sink_configs(broker, topics, own_pg.uri, batch_max_records=50, batch_max_ms=100,
+                                 db_backoff_max_s=1.0)
+    first = [embedding_result(i, prefix="a") for i in range(200)]
+    await produce(broker, topics.results, records(first))
+    a, b = PgVectorSink(kafka, config, own_pg.uri), PgVectorSink(kafka, config, own_pg.uri)
+    running_a = asyncio.create_task(a.run())
+    await _until(lambda: a.consumer is not None and len(a.consumer.assignment()) == 4, "a owns every partition")
+    running_b = asyncio.create_task(b.run())
+    await _until(lambda: b.consumer is not None and b.consumer.assignment() and len(a.consumer.assignment()) < 4,
+                 "b got partitions")
+    await _until(lambda: _stored(own_pg.uri)[1] == len(first), "the first results are written")
+
+    own_pg.stop()
+    second = [embedding_result(i, prefix="b") for i in range(200)]
+    await produce(broker, topics.results, records(second))
+    await _until(lambda: not a.database_reachable and not b.database_reachable, "both sinks saw the outage")
+    b.request_stop("test: a member leaves during the outage")
+    await asyncio.wait_for(running_b, 20)  # leaves without writing or committing what waits
+    # a takes b's partitions over: its revoke lets go of what it could not write instead of waiting
+    await _until(lambda: len(a.consumer.assignment()) == 4, "a owns every partition again", timeout_s=30)
+    assert not running_a.done()
+
+    own_pg.start()
+    await _until(lambda: _stored(own_pg.uri)[1] == len(first) + len(second), "every result is written",
+                 timeout_s=60)
+    rows, distinct = _stored(own_pg.uri)
+    assert rows == distinct == len(first) + len(second)
+    a.request_stop("test finished")
+    await asyncio.wait_for(running_a, 30)
+    assert a.metrics.value("imgstream_sink_db_errors_total", operation="write") >= 1
+
+
+async def _until(condition, what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        await asyncio.sleep(0.1)
