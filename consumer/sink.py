@@ -145,7 +145,6 @@ class PgVectorSink:
         """
         if not await self._open_store():
             return self.stats
-        watch = None
         try:
             self.consumer = await self._connect_kafka()
             if self.consumer is None:
