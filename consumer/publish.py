@@ -9,9 +9,16 @@ from collections import Counter
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
+from aiokafka.errors import (
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    UnknownTopicOrPartitionError,
+)
 
 from blobs import BlobStore, open_blob_store
+from kafka_clients import PublishForbidden, explain_runtime_error
 from schemas.codec import encode
 from schemas.config import BlobConfig
 from schemas.events import DeadLetter, ResultEvent
@@ -88,8 +95,9 @@ class Publisher:
     """Sends results and DLQ records; each call returns once the broker acknowledged.
 
     `outcomes` counts, per (kind, outcome), what did not go through at the first try:
-    kind is "results" or "dlq", outcome "retried", "abandoned" (given up at shutdown) or
-    "refused" (the broker or client will never take the record).
+    kind is "results" or "dlq", outcome "retried", "abandoned" (given up at shutdown),
+    "refused" (the broker or client will never take the record) or "forbidden" (the topic is
+    missing or not writable: the worker stops).
     """
 
     def __init__(self, producer: AIOKafkaProducer, results_topic: str, dlq_topic: str,
@@ -115,6 +123,10 @@ class Publisher:
                 self.outcomes[kind, "refused"] += 1
                 raise
             except (KafkaError, OSError) as exc:
+                forbidden = await self._forbidden(topic, exc)
+                if forbidden is not None:
+                    self.outcomes[kind, "forbidden"] += 1
+                    raise forbidden from exc
                 # Keep trying: the request's offset is not committed until this succeeds. At
                 # shutdown give up instead; the uncommitted request is redone after the restart.
                 if stop is not None and stop.is_set():
@@ -127,6 +139,23 @@ class Publisher:
             except Exception as exc:  # noqa: BLE001 - not the broker's: the same record would fail again
                 self.outcomes[kind, "refused"] += 1
                 raise PublishRefused(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _forbidden(self, topic: str, exc: BaseException) -> PublishForbidden | None:
+        """A PublishForbidden when `exc` means the cluster will never take records for `topic`."""
+        explained = explain_runtime_error(exc, f"write to {topic}")
+        if explained is not None:
+            return PublishForbidden(explained.kind, topic, explained.message)
+        if not isinstance(exc, (KafkaTimeoutError, UnknownTopicOrPartitionError)):
+            return None
+        # No metadata for the topic: missing, or the cluster is unreachable. A full metadata answer tells.
+        try:
+            cluster = await self.producer.client.fetch_all_metadata()
+        except (KafkaError, OSError):
+            return None
+        if cluster.brokers() and topic not in cluster.topics():
+            return PublishForbidden("topic", topic, f"topic {topic} does not exist on the cluster: create it "
+                                    "(imgstream topics create) or fix its name in kafka.topics")
+        return None
 
     async def results(self, request_id: str, payloads: list[bytes],
                       stop: asyncio.Event | None = None) -> dict[int, Exception]:

@@ -11,6 +11,7 @@ from consumer.logs import setup_logging
 from consumer.metrics import WorkerMetrics
 from consumer.signals import EarlyStop
 from consumer.worker import Worker
+from kafka_clients import KafkaSetupError, check_login
 from schemas.config import WorkerConfig
 
 log = logging.getLogger("imgstream.worker")
@@ -35,6 +36,12 @@ async def run_worker(config: WorkerConfig, early: EarlyStop | None = None) -> in
         app = build_app(metrics, lambda: {"models_loaded": engine.ready, "broker_reachable": worker.broker_reachable})
         runner = await start_server(app, config.http_port, config.http_host)
     try:
+        # Before the models load (that can take minutes): a refused login or certificate ends the start now.
+        try:
+            await check_login(config.kafka)
+        except KafkaSetupError as exc:
+            log.error("cannot start: %s", exc.message)
+            return EXIT_STARTUP_FAILED
         log.info("loading models %s (weights=%s, device=%s)", config.models.preload, config.models.weights,
                  engine.device)
         try:
@@ -51,7 +58,8 @@ async def run_worker(config: WorkerConfig, early: EarlyStop | None = None) -> in
         await engine.close()
         if runner is not None:
             await runner.cleanup()
-    return 0
+    # The cluster refused a login, certificate, permission or topic: the log says what to change.
+    return EXIT_STARTUP_FAILED if worker.failure is not None else 0
 
 
 def main(config: WorkerConfig, early: EarlyStop | None = None) -> int:

@@ -23,6 +23,7 @@ from aiokafka.errors import IllegalStateError, KafkaError
 from consumer.metrics import SinkMetrics
 from consumer.pgstore import HnswParams, PgStore, RejectedEvent, Row, SourcePosition, WriteReport, row_from_event
 from consumer.signals import on_stop_signals
+from kafka_clients import BrokerUnreachable, check_login, open_consumer
 from schemas.codec import decode_result
 from schemas.config import KafkaConfig, SinkConfig
 
@@ -294,21 +295,16 @@ class PgVectorSink:
     # -- Kafka ----------------------------------------------------------------------------
 
     async def _connect_kafka(self) -> AIOKafkaConsumer | None:
+        """Join the sink's group, retrying while the broker is unreachable; a refused login or
+        certificate (KafkaSetupError) is raised: retrying cannot fix it."""
         k, delay = self.kafka, 0.5
         while not self.stopping.is_set():
-            consumer = AIOKafkaConsumer(
-                bootstrap_servers=k.bootstrap, group_id=self.config.group, client_id=f"{k.client_id}-sink",
-                enable_auto_commit=False, auto_offset_reset="earliest",
-                session_timeout_ms=k.session_timeout_ms, max_poll_interval_ms=k.max_poll_interval_ms,
-                heartbeat_interval_ms=max(1000, k.session_timeout_ms // 3),
-                max_poll_records=self.config.batch_max_records,
-            )
-            consumer.subscribe([k.topics.results], listener=_FlushOnRevoke(self))
             try:
-                await consumer.start()
-            except (KafkaError, OSError) as exc:
+                consumer = await open_consumer(k, k.topics.results, role="sink", group_id=self.config.group,
+                                               listener=_FlushOnRevoke(self),
+                                               max_poll_records=self.config.batch_max_records)
+            except BrokerUnreachable as exc:
                 log.warning("broker %s unreachable (%s); retrying in %.1fs", k.bootstrap, exc, delay)
-                await consumer.stop()
                 await _sleep_unless(self.stopping, delay)
                 delay = min(delay * 2, 30.0)
                 continue
@@ -542,6 +538,7 @@ async def _close_quietly(store: PgStore) -> None:
 async def run_sink(kafka: KafkaConfig, sink: SinkConfig) -> int:
     """The `imgstream sink pgvector` command: start the embedded database if no DSN, serve the HTTP port,
     then sink until a signal."""
+    await check_login(kafka)  # a refused login or certificate ends the start now, before the database waits
     embedded = None
     dsn = sink.dsn
     if dsn is None:

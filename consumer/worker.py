@@ -9,7 +9,7 @@ from collections import Counter
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import IllegalStateError, KafkaConnectionError, KafkaError
+from aiokafka.errors import IllegalStateError, KafkaError
 
 from analysis import imaging
 from analysis.batcher import LIVE, REPLAY
@@ -22,7 +22,8 @@ from consumer.metrics import WorkerMetrics
 from consumer.offsets import OffsetTracker
 from consumer.publish import Fitted, PublishAbandoned, Publisher, crop_store, failed_result, fit_result
 from consumer.s3blobs import S3BlobReader
-from consumer.signals import on_stop_signals
+from consumer.signals import on_stop_signals, sleep_unless
+from kafka_clients import BrokerUnreachable, KafkaSetupError, PublishForbidden, explain_runtime_error, open_consumer, open_producer
 from schemas.codec import InvalidEvent, decode_request, encode
 from schemas.config import WorkerConfig
 from schemas.events import AnalysisRequest, DeadLetter, ResultEvent
@@ -85,61 +86,70 @@ class Worker:
         self.counts: Counter[str] = Counter()  # requests and results by status, for the summary log line
         self.connected = False
         self.broker_reachable = False
+        self.failure: KafkaSetupError | None = None  # why the worker stopped itself (exit non-zero)
         self._register_gauges()
 
     # -- lifecycle ------------------------------------------------------------------------
 
     async def _connect(self) -> None:
-        """Start producer and consumer, retrying with backoff while the broker is unreachable."""
+        """Start producer and consumer, retrying with backoff while the broker is unreachable.
+
+        Settings the cluster refuses (login, certificate, permission) are not retried: the worker
+        stops with `failure` saying what to change.
+        """
         k = self.config.kafka
         delay = 0.5
         attempt = 0
         while not self.stopping.is_set():
             attempt += 1
-            producer = AIOKafkaProducer(
-                bootstrap_servers=k.bootstrap, client_id=f"{k.client_id}-producer", acks="all",
-                max_request_size=k.max_message_bytes, linger_ms=5,
-            )
-            consumer = AIOKafkaConsumer(
-                bootstrap_servers=k.bootstrap, group_id=k.group, client_id=f"{k.client_id}-consumer",
-                enable_auto_commit=False, auto_offset_reset="earliest",
-                session_timeout_ms=k.session_timeout_ms, max_poll_interval_ms=k.max_poll_interval_ms,
-                heartbeat_interval_ms=max(1000, k.session_timeout_ms // 3),
-                # The group waits this long for members to rejoin; aiokafka's default (the session
-                # timeout) would evict a member still draining its revoked partitions.
-                rebalance_timeout_ms=self.rebalance_timeout_ms,
-                fetch_max_wait_ms=k.fetch_max_wait_ms,
-            )
             try:
-                started = await self._unless_stopping(self._start_clients(producer, consumer))
-            except (KafkaConnectionError, KafkaError, OSError) as exc:
-                started = None
+                clients = await self._unless_stopping(self._open_clients())
+            except KafkaSetupError as exc:
+                self.fail(exc)
+                return
+            except BrokerUnreachable as exc:
                 log.warning("broker %s unreachable (attempt %d: %s); retrying in %.1fs",
                             k.bootstrap, attempt, _brief(exc), delay)
-            if not started:
-                await _quietly(asyncio.wait_for(producer.stop(), CLOSE_TIMEOUT_S))
-                await _quietly(asyncio.wait_for(consumer.stop(), CLOSE_TIMEOUT_S))
-                if self.stopping.is_set():
-                    return
-                try:
-                    await asyncio.wait_for(self.stopping.wait(), delay)
-                except asyncio.TimeoutError:
-                    pass
+                await sleep_unless(self.stopping, delay)
                 delay = min(delay * 2, 30.0)
                 continue
-            consumer.subscribe([k.topics.requests, k.topics.replay], listener=_Rebalance(self))
-            self.producer, self.consumer = producer, consumer
-            self.publisher = Publisher(producer, k.topics.results, k.topics.dlq, k.max_message_bytes)
+            if clients is None:
+                return
+            self.producer, self.consumer = clients
+            self.publisher = Publisher(self.producer, k.topics.results, k.topics.dlq, k.max_message_bytes)
             self.connected = self.broker_reachable = True
-            log.info("connected to %s as group %s; consuming %s and %s",
-                     k.bootstrap, k.group, k.topics.requests, k.topics.replay)
+            log.info("connected to %s (%s) as group %s; consuming %s and %s", k.bootstrap, k.security_protocol,
+                     k.group, k.topics.requests, k.topics.replay)
             return
 
-    @staticmethod
-    async def _start_clients(producer: AIOKafkaProducer, consumer: AIOKafkaConsumer) -> bool:
-        await producer.start()
-        await consumer.start()
-        return True
+    async def _open_clients(self) -> tuple[AIOKafkaProducer, AIOKafkaConsumer]:
+        k = self.config.kafka
+        producer = await open_producer(k, role="producer")
+        try:
+            consumer = await open_consumer(
+                k, k.topics.requests, k.topics.replay, role="consumer", group_id=k.group, listener=_Rebalance(self),
+                # The group waits this long for members to rejoin; aiokafka's default (the session
+                # timeout) would evict a member still draining its revoked partitions.
+                rebalance_timeout_ms=self.rebalance_timeout_ms)
+        except BaseException:
+            await _quietly(asyncio.wait_for(producer.stop(), CLOSE_TIMEOUT_S))
+            raise
+        return producer, consumer
+
+    def _fatal(self, exc: BaseException, action: str) -> bool:
+        """Whether `exc` (from the consumer) is one no retry can fix; if so, the worker stops with it."""
+        k = self.config.kafka
+        error = explain_runtime_error(exc, f"{action} {k.topics.requests} and {k.topics.replay} as group {k.group}")
+        if error is not None:
+            self.fail(error)
+        return error is not None
+
+    def fail(self, error: KafkaSetupError) -> None:
+        """Stop for good: the cluster refuses something only a changed setting or permission can fix."""
+        if self.failure is None:
+            self.failure = error
+            log.error("%s", error.message)
+        self.request_stop(f"stopping: {error.kind} failure")
 
     async def _unless_stopping(self, coro: Any) -> Any:
         """`coro`'s result, or None if a stop is requested first (a broker that drops packets
@@ -204,6 +214,8 @@ class Worker:
             except asyncio.TimeoutError:
                 batches = {}
             except KafkaError as exc:
+                if self._fatal(exc, "read"):
+                    break
                 log.warning("poll failed (%s); retrying", _brief(exc))
                 await asyncio.sleep(1.0)
                 continue
@@ -283,8 +295,10 @@ class Worker:
         self._pause(self.consumer.assignment())
         try:
             await asyncio.wait_for(self.consumer.getmany(timeout_ms=0), POLL_GUARD_S)
-        except (asyncio.TimeoutError, KafkaError):
+        except asyncio.TimeoutError:
             pass
+        except KafkaError as exc:
+            self._fatal(exc, "read")
         await self.commit()
 
     def _pause(self, partitions: set[TopicPartition]) -> None:
@@ -345,7 +359,7 @@ class Worker:
         try:
             try:
                 await self._handle(tp, record)
-            except PublishAbandoned:
+            except (PublishAbandoned, PublishForbidden):
                 raise
             except Exception as exc:  # noqa: BLE001 - even the fallbacks failed: the DLQ keeps the event
                 log.exception("%s[%d]@%d could not be answered; to DLQ", tp.topic, tp.partition, record.offset)
@@ -354,6 +368,10 @@ class Worker:
         except PublishAbandoned as exc:
             # Stopping: left unfinished, so not committed; it is redone after the restart.
             log.warning("%s[%d]@%d left for redelivery: %s", tp.topic, tp.partition, record.offset, exc)
+            return
+        except PublishForbidden as exc:
+            # Left unfinished, so nothing is committed past it; the worker stops and says what to change.
+            self.fail(exc)
             return
         except Exception:  # noqa: BLE001 - not even the DLQ took it; never hold the partition for it
             self.metrics.unhandled.inc()
@@ -502,7 +520,8 @@ class Worker:
             await self.consumer.commit(offsets)
         except KafkaError as exc:
             self.metrics.commits.labels(outcome="failed").inc()
-            log.warning("commit of %s failed (%s); the next commit retries", _names(offsets), _brief(exc))
+            if not self._fatal(exc, "commit the offsets of"):
+                log.warning("commit of %s failed (%s); the next commit retries", _names(offsets), _brief(exc))
             return
         self.tracker.committed(offsets)
         self.metrics.commits.labels(outcome="ok").inc()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blobs import BlobStore
+from kafka_clients import KafkaLike
 from producer.submit import IMAGE_SUFFIXES, ImageInput, build_requests, find_images, submit
 from schemas.events import ResultEvent, Task
 
@@ -33,7 +34,7 @@ class CaptionReport:
     missing: int = 0
 
 
-async def caption_folder(bootstrap: str, requests_topic: str, results_topic: str, folder: Path, *,
+async def caption_folder(kafka: KafkaLike, requests_topic: str, results_topic: str, folder: Path, *,
                          store: BlobStore | None, max_length: int, force: bool, recursive: bool,
                          timeout_s: float, progress: bool = True) -> CaptionReport:
     """Submit a describe_image request per image, wait, and write each caption beside its image."""
@@ -46,7 +47,7 @@ async def caption_folder(bootstrap: str, requests_topic: str, results_topic: str
     images = [ImageInput.of_file(p, store) for p in todo]
     requests = build_requests(images, [task], prefix="caption")
     path_of = {o.request.request_id: p for o, p in zip(requests, todo)}
-    results, missing = await submit(bootstrap, requests_topic, results_topic, requests, wait=True,
+    results, missing = await submit(kafka, requests_topic, results_topic, requests, wait=True,
                                     timeout_s=timeout_s, progress=progress)
     report.missing = missing
     for result in results:

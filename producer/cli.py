@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import orjson
 
+from kafka_clients.errors import BrokerUnreachable, KafkaSetupError
 from schemas.config import ConfigError, load_config
 
-EXIT_OK, EXIT_RESULT_ERRORS, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
+EXIT_OK, EXIT_RESULT_ERRORS, EXIT_USAGE, EXIT_TIMEOUT, EXIT_KAFKA = 0, 1, 2, 3, 4
 
 
 def _add_bootstrap(p: argparse.ArgumentParser) -> None:
@@ -212,6 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("operations", help="Print the operation registry as JSON.")
 
+    p = sub.add_parser("check", help="Preflight a cluster: login, topics, and read/write access to each.",
+                       description="Connects with the kafka.* settings (flags and IMGSTREAM_KAFKA__*) and prints one "
+                       "line per check: whether it could connect and authenticate; whether each topic exists with "
+                       "the partitions and settings `topics create` would give it; whether this principal may read "
+                       "and write it (as the broker reports, else probed without writing a record). Exit codes: "
+                       "0 everything holds, 1 something does not, 2 usage, 4 no broker answered.")
+    _add_bootstrap(p)
+
     p = sub.add_parser("submit", help="Submit images (files, folders, URLs) for analysis.",
                        description="Publish one request per image; local files travel as file:// references.")
     p.add_argument("inputs", nargs="+", metavar="PATH_OR_URL",
@@ -281,10 +291,10 @@ def _cmd_topics(args: argparse.Namespace) -> int:
                         max_message_bytes=kafka.max_message_bytes)
 
     async def create_and_compare() -> tuple[list[str], dict[str, list[str]]]:
-        created = await create_topics(kafka.bootstrap, kafka.topics, args.partitions, args.replication,
+        created = await create_topics(kafka, kafka.topics, args.partitions, args.replication,
                                       max_message_bytes=kafka.max_message_bytes, settings=kafka.topic_settings)
         existing = [plan for plan in plans if plan.name not in created]
-        return created, (await topic_differences(kafka.bootstrap, existing) if existing else {})
+        return created, (await topic_differences(kafka, existing) if existing else {})
 
     created, differences = asyncio.run(create_and_compare())
     for plan in plans:
@@ -305,6 +315,14 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from consumer.run import main as worker_main  # torch is imported only here
 
     return worker_main(load_config(_overrides(args)), early)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from producer.check import run_check
+
+    report = asyncio.run(run_check(load_config(_overrides(args)).kafka))
+    print(report.render())
+    return EXIT_OK if report.ok else EXIT_RESULT_ERRORS
 
 
 def _cmd_operations(_: argparse.Namespace) -> int:
@@ -351,7 +369,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         print(f"imgstream submit: {exc}", file=sys.stderr)
         return EXIT_USAGE
     topics = config.kafka.topics
-    results, missing = asyncio.run(submit(config.kafka.bootstrap, topics.requests, topics.results, requests,
+    results, missing = asyncio.run(submit(config.kafka, topics.requests, topics.results, requests,
                                           wait=args.wait, timeout_s=args.timeout, progress=not args.no_progress))
     if not args.wait:
         for outgoing, image in zip(requests, images):
@@ -390,7 +408,7 @@ def _cmd_caption_folder(args: argparse.Namespace) -> int:
         print(f"imgstream caption-folder: {exc}", file=sys.stderr)
         return EXIT_USAGE
     topics = config.kafka.topics
-    report = asyncio.run(caption_folder(config.kafka.bootstrap, topics.requests, topics.results, folder,
+    report = asyncio.run(caption_folder(config.kafka, topics.requests, topics.results, folder,
                                         store=store, max_length=args.max_length, force=args.force,
                                         recursive=args.recursive, timeout_s=args.timeout,
                                         progress=not args.no_progress))
@@ -425,7 +443,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     topics = config.kafka.topics
     try:
-        replayed, report = asyncio.run(replay(config.kafka.bootstrap, topics.requests, topics.replay, selection,
+        replayed, report = asyncio.run(replay(config.kafka, topics.requests, topics.replay, selection,
                                               tasks or None, dry_run=args.dry_run, progress=not args.no_progress))
     except ValueError as exc:  # e.g. replacement tasks that break the request rules
         print(f"imgstream replay: {exc}", file=sys.stderr)
@@ -493,6 +511,7 @@ COMMANDS = {
     "topics": _cmd_topics,
     "worker": _cmd_worker,
     "operations": _cmd_operations,
+    "check": _cmd_check,
     "submit": _cmd_submit,
     "caption-folder": _cmd_caption_folder,
     "replay": _cmd_replay,
@@ -502,13 +521,43 @@ COMMANDS = {
 }
 
 
+def _unknown_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> str:
+    """A usage message for flags the command does not know, each with the closest one it does."""
+    command = parser
+    for dest in ("command", "topics_command", "sink_command"):  # down to the parser that ran
+        name = getattr(args, dest, None)
+        actions = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
+        if name is None or not actions or name not in actions[0].choices:
+            break
+        command = actions[0].choices[name]
+    known = [flag for action in command._actions for flag in action.option_strings]
+    flags = [item for item in extra if item.startswith("-")]
+    problems = []
+    for item in flags or extra:  # a value after an unknown flag is not worth a line of its own
+        flag = item.split("=", 1)[0]
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.5) if flag.startswith("-") else []
+        problems.append(f"unknown {'flag' if flag.startswith('-') else 'argument'} {item}"
+                        + (f" (did you mean {close[0]}?)" if close else ""))
+    return f"{command.prog}: {'; '.join(problems)}; see {command.prog} --help"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        print(_unknown_flags(parser, args, extra), file=sys.stderr)
+        return EXIT_USAGE
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:  # a bad flag value or IMGSTREAM_* variable, for any command
         print(f"imgstream {args.command}: bad configuration: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KafkaSetupError as exc:  # the cluster refused a login, certificate, permission or topic
+        print(f"imgstream {args.command}: {exc.message}", file=sys.stderr)
+        return EXIT_KAFKA
+    except BrokerUnreachable as exc:
+        print(f"imgstream {args.command}: no Kafka broker answered: {exc}", file=sys.stderr)
+        return EXIT_KAFKA
     except KeyboardInterrupt:
         return 130
 

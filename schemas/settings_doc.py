@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 
 from schemas.config import DAY_MS, ENV_PREFIX, WorkerConfig
 
@@ -53,6 +53,8 @@ def _format_default(setting: Setting) -> str:
     value, name = setting.default, setting.path[-1]
     if value is None:
         return "unset"
+    if isinstance(value, SecretStr):
+        return "(secret)"
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"
     if isinstance(value, str):

@@ -1,6 +1,6 @@
 """Shared fixtures: one Kafka-protocol broker per session, fresh topics per test.
 
-The broker is the embedded Tansu by default. With IMGSTREAM_TEST_BROKER=testcontainers the
+The broker is the embedded Tansu by default. With KAFKA_TEST_BROKER=testcontainers the
 same suite runs against Apache Kafka in a container (needs a Docker engine).
 """
 
@@ -15,6 +15,7 @@ from producer.embedded_broker import EmbeddedBroker
 from producer.topics import create_topics
 from schemas.config import Topics
 from tests.kafka_helpers import unique_topics
+from tests.secure_kafka import acl_listener, secure_cluster  # noqa: F401 - fixtures: TLS, SASL and ACL listeners
 
 
 def docker_engine_reason() -> str | None:
@@ -31,10 +32,10 @@ def docker_engine_reason() -> str | None:
 @pytest.fixture(scope="session")
 def broker() -> Iterator[str]:
     """Bootstrap address of a broker that lives for the whole test session."""
-    if os.environ.get("IMGSTREAM_TEST_BROKER", "embedded") == "testcontainers":
+    if os.environ.get("KAFKA_TEST_BROKER", "embedded") == "testcontainers":
         reason = docker_engine_reason()
         if reason:
-            pytest.skip(f"IMGSTREAM_TEST_BROKER=testcontainers but {reason}")
+            pytest.skip(f"KAFKA_TEST_BROKER=testcontainers but {reason}")
         from testcontainers.kafka import KafkaContainer
 
         with KafkaContainer() as kafka:

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.conn import create_conn
+from aiokafka.protocol.metadata import MetadataRequest
 
 from producer.embedded_broker import HOST, EmbeddedBroker, EmbeddedBrokerError, find_free_port, probe_metadata
 from producer.topics import BrokerUnavailableError, create_topics, topic_names, wait_for_broker
@@ -159,3 +161,22 @@ async def test_run_foreground_prints_bootstrap_and_stops_on_sigterm() -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_advertised_address_is_what_metadata_lists() -> None:
+    # A proxy (the TLS and SASL fronts of tests/secure_kafka.py) takes this port; clients must come back to it.
+    advertised_port = find_free_port()
+    with EmbeddedBroker(advertised=f"{HOST}:{advertised_port}") as embedded:
+        assert embedded.advertised == f"{HOST}:{advertised_port}"
+        # One connection to the real listener: a client would follow the metadata to the empty port.
+        conn = await create_conn(HOST, embedded.port)
+        try:
+            metadata = await conn.send(MetadataRequest([]))
+        finally:
+            await conn.close()  # wait for the socket to close: Tansu's SIGTERM waits for open connections
+    assert [(host, port) for _, host, port, *_ in metadata.brokers] == [(HOST, advertised_port)]
+
+
+def test_advertised_address_must_be_host_and_port() -> None:
+    with pytest.raises(ValueError, match="expected host:port"):
+        EmbeddedBroker(advertised="tcp://127.0.0.1")

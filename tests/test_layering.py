@@ -1,5 +1,5 @@
 """The rooms import one way only (DESIGN "Rooms"): schemas <- analysis <- consumer <- training;
-schemas, blobs <- producer."""
+schemas, blobs, kafka_clients <- producer; kafka_clients <- consumer."""
 
 from __future__ import annotations
 
@@ -9,14 +9,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-ROOMS = ("schemas", "blobs", "analysis", "consumer", "producer", "training")
+ROOMS = ("schemas", "blobs", "kafka_clients", "analysis", "consumer", "producer", "training")
 # The project rooms each room may import at module level.
 ALLOWED = {
     "schemas": {"schemas"},
     "blobs": {"blobs"},
+    # The one place that builds Kafka clients: below everything that talks to Kafka.
+    "kafka_clients": {"kafka_clients", "schemas"},
     "analysis": {"analysis", "schemas"},
-    "consumer": {"consumer", "analysis", "schemas", "blobs"},
-    "producer": {"producer", "schemas", "blobs"},
+    "consumer": {"consumer", "analysis", "schemas", "blobs", "kafka_clients"},
+    "producer": {"producer", "schemas", "blobs", "kafka_clients"},
     # Classifier training reads the sink's tables and embeds images through the engine.
     "training": {"training", "analysis", "consumer", "schemas", "blobs"},
 }

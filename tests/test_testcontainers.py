@@ -1,7 +1,7 @@
 """Apache Kafka in a container (testcontainers): the same produce/consume path as production.
 
 Skips with the reason when this machine has no Docker engine. To run the whole suite on
-Apache Kafka instead of the embedded broker: IMGSTREAM_TEST_BROKER=testcontainers make test.
+Apache Kafka instead of the embedded broker: KAFKA_TEST_BROKER=testcontainers make test.
 """
 
 from __future__ import annotations

@@ -1,0 +1,124 @@
+"""Consumers, producers and admin clients built from `kafka.*` settings, started with a diagnosis."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Union
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka import errors as kerrors
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.client import AIOKafkaClient
+
+from kafka_clients.diagnose import diagnose
+from kafka_clients.errors import BrokerUnreachable, KafkaSetupError
+from kafka_clients.security import connection_args
+from schemas.config import KafkaConfig
+
+log = logging.getLogger("imgstream.kafka")
+
+# A bare bootstrap string stands for a PLAINTEXT connection with default settings (tests, scripts).
+KafkaLike = Union[KafkaConfig, str]
+# What a broker without an idempotent producer answers to InitProducerId (the embedded broker: UnknownError).
+_NO_IDEMPOTENCE = (kerrors.UnknownError, kerrors.UnsupportedVersionError, kerrors.ClusterAuthorizationFailedError)
+
+
+def kafka_settings(kafka: KafkaLike) -> KafkaConfig:
+    return kafka if isinstance(kafka, KafkaConfig) else KafkaConfig(bootstrap=kafka)
+
+
+def _common_args(kafka: KafkaConfig, role: str) -> dict[str, Any]:
+    return {"bootstrap_servers": kafka.bootstrap, "client_id": f"{kafka.client_id}-{role}",
+            "request_timeout_ms": kafka.request_timeout_ms, **connection_args(kafka)}
+
+
+def producer_args(kafka: KafkaLike, role: str, **overrides: Any) -> dict[str, Any]:
+    """AIOKafkaProducer's arguments: security, `kafka.producer.*` and the message size limit."""
+    kafka = kafka_settings(kafka)
+    tuning = kafka.producer.model_dump()
+    tuning["compression_type"] = None if tuning["compression_type"] == "none" else tuning["compression_type"]
+    tuning["enable_idempotence"] = tuning["enable_idempotence"] in (True, "auto") and tuning["acks"] == "all"
+    return {**_common_args(kafka, role), **tuning, "max_request_size": kafka.max_message_bytes, **overrides}
+
+
+def consumer_args(kafka: KafkaLike, role: str, group_id: str | None, **overrides: Any) -> dict[str, Any]:
+    """AIOKafkaConsumer's arguments: security, `kafka.consumer.*`, and the group's timeouts when in a group."""
+    kafka = kafka_settings(kafka)
+    args = {**_common_args(kafka, role), **kafka.consumer.model_dump(), "group_id": group_id,
+            "enable_auto_commit": False, "fetch_max_wait_ms": kafka.fetch_max_wait_ms}
+    if group_id is not None:
+        args.update(session_timeout_ms=kafka.session_timeout_ms, max_poll_interval_ms=kafka.max_poll_interval_ms,
+                    heartbeat_interval_ms=max(1000, kafka.session_timeout_ms // 3))
+    return {**args, **overrides}
+
+
+async def _started(client: Any, kafka: KafkaConfig, passthrough: tuple[type[Exception], ...] = ()) -> Any:
+    """`client` started, or closed and the reason raised: KafkaSetupError (change a setting) or
+    BrokerUnreachable (retry); `passthrough` errors are raised as they are."""
+    start = getattr(client, "start", None) or client.bootstrap  # AIOKafkaClient only bootstraps
+    try:
+        await start()
+        return client
+    except BaseException as exc:
+        await _close_quietly(client)
+        if isinstance(exc, (KafkaSetupError, *passthrough)) or not isinstance(exc, Exception):
+            raise
+        raise await diagnose(kafka, exc) from exc
+
+
+async def open_producer(kafka: KafkaLike, role: str = "producer", **overrides: Any) -> AIOKafkaProducer:
+    """A started producer. With `enable_idempotence: auto`, a broker that cannot do it gets a plain one."""
+    kafka = kafka_settings(kafka)
+    args = producer_args(kafka, role, **overrides)
+    try:
+        return await _started(AIOKafkaProducer(**args), kafka, _NO_IDEMPOTENCE if args["enable_idempotence"] else ())
+    except _NO_IDEMPOTENCE as exc:
+        if kafka.producer.enable_idempotence != "auto":
+            raise KafkaSetupError("configuration", f"the broker refused an idempotent producer "
+                                  f"({type(exc).__name__}): set kafka.producer.enable_idempotence to auto or "
+                                  "false, or grant the principal IdempotentWrite") from None
+        log.info("the broker refused an idempotent producer (%s); producing without idempotence "
+                 "(kafka.producer.enable_idempotence)", type(exc).__name__)
+        return await _started(AIOKafkaProducer(**{**args, "enable_idempotence": False}), kafka)
+
+
+async def open_consumer(kafka: KafkaLike, *topics: str, role: str = "consumer", group_id: str | None = None,
+                        listener: ConsumerRebalanceListener | None = None, **overrides: Any) -> AIOKafkaConsumer:
+    """A started consumer; subscribed to `topics` (with `listener`) when any are given."""
+    kafka = kafka_settings(kafka)
+    consumer = AIOKafkaConsumer(**consumer_args(kafka, role, group_id, **overrides))
+    if topics:
+        consumer.subscribe(list(topics), listener=listener)
+    return await _started(consumer, kafka)
+
+
+async def open_client(kafka: KafkaLike, role: str = "client") -> AIOKafkaClient:
+    """aiokafka's low-level client (requests the high-level clients do not make), bootstrapped."""
+    kafka = kafka_settings(kafka)
+    return await _started(AIOKafkaClient(**_common_args(kafka, role)), kafka)
+
+
+async def open_admin(kafka: KafkaLike, role: str = "admin", **overrides: Any) -> AIOKafkaAdminClient:
+    kafka = kafka_settings(kafka)
+    return await _started(AIOKafkaAdminClient(**{**_common_args(kafka, role), **overrides}), kafka)
+
+
+async def check_login(kafka: KafkaLike) -> None:
+    """Connect once and leave: raises KafkaSetupError when the cluster refuses these settings. A broker
+    that does not answer passes (long-running commands wait for it)."""
+    try:
+        admin = await open_admin(kafka, role="preflight")
+    except BrokerUnreachable as exc:
+        log.warning("broker %s unreachable (%s); the login is checked when it answers",
+                    kafka_settings(kafka).bootstrap, exc)
+        return
+    await _close_quietly(admin)
+
+
+async def _close_quietly(client: Any) -> None:
+    close = getattr(client, "stop", None) or client.close
+    try:
+        await asyncio.wait_for(close(), 5.0)
+    except Exception:  # noqa: BLE001 - closing a client that never started may fail in many ways
+        pass
