@@ -7,6 +7,9 @@
 
 FROM python:3.11-slim-bookworm AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# The HTTP ports (worker and sink) bind loopback by default; a container's loopback is its own, so
+# Prometheus and probes from outside need every interface (docs/DEPLOY.md "The compose stack").
+ENV IMGSTREAM_HTTP_HOST=0.0.0.0 IMGSTREAM_SINK__HTTP_HOST=0.0.0.0
 RUN useradd --create-home --uid 10001 --user-group imgstream \
  && mkdir -p /app /blobs /cache \
  && chown imgstream:imgstream /blobs /cache

@@ -1,4 +1,4 @@
-"""The worker's Prometheus metrics, on prometheus-client's registry and exposition.
+"""The worker's and the sink's Prometheus metrics, on prometheus-client's registry and exposition.
 
 Event counts and latencies are prometheus-client Counters and Histograms updated where
 they happen; values that live elsewhere (requests in flight, lag, the batchers' tallies)
@@ -83,11 +83,39 @@ def _bound(value: float) -> str:
     return "+Inf" if math.isinf(value) else str(float(value))
 
 
-class WorkerMetrics:
-    """The worker's metrics in a registry of its own (several workers can share a process in tests)."""
+class Metrics:
+    """A registry of its own (several workers or sinks can share a process in tests) with live families."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._live = LiveCollector()
+        self.registry.register(self._live)
+
+    def add_gauge(self, name: str, help_text: str, read: ReadSamples) -> None:
+        self._live.add(_Live("gauge", name, help_text, read))
+
+    def add_live_counter(self, name: str, help_text: str, read: ReadSamples) -> None:
+        self._live.add(_Live("counter", name, help_text, read))
+
+    def add_live_histogram(self, name: str, help_text: str, read: ReadTallies,
+                           buckets: Iterable[float] = BATCH_BUCKETS) -> None:
+        self._live.add(_Live("histogram", name, help_text, read, tuple(sorted(buckets))))
+
+    def value(self, name: str, **labels: str) -> float:
+        """The current value of one sample (0 when it was never set), for tests and logs."""
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+    def exposition(self, accept: str = "") -> tuple[bytes, str]:
+        """The scrape body and its content type, in the format the scraper's Accept header asks for."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+
+class WorkerMetrics(Metrics):
+    """The worker's metrics."""
+
+    def __init__(self) -> None:
+        super().__init__()
         r = self.registry
         self.requests = Counter("imgstream_requests_consumed_total", "Request events consumed, by topic.",
                                 ["topic"], registry=r)
@@ -112,24 +140,26 @@ class WorkerMetrics:
         self.unhandled = Counter("imgstream_requests_unhandled_total",
                                  "Requests that could be neither answered nor dead-lettered (see the log); their "
                                  "offsets were released so the partition moves on.", registry=r)
-        self._live = LiveCollector()
-        r.register(self._live)
 
-    def add_gauge(self, name: str, help_text: str, read: ReadSamples) -> None:
-        self._live.add(_Live("gauge", name, help_text, read))
 
-    def add_live_counter(self, name: str, help_text: str, read: ReadSamples) -> None:
-        self._live.add(_Live("counter", name, help_text, read))
+class SinkMetrics(Metrics):
+    """The sink's metrics (`imgstream sink pgvector --http-port`)."""
 
-    def add_live_histogram(self, name: str, help_text: str, read: ReadTallies,
-                           buckets: Iterable[float] = BATCH_BUCKETS) -> None:
-        self._live.add(_Live("histogram", name, help_text, read, tuple(sorted(buckets))))
-
-    def value(self, name: str, **labels: str) -> float:
-        """The current value of one sample (0 when it was never set), for tests and logs."""
-        return self.registry.get_sample_value(name, labels) or 0.0
-
-    def exposition(self, accept: str = "") -> tuple[bytes, str]:
-        """The scrape body and its content type, in the format the scraper's Accept header asks for."""
-        encoder, content_type = choose_encoder(accept)
-        return encoder(self.registry), content_type
+    def __init__(self) -> None:
+        super().__init__()
+        r = self.registry
+        self.records = Counter("imgstream_sink_records_total", "Records read from the results topic and "
+                               "settled (written or skipped), by outcome: written, malformed, rejected.",
+                               ["outcome"], registry=r)
+        self.rows = Counter("imgstream_sink_rows_written_total", "Rows upserted, by table.", ["table"], registry=r)
+        self.batches = Counter("imgstream_sink_batches_total", "Batches written (one transaction each).",
+                               registry=r)
+        self.write_ms = Histogram("imgstream_sink_write_latency_ms", "Database time per batch written.",
+                                  buckets=LATENCY_BUCKETS_MS, registry=r)
+        self.db_errors = Counter("imgstream_sink_db_errors_total", "Database operations that failed on the "
+                                 "connection (the batch waits and is retried), by operation: connect, write.",
+                                 ["operation"], registry=r)
+        self.db_retries = Counter("imgstream_sink_db_retries_total", "Reconnects tried while the database "
+                                  "was unreachable.", registry=r)
+        self.commits = Counter("imgstream_sink_commits_total", "Offset commits after a batch, by outcome.",
+                               ["outcome"], registry=r)

@@ -34,7 +34,7 @@ async def run_worker(config: WorkerConfig, early: EarlyStop | None = None) -> in
     runner = None
     if config.http_port is not None:
         app = build_app(metrics, lambda: {"models_loaded": engine.ready, "broker_reachable": worker.broker_reachable})
-        runner = await start_server(app, config.http_port)
+        runner = await start_server(app, config.http_port, config.http_host)
     try:
         # Before the models load (that can take minutes): a refused login or certificate ends the start now.
         try:

@@ -364,7 +364,14 @@ class Worker:
         self.metrics.requests.labels(topic=tp.topic).inc()
         self.counts["requests"] += 1
         try:
-            await self._handle(tp, record)
+            try:
+                await self._handle(tp, record)
+            except (PublishAbandoned, PublishForbidden):
+                raise
+            except Exception as exc:  # noqa: BLE001 - even the fallbacks failed: the DLQ keeps the event
+                log.exception("%s[%d]@%d could not be answered; to DLQ", tp.topic, tp.partition, record.offset)
+                await self._dead_letter(tp, record, "request_failed",
+                                        f"the request could not be answered: {type(exc).__name__}: {_brief(exc)}")
         except PublishAbandoned as exc:
             # Stopping: left unfinished, so not committed; it is redone after the restart.
             log.warning("%s[%d]@%d left for redelivery: %s", tp.topic, tp.partition, record.offset, exc)
@@ -373,7 +380,7 @@ class Worker:
             # Left unfinished, so nothing is committed past it; the worker stops and says what to change.
             self.fail(exc)
             return
-        except Exception:  # noqa: BLE001 - even the fallbacks failed; never hold the partition for it
+        except Exception:  # noqa: BLE001 - not even the DLQ took it; never hold the partition for it
             self.metrics.unhandled.inc()
             log.exception("%s[%d]@%d could be neither answered nor dead-lettered; its offset is released",
                           tp.topic, tp.partition, record.offset)
@@ -399,9 +406,16 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - the whole request failed: every task gets its error result
             log.exception("request %s: failed", request.request_id)
             message = f"Internal error: {type(exc).__name__}: {exc}"
-            # Error results carry no crop, so they fit as they are.
-            fitted = [Fitted(r, encode(r)) for r in error_results(request, "internal_error", message,
-                                                                   image=image_info(request))]
+            try:
+                # Error results carry no crop, so they fit as they are.
+                fitted = [Fitted(r, encode(r)) for r in error_results(request, "internal_error", message,
+                                                                       image=image_info(request))]
+            except Exception as again:  # noqa: BLE001 - what every result echoes cannot be written
+                # The last line of defence: validation should have refused such a request.
+                reason = f"no result of this request can be encoded: {type(again).__name__}: {again}"
+                log.error("%s[%d]@%d to DLQ: %s", tp.topic, tp.partition, record.offset, reason)
+                await self._dead_letter(tp, record, "unencodable_result", reason)
+                return
         await self._publish(tp, record, request, fitted)
 
     def _fit(self, result: ResultEvent) -> Fitted:

@@ -37,6 +37,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "models": models,
         "fetch": fetch,
         "http_port": getattr(args, "http_port", None),
+        "http_host": getattr(args, "http_host", None),
         "max_in_flight": getattr(args, "max_in_flight", None),
         "max_in_flight_image_bytes": getattr(args, "max_in_flight_image_bytes", None),
         "replay_share": getattr(args, "replay_share", None),
@@ -61,6 +62,9 @@ def _add_sink_and_search_parsers(sub: Any) -> None:
     pv.add_argument("--batch-size", type=int, help="Write a batch at this many records (default 500).")
     pv.add_argument("--batch-ms", type=float,
                     help="Write a batch at the latest this many ms after its first record (default 500).")
+    pv.add_argument("--http-port", type=int, help="Serve /healthz /readyz /metrics on this port.")
+    pv.add_argument("--http-host", help="Address the HTTP port binds to (default 127.0.0.1; 0.0.0.0: every "
+                    "interface, e.g. in a container).")
     pv.add_argument("--log-level", help="DEBUG, INFO (default), WARNING.")
 
     embedding_types = sorted(t for t in OPERATIONS if t.startswith("embed_"))
@@ -193,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N.")
     p.add_argument("--require-gpu", action="store_true", help="Refuse to start without a GPU.")
     p.add_argument("--http-port", type=int, help="Serve /healthz /readyz /operations /metrics on this port.")
+    p.add_argument("--http-host", help="Address the HTTP port binds to (default 127.0.0.1; 0.0.0.0: every "
+                   "interface, e.g. in a container).")
     p.add_argument("--max-in-flight", type=int, help="Requests processed at once (default 64).")
     p.add_argument("--max-in-flight-image-bytes", type=int,
                    help="Fetched plus decoded image bytes held in flight (default 512 MiB); at the bound the "
@@ -454,7 +460,8 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 def _sink_overrides(args: argparse.Namespace) -> dict[str, Any]:
     sink = {"dsn": args.dsn, "data_dir": args.data_dir, "group": getattr(args, "group", None),
-            "batch_max_records": getattr(args, "batch_size", None), "batch_max_ms": getattr(args, "batch_ms", None)}
+            "batch_max_records": getattr(args, "batch_size", None), "batch_max_ms": getattr(args, "batch_ms", None),
+            "http_port": getattr(args, "http_port", None), "http_host": getattr(args, "http_host", None)}
     return {"kafka": {"bootstrap": getattr(args, "bootstrap", None)}, "sink": sink,
             "models": {"weights": getattr(args, "weights", None), "device": getattr(args, "device", None)},
             "log_level": getattr(args, "log_level", None)}

@@ -405,6 +405,18 @@ class SinkConfig(Settings):
         default=64, ge=4, le=1000, description="HNSW build breadth of new embedding tables (higher: better recall, "
         "slower inserts).",
     )
+    db_backoff_max_s: float = Field(default=10.0, gt=0, description="While the database is unreachable the "
+                                    "sink retries with backoff from 0.5 s, doubling up to this. Lower it to write "
+                                    "sooner after a failover; each try is one connection attempt.")
+    db_give_up_s: float | None = Field(default=None, gt=0, description="Exit 1 once the database has been "
+                                       "unreachable this long. Unset: retry for as long as it takes (offsets wait, "
+                                       "nothing is lost); set it where a supervisor should restart the sink instead.")
+    http_port: int | None = Field(default=None, ge=0, le=65535, description="Port of the sink's /healthz, "
+                                  "/readyz and /metrics; unset: no HTTP server. Set it wherever Prometheus "
+                                  "scrapes or an orchestrator probes.")
+    http_host: str = Field(default="127.0.0.1", description="Address the sink's HTTP port binds to: loopback "
+                           "by default; 0.0.0.0 (all IPv4 interfaces) or :: where Prometheus scrapes from another "
+                           "host or container (the images set 0.0.0.0).")
 
 
 RankMetric = Literal["average_precision", "f1", "precision", "recall"]
@@ -476,6 +488,9 @@ class WorkerConfig(Settings):
     )
     http_port: int | None = Field(default=None, description="Port of /healthz, /readyz, /operations, "
                                       "/metrics; unset: no HTTP server. Set it wherever Prometheus scrapes.")
+    http_host: str = Field(default="127.0.0.1", description="Address the HTTP port binds to: loopback by "
+                           "default; 0.0.0.0 (all IPv4 interfaces) or :: where Prometheus scrapes from another host "
+                           "or container (the images set 0.0.0.0).")
     drain_timeout_s: float = Field(default=30.0, ge=0,
                                    description="On SIGTERM/SIGINT: time to finish the requests in flight. "
                                    "Keep it under the container's stop grace period (60 s in docker-compose.yml).")

@@ -3,15 +3,66 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 MAX_TASKS = 64
 MAX_METADATA_BYTES = 16 * 1024
+# Objects and arrays nested in `metadata` or a task's `params` (the value itself is level 1). orjson
+# writes at most 254 levels and reads 1,024, so without a bound a request could be read but never answered.
+MAX_JSON_DEPTH = 32
 URL_SCHEMES = ("http://", "https://")
+
+
+def _utf8_text(value: str) -> str:
+    """Text that UTF-8 can encode: JSON off the wire never holds a lone surrogate, but a request built in
+    Python can, and pydantic lets some through (`str | None` fields)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text holds a lone surrogate, which UTF-8 cannot encode") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_utf8_text)]
+
+
+def _depth_over(value: Any, limit: int) -> bool:
+    """Whether objects and arrays nest more than `limit` levels in `value` (iterative: any depth is safe)."""
+    stack = [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict):
+            children = node.values()
+        elif isinstance(node, (list, tuple)):
+            children = node
+        else:
+            continue
+        if level > limit:
+            return True
+        stack.extend((child, level + 1) for child in children)
+    return False
+
+
+def check_json_value(value: Any, what: str, max_bytes: int | None = None) -> int:
+    """The size of `value` as JSON; ValueError naming the limit when it is too deep, too large or not JSON."""
+    too_deep = ValueError(f"{what} nests more than {MAX_JSON_DEPTH} levels of objects and arrays "
+                          f"(the limit is {MAX_JSON_DEPTH})")
+    try:
+        size = len(orjson.dumps(value))
+    except TypeError as exc:  # orjson.JSONEncodeError: nested past 254, an int over 64 bits, a key that is no str
+        if _depth_over(value, MAX_JSON_DEPTH):
+            raise too_deep from None
+        raise ValueError(f"{what} cannot be written as JSON: {exc}") from None
+    if _depth_over(value, MAX_JSON_DEPTH):
+        raise too_deep
+    if max_bytes is not None and size > max_bytes:
+        raise ValueError(f"{what} is larger than {max_bytes} bytes as JSON (the limit is {max_bytes})")
+    return size
+
 
 Status = Literal["success", "skipped", "error"]
 
@@ -21,8 +72,8 @@ class ImageRef(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    url: str | None = Field(default=None, max_length=8192, description="http or https URL of the image.")
-    blob: str | None = Field(
+    url: Text | None = Field(default=None, max_length=8192, description="http or https URL of the image.")
+    blob: Text | None = Field(
         default=None,
         max_length=8192,
         description="Blob-store reference such as file:///shared/a.jpg or s3://bucket/key.",
@@ -50,14 +101,24 @@ class Task(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    operation_id: str = Field(min_length=1, max_length=256)
-    type: str = Field(min_length=1, max_length=128)
-    params: dict[str, Any] = Field(default_factory=dict)
+    operation_id: Text = Field(min_length=1, max_length=256)
+    type: Text = Field(min_length=1, max_length=128)
+    params: dict[str, Any] = Field(
+        default_factory=dict, description=f"The operation's parameters; at most {MAX_JSON_DEPTH} levels of nested "
+        "objects and arrays.", json_schema_extra={"x-max-depth": MAX_JSON_DEPTH})
 
     @field_validator("params", mode="before")
     @classmethod
     def _none_is_empty(cls, value: Any) -> Any:
         return {} if value is None else value
+
+    @field_validator("params")
+    @classmethod
+    def _writable_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        # Replay and retries write the request again: what cannot be written must be refused here.
+        if params:
+            check_json_value(params, "params")
+        return params
 
 
 class AnalysisRequest(BaseModel):
@@ -66,12 +127,15 @@ class AnalysisRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    request_id: str = Field(min_length=1, max_length=512)
+    request_id: Text = Field(min_length=1, max_length=512)
     image: ImageRef
     tasks: list[Task] = Field(min_length=1, max_length=MAX_TASKS)
-    metadata: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = Field(
+        default=None, description=f"Echoed verbatim on every result: at most {MAX_METADATA_BYTES} bytes as JSON "
+        f"and {MAX_JSON_DEPTH} levels of nested objects and arrays (the metadata object is level 1).",
+        json_schema_extra={"x-max-bytes": MAX_METADATA_BYTES, "x-max-depth": MAX_JSON_DEPTH})
     submitted_at: datetime | None = None
-    replay_of: str | None = Field(
+    replay_of: Text | None = Field(
         default=None,
         description="Set by `imgstream replay`: where the original request was read (topic/partition/offset).",
     )
@@ -89,8 +153,9 @@ class AnalysisRequest(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _small_metadata(cls, metadata: dict[str, Any] | None) -> dict[str, Any] | None:
-        if metadata is not None and len(orjson.dumps(metadata)) > MAX_METADATA_BYTES:
-            raise ValueError(f"metadata is larger than {MAX_METADATA_BYTES} bytes")
+        # Every result carries it: metadata the encoder refuses would leave the request unanswerable.
+        if metadata is not None:
+            check_json_value(metadata, "metadata", MAX_METADATA_BYTES)
         return metadata
 
 
@@ -170,9 +235,10 @@ class DeadLetter(BaseModel):
 
     def headers(self) -> list[tuple[str, bytes]]:
         p = self.HEADER_PREFIX
+        # backslashreplace: a reason quoting text UTF-8 cannot encode must not stop the dead letter itself
         return [
-            (p + "reason", self.reason.encode()),
-            (p + "error_code", self.error_code.encode()),
+            (p + "reason", self.reason.encode("utf-8", "backslashreplace")),
+            (p + "error_code", self.error_code.encode("utf-8", "backslashreplace")),
             (p + "source_topic", self.source_topic.encode()),
             (p + "source_partition", str(self.source_partition).encode()),
             (p + "source_offset", str(self.source_offset).encode()),

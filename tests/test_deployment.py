@@ -32,6 +32,8 @@ from producer.topics import topic_plans
 from schemas.config import WorkerConfig, load_config
 from schemas.settings_doc import DEPLOY_DOC, settings, with_tables
 from tests.kafka_helpers import consume_all
+from tests.sink_procs import start_sink, until_ready
+from tests.test_sink import db  # noqa: F401 - fixture: a fresh database on the session's PostgreSQL
 from tests.worker_procs import produce_paced, request_bytes, small_photo, workers  # noqa: F401 - `workers` fixture
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,15 +156,32 @@ def test_prometheus_and_grafana_mount_the_provisioned_files():
     services = compose()["services"]
     prometheus = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
     assert "./deploy/prometheus:/etc/prometheus:ro" in services["prometheus"]["volumes"]
-    (job,) = prometheus["scrape_configs"]
-    (dns,) = job["dns_sd_configs"]
-    assert dns["names"] == ["workers"] and dns["port"] == 8080
-    assert all(services[name]["command"][-2:] == ["--http-port", "8080"] for name in WORKER_SERVICES)
+    jobs = {job["job_name"]: job for job in prometheus["scrape_configs"]}
+    assert set(jobs) == {"imgstream-worker", "imgstream-sink"}
+    for job, (name, services_there) in {"imgstream-worker": ("workers", WORKER_SERVICES),
+                                        "imgstream-sink": ("sink", ("sink",))}.items():
+        (dns,) = jobs[job]["dns_sd_configs"]
+        assert dns["names"] == [name] and dns["port"] == 8080
+        assert all(services[s]["command"][-2:] == ["--http-port", "8080"] for s in services_there)
     volumes = services["grafana"]["volumes"]
     assert "./deploy/grafana/provisioning:/etc/grafana/provisioning:ro" in volumes
     assert "./deploy/grafana/dashboards:/etc/grafana/dashboards:ro" in volumes
     provider = yaml.safe_load((ROOT / "deploy/grafana/provisioning/dashboards/imgstream.yml").read_text())
     assert provider["providers"][0]["options"]["path"] == "/etc/grafana/dashboards"
+
+
+def test_http_ports_bind_loopback_by_default_and_every_interface_in_containers():
+    config = load_config(environ={})
+    assert config.http_host == config.sink.http_host == "127.0.0.1"
+    parser = build_parser()
+    services = compose()["services"]
+    for name in (*WORKER_SERVICES, "sink"):
+        args = parser.parse_args(services[name]["command"])
+        assert args.http_host == "0.0.0.0", f"{name}: Prometheus scrapes it from another container"
+    base = " ".join(_stages()["base"])
+    assert "IMGSTREAM_HTTP_HOST=0.0.0.0" in base and "IMGSTREAM_SINK__HTTP_HOST=0.0.0.0" in base
+    healthcheck = " ".join(services["sink"]["healthcheck"]["test"])
+    assert "localhost:8080/readyz" in healthcheck
 
 
 # -- docker-compose.yml, by a compose client -----------------------------------------------------
@@ -400,7 +419,8 @@ def _metric_names(expr: str) -> set[str]:
 def test_dashboard_shows_what_operators_watch():
     exprs = _dashboard_exprs()
     for title in ("Throughput", "Results by status", "Consumer lag by topic", "Mean batch size", "Batch size p95",
-                  "Mean queue wait per item", "Fetch latency", "DLQ rate by reason"):
+                  "Mean queue wait per item", "Fetch latency", "DLQ rate by reason", "Sink lag by partition",
+                  "Sink rows written by table", "Sink write latency", "Sink database"):
         assert title in exprs
     uses = {title: set().union(*map(_metric_names, queries)) for title, queries in exprs.items()}
     assert "imgstream_results_total" in uses["Results by status"]
@@ -409,6 +429,11 @@ def test_dashboard_shows_what_operators_watch():
     assert "imgstream_model_queue_wait_ms_total" in uses["Mean queue wait per item"]
     assert "imgstream_fetch_latency_ms_bucket" in uses["Fetch latency"]
     assert "imgstream_dlq_records_total" in uses["DLQ rate by reason"]
+    assert "imgstream_sink_consumer_lag" in uses["Sink lag by partition"]
+    assert "imgstream_sink_rows_written_total" in uses["Sink rows written by table"]
+    assert "imgstream_sink_write_latency_ms_bucket" in uses["Sink write latency"]
+    assert {"imgstream_sink_db_up", "imgstream_sink_db_errors_total", "imgstream_sink_db_retries_total"} <= uses[
+        "Sink database"]
     (datasource,) = yaml.safe_load(DATASOURCES.read_text())["datasources"]
     dashboard = json.loads(DASHBOARD.read_text())
     for panel in dashboard["panels"]:
@@ -440,26 +465,53 @@ def test_prometheus_config_and_alert_rules_pass_promtool():
         assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
-async def test_dashboard_and_alert_metrics_exist_on_a_running_worker(broker, topics, workers, tmp_path):
-    worker = workers.start(http_port=find_free_port())
-    deadline = time.monotonic() + 90
-    while worker.get("/readyz")[0] != 200:
-        assert worker.alive() and time.monotonic() < deadline, f"worker not ready; log:\n{worker.tail()}"
-        await asyncio.sleep(0.3)
-    image = {"blob": small_photo(tmp_path / "face.jpg").as_uri()}
-    await produce_paced(broker, topics.requests, [(b"dash-0", request_bytes("dash-0", image)), (b"bad", b"{nope")])
-    assert len(await consume_all(broker, topics.results, 2, timeout_s=60)) == 2
-    assert len(await consume_all(broker, topics.dlq, 1, timeout_s=30)) == 1
-    status, body, _ = worker.get("/metrics")
-    assert status == 200
-    text = body.decode()
-    # families from the TYPE lines (present before any sample), and every sample's own name
+def _exposed(text: str) -> set[str]:
+    """Metric names a scrape shows: families from the TYPE lines (present before any sample), every sample's
+    own name, and a histogram's series."""
     families = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.MULTILINE))
     exposed = set(families) | set(re.findall(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)[{ ]", text, re.MULTILINE))
-    exposed |= {f"{name}_{suffix}" for name, kind in families.items() if kind == "histogram"
-                for suffix in ("bucket", "sum", "count")}
-    queries = [q for qs in _dashboard_exprs().values() for q in qs] + list(_alert_exprs().values())
-    used = set().union(*map(_metric_names, queries)) - {"up"}  # `up` is Prometheus's own
-    assert {"imgstream_results_total", "imgstream_consumer_lag", "imgstream_model_batch_size_bucket"} <= used
-    assert used <= exposed, f"not exposed by the worker: {sorted(used - exposed)}"
-    assert await worker.terminate() == 0
+    return exposed | {f"{name}_{suffix}" for name, kind in families.items() if kind == "histogram"
+                      for suffix in ("bucket", "sum", "count")}
+
+
+def test_alerts_watch_unhandled_requests_and_the_sink():
+    alerts = _alert_exprs()
+    for alert, metric in {"ImgstreamRequestsUnhandled": "imgstream_requests_unhandled_total",
+                          "ImgstreamSinkDatabaseDown": "imgstream_sink_db_up",
+                          "ImgstreamSinkNotWriting": "imgstream_sink_batches_total",
+                          "ImgstreamSinkLagGrowing": "imgstream_sink_consumer_lag"}.items():
+        assert metric in _metric_names(alerts[alert]), alert
+    assert 'up{job="imgstream-sink"}' in alerts["ImgstreamSinkDown"]
+
+
+async def test_dashboard_and_alert_metrics_exist_on_a_running_worker_and_sink(broker, topics, workers, db, tmp_path):
+    worker = workers.start(http_port=find_free_port())
+    sink = start_sink(broker, topics, db, tmp_path, http_port=find_free_port())
+    try:
+        deadline = time.monotonic() + 90
+        while worker.get("/readyz")[0] != 200:
+            assert worker.alive() and time.monotonic() < deadline, f"worker not ready; log:\n{worker.tail()}"
+            await asyncio.sleep(0.3)
+        image = {"blob": small_photo(tmp_path / "face.jpg").as_uri()}
+        await produce_paced(broker, topics.requests, [(b"dash-0", request_bytes("dash-0", image)),
+                                                      (b"bad", b"{nope")])
+        assert len(await consume_all(broker, topics.results, 2, timeout_s=60)) == 2
+        assert len(await consume_all(broker, topics.dlq, 1, timeout_s=30)) == 1
+        await until_ready(sink)
+        scraped = {}
+        for name, process in (("worker", worker), ("sink", sink)):
+            status, body, _ = process.get("/metrics")
+            assert status == 200, name
+            scraped[name] = _exposed(body.decode())
+        queries = [q for qs in _dashboard_exprs().values() for q in qs] + list(_alert_exprs().values())
+        used = set().union(*map(_metric_names, queries)) - {"up"}  # `up` is Prometheus's own
+        assert {"imgstream_results_total", "imgstream_consumer_lag", "imgstream_model_batch_size_bucket",
+                "imgstream_sink_consumer_lag", "imgstream_sink_rows_written_total"} <= used
+        by_sink = {name for name in used if name.startswith("imgstream_sink_")}
+        assert by_sink <= scraped["sink"], f"not exposed by the sink: {sorted(by_sink - scraped['sink'])}"
+        by_worker = used - by_sink
+        assert by_worker <= scraped["worker"], f"not exposed by the worker: {sorted(by_worker - scraped['worker'])}"
+        assert await worker.terminate() == 0
+        assert await sink.terminate(timeout_s=30) == 0
+    finally:
+        sink.kill()

@@ -1,10 +1,13 @@
-"""The worker's metrics registry, read back with prometheus-client's own parser."""
+"""The metrics registry, read back with prometheus-client's own parser, and the HTTP port that serves it."""
 
 from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from consumer.health import build_app, start_server
 from consumer.metrics import WorkerMetrics
+from producer.embedded_broker import find_free_port
+from schemas.config import WorkerConfig
 
 
 def _samples(metrics: WorkerMetrics, accept: str = "") -> dict:
@@ -49,3 +52,18 @@ def test_openmetrics_is_served_when_asked_for():
     assert body.rstrip().endswith(b"# EOF")
     _, plain = metrics.exposition("")
     assert plain.startswith("text/plain")
+
+
+async def test_the_http_port_binds_the_configured_address_loopback_by_default():
+    port = find_free_port()
+    runner = await start_server(build_app(WorkerMetrics(), lambda: {"ok": True}), port, WorkerConfig().http_host)
+    try:
+        assert runner.addresses == [("127.0.0.1", port)]
+    finally:
+        await runner.cleanup()
+    runner = await start_server(build_app(WorkerMetrics(), lambda: {"ok": True}, operations=False), port, "0.0.0.0")
+    try:
+        assert runner.addresses == [("0.0.0.0", port)]
+        assert "/operations" not in {r.resource.canonical for r in runner.app.router.routes()}
+    finally:
+        await runner.cleanup()

@@ -10,6 +10,7 @@ import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
@@ -195,6 +196,38 @@ async def test_a_result_the_client_fails_to_send_is_answered_and_dead_lettered(
         assert letter.key == b"client" and letter.value == value
         assert await until_committed(broker, worker.config.kafka.group, topics.requests, 1) == 1
         assert worker.metrics.value("imgstream_requests_unhandled_total") == 0
+
+
+async def test_a_request_whose_results_cannot_be_encoded_is_dead_lettered_and_none_is_unhandled(
+        broker, topics, engine, tmp_path, astronaut, monkeypatch):
+    # A gap in validation, simulated: the decoder lets metadata through that is nested past what orjson
+    # writes (254 levels), so neither the results nor the fallback error results can be encoded.
+    real_decode = worker_module.decode_request
+
+    def decode_with_a_gap(value):
+        raw = orjson.loads(value)
+        request = real_decode(orjson.dumps({**raw, "metadata": None}))
+        return request.model_copy(update={"metadata": raw.get("metadata")})
+
+    monkeypatch.setattr(worker_module, "decode_request", decode_with_a_gap)
+    image = {"blob": astronaut.as_uri()}
+    deep = b'{"k":' * 299 + b"{}" + b"}" * 299
+    unencodable = request_bytes("deep", image, TASKS[2:])[:-1] + b',"metadata":' + deep + b"}"
+    async with running_worker(broker, topics, engine, fetch=FetchConfig(blob_roots=[str(tmp_path)]),
+                              blobs={"dir": str(tmp_path / "blobs")}) as worker:
+        await produce_paced(broker, topics.requests, [(b"deep", unencodable),
+                                                      (b"fine", request_bytes("fine", image, TASKS[2:]))])
+        (letter,) = await consume_all(broker, topics.dlq, 1, timeout_s=60)
+        assert letter.key == b"deep" and letter.value == unencodable  # the raw event, byte for byte
+        headers = dict(letter.headers)
+        assert headers["imgstream.error_code"] == b"unencodable_result"
+        assert b"encoded" in headers["imgstream.reason"]
+        results = await results_by_op(broker, topics.results, 1)
+        assert set(results) == {("fine", "box")}
+        assert await until_committed(broker, worker.config.kafka.group, topics.requests, 2) == 2
+        assert worker.metrics.value("imgstream_dlq_records_total", reason="unencodable_result") == 1
+        assert worker.metrics.value("imgstream_requests_unhandled_total") == 0
+        assert worker.tracker.in_flight() == 0
 
 
 async def test_file_blobs_outside_the_root_are_refused_by_default(broker, topics, engine, tmp_path, astronaut):

@@ -8,7 +8,16 @@ import orjson
 import pytest
 
 from schemas.codec import InvalidEvent, decode_request, encode
-from schemas.events import DeadLetter, ImageInfo, ModelInfo, ResultEvent, make_event_id
+from schemas.events import (
+    MAX_JSON_DEPTH,
+    MAX_METADATA_BYTES,
+    AnalysisRequest,
+    DeadLetter,
+    ImageInfo,
+    ModelInfo,
+    ResultEvent,
+    make_event_id,
+)
 from schemas.export import SCHEMA_DIR, render
 from schemas.operations import InvalidParams, UnsupportedOperation, describe_operations, resolve_params
 
@@ -58,6 +67,66 @@ def test_structurally_invalid_events_are_refused_with_a_reason(value, code):
         decode_request(value)
     assert info.value.code == code
     assert info.value.reason
+
+
+def _nested(levels: int) -> bytes:
+    """A JSON object nested `levels` deep, written by hand: orjson itself refuses to write past 254."""
+    return b'{"k":' * (levels - 1) + b"{}" + b"}" * (levels - 1)
+
+
+def _with_raw(field: bytes, value: bytes) -> bytes:
+    return orjson.dumps(GOOD)[:-1] + b',"' + field + b'":' + value + b"}"
+
+
+@pytest.mark.parametrize("levels", [MAX_JSON_DEPTH + 1, 254, 255, 300, 1000])
+def test_metadata_nested_past_the_limit_is_refused_naming_the_limit(levels):
+    with pytest.raises(InvalidEvent) as info:
+        decode_request(_with_raw(b"metadata", _nested(levels)))
+    assert info.value.code == "schema_violation"
+    assert f"more than {MAX_JSON_DEPTH} levels" in info.value.reason and "metadata" in info.value.reason
+
+
+def test_metadata_and_params_at_the_depth_limit_pass():
+    request = decode_request(_with_raw(b"metadata", _nested(MAX_JSON_DEPTH)))
+    assert len(encode(request)) > 0
+    task = {"operation_id": "a", "type": "x", "params": orjson.loads(_nested(MAX_JSON_DEPTH))}
+    assert decode_request(_with(tasks=[task])).tasks[0].params
+
+
+def test_params_nested_past_the_limit_are_refused():
+    task = b'[{"operation_id":"a","type":"x","params":{"p":' + _nested(MAX_JSON_DEPTH) + b"}}]"
+    with pytest.raises(InvalidEvent, match=f"params nests more than {MAX_JSON_DEPTH} levels"):
+        decode_request(_with_raw(b"tasks", task))
+
+
+def test_metadata_over_the_size_limit_names_the_limit():
+    with pytest.raises(InvalidEvent, match=f"larger than {MAX_METADATA_BYTES} bytes"):
+        decode_request(_with(metadata={"blob": "x" * MAX_METADATA_BYTES}))
+
+
+@pytest.mark.parametrize(("metadata", "message"), [
+    ({"id": 2**64}, "Integer exceeds 64-bit range"),
+    ({"nested": {1: "int key"}}, "Dict key must be str"),
+    ({"text": "lone \ud800 surrogate"}, "surrogates not allowed"),
+    ({"tags": {"a", "b"}}, "not JSON serializable"),
+])
+def test_requests_built_in_python_with_metadata_json_cannot_hold_are_refused(metadata, message):
+    # Off the wire orjson never yields these (big numbers read as floats, surrogates are refused), but a
+    # producer building requests in Python can.
+    with pytest.raises(ValueError, match=message):
+        AnalysisRequest.model_validate({**GOOD, "metadata": metadata})
+
+
+@pytest.mark.parametrize("field", ["request_id", "replay_of"])
+def test_text_utf8_cannot_encode_is_refused(field):
+    with pytest.raises(ValueError, match="surrogate|unicode string"):
+        AnalysisRequest.model_validate({**GOOD, field: "crawler-\udc80"})
+
+
+def test_dead_letter_headers_survive_a_reason_utf8_cannot_encode():
+    letter = DeadLetter(reason="bad \ud800", error_code="schema_violation", source_topic="t", source_partition=0,
+                        source_offset=1)
+    assert dict(letter.headers())["imgstream.reason"] == b"bad \\ud800"
 
 
 def test_duplicate_operation_id_reason_names_it():
