@@ -82,7 +82,7 @@ def run_search(config: WorkerConfig, image: str, result_type: str, target: str, 
 
 async def _search_command(config: WorkerConfig, path: Path, result_type: str, target: str, k: int,
                           as_json: bool) -> int:
-    dsn = config.sink.dsn
+    dsn = config.sink.database_uri()
     if dsn is None:
         from consumer.embedded_pg import embedded_postgres_exists, start_embedded_postgres
 

@@ -540,7 +540,7 @@ async def run_sink(kafka: KafkaConfig, sink: SinkConfig) -> int:
     then sink until a signal."""
     await check_login(kafka)  # a refused login or certificate ends the start now, before the database waits
     embedded = None
-    dsn = sink.dsn
+    dsn = sink.database_uri()
     if dsn is None:
         from consumer.embedded_pg import start_embedded_postgres
 

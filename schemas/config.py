@@ -387,10 +387,15 @@ class BlobConfig(Settings):
 class SinkConfig(Settings):
     """`imgstream sink pgvector`: which database, which consumer group, how big a batch."""
 
-    dsn: str | None = Field(
-        default=None, description="PostgreSQL URI, e.g. postgresql://user:password@host:5432/db?sslmode=require; "
-        "unset: the embedded server (pgserver) starts on data_dir, for development."
+    dsn: SecretStr | None = Field(
+        default=None, description="PostgreSQL URI, e.g. postgresql://user:password@host:5432/db?sslmode=require "
+        "(a secret: it holds the password; also read from the file named by IMGSTREAM_SINK__DSN_FILE); unset: the "
+        "embedded server (pgserver) starts on data_dir, for development."
     )
+    def database_uri(self) -> str | None:
+        """The DSN as text, for the database driver only (never for a log line)."""
+        return self.dsn.get_secret_value() if self.dsn is not None else None
+
     data_dir: str = Field(default=".imgstream/pgdata", description="Data directory of the embedded "
                           "PostgreSQL (development); `search` and `train-classifiers --data-dir` read the same.")
     group: str = Field(default="imgstream-sink", description="The sinks' consumer group; more sinks in it write "

@@ -96,7 +96,7 @@ def sink_configs(broker: str, topics: Topics, dsn: str, group: str | None = None
 
 async def sink_until(kafka: KafkaConfig, sink: SinkConfig, done, timeout_s: float = 30.0) -> PgVectorSink:
     """Run a sink in-process until `done(sink)` holds, then stop it the way SIGTERM does."""
-    runner = PgVectorSink(kafka, sink, sink.dsn)
+    runner = PgVectorSink(kafka, sink, sink.database_uri())
     task = asyncio.create_task(runner.run())
     deadline = time.monotonic() + timeout_s
     while not done(runner) and time.monotonic() < deadline and not task.done():

@@ -119,7 +119,7 @@ def _pairs_by_collection(label_set: LabelSet, inputs: RunInputs,
 
 async def _database_dsn(config: WorkerConfig) -> str:
     if config.sink.dsn:
-        return config.sink.dsn
+        return config.sink.database_uri()
     from consumer.embedded_pg import embedded_postgres_exists, start_embedded_postgres
 
     if not embedded_postgres_exists(config.sink.data_dir):
