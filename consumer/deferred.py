@@ -123,7 +123,11 @@ class DeferredRetries:
         return False
 
     def decide(self, error: ImageError, attempt: Attempt | None) -> Decision:
-        """What a failed fetch means for this attempt: answer it now, defer it, or leave it to another delivery."""
+        """What a failed fetch means for this attempt: answer it now, defer it, or leave it to another delivery.
+
+        Deciding to defer books the next attempt at once, so a duplicate delivery failing meanwhile
+        is left to this one rather than starting a second chain of retries.
+        """
         if attempt is None or not isinstance(error, TransientFetchError):
             return "answer"
         waiting = self._requests.get(attempt.digest)
@@ -131,7 +135,10 @@ class DeferredRetries:
             # Another delivery of this request waits on the retry topic; it answers (or defers again).
             self.counts["superseded"] += 1
             return "drop"
-        return "defer" if attempt.number < self.config.deferred_attempts else "answer"
+        if attempt.number >= self.config.deferred_attempts:
+            return "answer"
+        self._remember(attempt.digest, attempt.number + 1)
+        return "defer"
 
     def next_retry(self, attempt: Attempt, error: TransientFetchError) -> DeferredRetry:
         """The headers of `attempt`'s successor: due after the attempt's delay, or the host's longer Retry-After."""
@@ -150,12 +157,12 @@ class DeferredRetries:
         own = [(k, v) for k, v in (record.headers or ()) if not k.startswith(DeferredRetry.HEADER_PREFIX)]
         return own + retry.headers()
 
-    def scheduled(self, attempt: Attempt, retry: DeferredRetry) -> None:
+    def scheduled(self) -> None:
+        """The retry record booked by `decide` is on the retry topic."""
         self.counts["scheduled"] += 1
-        self._remember(attempt.digest, retry.attempt)
 
     def answered(self, attempt: Attempt | None) -> None:
-        """The request got its results: a retry of it still on the topic is superseded."""
+        """The request got its results (deferring it may have failed): a retry of it on the topic is superseded."""
         if attempt is not None and attempt.digest in self._requests:
             self._remember(attempt.digest, _ANSWERED)
 

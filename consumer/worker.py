@@ -421,7 +421,7 @@ class Worker:
             message = f"{deferral.error}; deferring it to {self.retries.topic} failed: {_brief(exc)}"
             return [Fitted(r, encode(r)) for r in error_results(request, deferral.error.code, message,
                                                                image=image_info(request))]
-        self.retries.scheduled(attempt, retry)
+        self.retries.scheduled()
         log.info("request %s: fetch failed (%s); attempt %d of %d is due at %s", request.request_id, deferral.error,
                  retry.attempt, self.config.fetch.deferred_attempts, f"{retry.due_at:%H:%M:%S}")
         return None
