@@ -669,8 +669,9 @@ class Worker:
                     lambda: [({}, self.images.held)])
         m.add_gauge("imgstream_image_bytes_reserved", "Image bytes counted against the bound (estimates included).",
                     lambda: [({}, self.images.used)])
+        # Retry partitions waiting for their due time are not backpressure (imgstream_retry_partitions_waiting).
         m.add_gauge("imgstream_partitions_paused", "Assigned partitions paused by backpressure.",
-                    lambda: [({}, len(self.consumer.paused()) if self.consumer else 0)])
+                    lambda: [({}, len(self.consumer.paused() - self.retries.held()) if self.consumer else 0)])
         m.add_gauge("imgstream_broker_reachable", "1 when the last broker probe succeeded.",
                     lambda: [({}, 1 if self.broker_reachable else 0)])
         m.add_gauge("imgstream_consumer_lag", "Messages behind the partition's high watermark.", self._lag)
