@@ -142,8 +142,9 @@ class FetchConfig(BaseModel):
         description="Directories that file:// blob references may point into (symlinks resolved). Unset: the "
         "blob store directory (blobs.dir). An empty list refuses every file:// reference.",
     )
-    max_concurrent: int = Field(default=32, gt=0, description="Fetches at once per worker. Raise it for "
-                                "slow image hosts (high fetch latency while the models idle).")
+    max_concurrent: int = Field(default=32, gt=0, description="Image requests (and blob reads) at once per "
+                                "worker, all hosts together. Raise it for slow image hosts (high fetch latency "
+                                "while the models idle).")
     per_host_concurrent: int = Field(default=4, gt=0, description="Fetches at once to one host (scheme, name and "
                                      "port) per worker; more wait within the fetch deadline. Raise it only for "
                                      "hosts you run (a CDN of your own, an internal store).")

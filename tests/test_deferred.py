@@ -133,7 +133,7 @@ async def test_a_host_that_fails_for_a_while_answers_success_after_deferrals_and
         broker, topics, engine, host, tmp_path):
     flaky = request_bytes("flaky", {"url": host.url("/flaky/2/a.jpg")}, TASKS)
     others = [request_bytes(f"other-{i}", {"url": host.url(f"/flaky/0/{i}.jpg")}, TASKS) for i in range(3)]
-    async with running_worker(broker, topics, engine, fetch=fetch_config(deferred_delays_s=[2.0]),
+    async with running_worker(broker, topics, engine, fetch=fetch_config(deferred_delays_s=[3.0]),
                               blobs={"dir": str(tmp_path / "blobs")}) as worker:
         # One key, so one partition, with the flaky request first.
         await produce_paced(broker, topics.requests, [(b"crawler-7", value) for value in [flaky, *others]])
@@ -154,7 +154,7 @@ async def test_a_host_that_fails_for_a_while_answers_success_after_deferrals_and
     asks = host.asks("/flaky/2/")
     assert len(asks) == 3
     assert asks[1] >= first.due_at.timestamp() and asks[2] >= second.due_at.timestamp()
-    assert second.due_at.timestamp() - first.due_at.timestamp() >= 2.0
+    assert second.due_at.timestamp() - first.due_at.timestamp() >= 3.0
     assert worker.retries.counts == {"scheduled": 2, "due": 2, "exhausted": 0, "superseded": 0}
     assert worker.metrics.value("imgstream_deferred_retries_total", event="due") == 2
     assert worker.tracker.in_flight() == 0
