@@ -1,7 +1,9 @@
 """Getting image bytes for a request: http(s) behind an SSRF guard, or a blob reader (SPEC §5).
 
-Every failure is an `ImageError` with code image_fetch_failed or image_too_large; the
-bytes themselves are judged later by `analysis.imaging.decode_image`.
+Every failure is an `ImageError` with code image_fetch_failed or image_too_large; a
+`TransientFetchError` (timeouts, connection errors, 5xx, 408, 429) is worth trying again
+later, which the worker does through the retry topic. The bytes themselves are judged
+later by `analysis.imaging.decode_image`.
 """
 
 from __future__ import annotations
@@ -26,21 +28,88 @@ from aiohttp.resolver import ThreadedResolver
 from yarl import URL
 
 from analysis.imaging import FETCH_FAILED, TOO_LARGE, ImageError
+from consumer.politeness import HostBackoff, HostPoliteness, origin
 from schemas.config import FetchConfig
 from schemas.events import ImageRef
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
+# Worth asking again: the host is overloaded, rate-limits, or timed out waiting for our request.
+_TRANSIENT_STATUSES: Final = frozenset({408, 429})
+# Statuses whose Retry-After holds for every request of this worker to that host.
+_HOST_BACKOFF_STATUSES: Final = frozenset({429, 503})
 _CHUNK_BYTES: Final = 64 * 1024
-_SHARED_ADDRESS_SPACE: Final = ipaddress.ip_network("100.64.0.0/10")  # CGNAT, RFC 6598
-# IETF protocol assignments (RFC 6890); Python counts 192.0.0.9 and 192.0.0.10 as global.
-_IETF_PROTOCOL_ASSIGNMENTS: Final = ipaddress.ip_network("192.0.0.0/24")
+# The IANA IPv4 and IPv6 special-purpose address registries, plus multicast and IPv6 site-local:
+# no image host lives there. Python's is_global calls several of them global (NAT64, 6to4 relay,
+# AS112, AMT, ORCHIDv2, 192.0.0.9 and .10, 2001:db8::/32's newer twin 3fff::/20, ...), so each
+# range is named here; the most specific range names an address.
+_SPECIAL_PURPOSE_RANGES: Final = (
+    ("0.0.0.0/32", "an unspecified address"),
+    ("0.0.0.0/8", "a 'this network' address"),
+    ("10.0.0.0/8", "a private address"),
+    ("100.64.0.0/10", "a shared address space (CGNAT) address"),
+    ("127.0.0.0/8", "a loopback address"),
+    ("169.254.0.0/16", "a link-local address"),
+    ("172.16.0.0/12", "a private address"),
+    ("192.0.0.0/24", "an IETF protocol assignment address"),
+    ("192.0.2.0/24", "a documentation address (TEST-NET-1)"),
+    ("192.31.196.0/24", "an AS112 DNS address"),
+    ("192.52.193.0/24", "an AMT relay address"),
+    ("192.88.99.0/24", "a 6to4 relay anycast address"),
+    ("192.168.0.0/16", "a private address"),
+    ("192.175.48.0/24", "an AS112 DNS address"),
+    ("198.18.0.0/15", "a benchmarking address"),
+    ("198.51.100.0/24", "a documentation address (TEST-NET-2)"),
+    ("203.0.113.0/24", "a documentation address (TEST-NET-3)"),
+    ("224.0.0.0/4", "a multicast address"),
+    ("240.0.0.0/4", "a reserved address"),
+    ("255.255.255.255/32", "the limited broadcast address"),
+    ("::/128", "an unspecified address"),
+    ("::1/128", "a loopback address"),
+    ("::/96", "an IPv4-compatible address (deprecated)"),
+    ("64:ff9b::/96", "a NAT64 address"),
+    ("64:ff9b:1::/48", "a local-use NAT64 address"),
+    ("100::/64", "a discard-only address"),
+    ("100:0:0:1::/64", "a dummy IPv6 prefix address"),
+    ("2001::/23", "an IETF protocol assignment address"),
+    ("2001::/32", "a Teredo address"),
+    ("2001:2::/48", "a benchmarking address"),
+    ("2001:3::/32", "an AMT address"),
+    ("2001:4:112::/48", "an AS112 DNS address"),
+    ("2001:10::/28", "an ORCHID address (deprecated)"),
+    ("2001:20::/28", "an ORCHIDv2 address"),
+    ("2001:30::/28", "a drone remote ID address"),
+    ("2001:db8::/32", "a documentation address"),
+    ("2002::/16", "a 6to4 address"),
+    ("2620:4f:8000::/48", "an AS112 DNS address"),
+    ("3fff::/20", "a documentation address"),
+    ("5f00::/16", "a segment routing (SRv6 SID) address"),
+    ("fc00::/7", "a unique-local (private) address"),
+    ("fe80::/10", "a link-local address"),
+    ("fec0::/10", "a site-local address (deprecated)"),
+    ("ff00::/8", "a multicast address"),
+)
+_SPECIAL_PURPOSE: Final = sorted(
+    ((ipaddress.ip_network(network), reason) for network, reason in _SPECIAL_PURPOSE_RANGES),
+    key=lambda entry: -entry[0].prefixlen,
+)
 _METADATA_ADDRESSES: Final = frozenset({ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")})
 # gaierror codes that mean "this name does not exist": retrying cannot help.
 _PERMANENT_DNS_ERRNOS: Final = frozenset(
     code for code in (getattr(socket, "EAI_NONAME", None), getattr(socket, "EAI_NODATA", None)) if code is not None
 )
+
+
+class TransientFetchError(ImageError):
+    """A fetch that failed in a way worth trying again later (image_fetch_failed for now).
+
+    `retry_after_s`: how long the host asked us to wait (Retry-After), when it said.
+    """
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(FETCH_FAILED, message)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)
@@ -79,14 +148,15 @@ def address_block_reason(address: IPAddress) -> str | None:
             return f"{reason} (IPv4-mapped)" if reason else None
         if address.sixtofour is not None and (reason := address_block_reason(address.sixtofour)):
             return f"{reason} (inside a 6to4 address)"
-    checks: tuple[tuple[bool, str], ...] = (
-        (address in _METADATA_ADDRESSES, "a cloud metadata address"),
+    if address in _METADATA_ADDRESSES:
+        return "a cloud metadata address"
+    for network, reason in _SPECIAL_PURPOSE:
+        if address.version == network.version and address in network:
+            return f"{reason} ({network})"
+    checks: tuple[tuple[bool, str], ...] = (  # what the table may not know yet
         (address.is_loopback, "a loopback address"),
         (address.is_unspecified, "an unspecified address"),
         (address.is_link_local, "a link-local address"),
-        (isinstance(address, ipaddress.IPv4Address) and address in _SHARED_ADDRESS_SPACE, "a CGNAT address"),
-        (isinstance(address, ipaddress.IPv4Address) and address in _IETF_PROTOCOL_ASSIGNMENTS,
-         "an IETF protocol assignment address (192.0.0.0/24)"),
         (address.is_reserved, "a reserved address"),
         (address.is_private, "a private address"),
         (address.is_multicast, "a multicast address"),
@@ -178,10 +248,16 @@ class FileBlobReader:
         return path
 
 
+# Opening a FIFO for reading blocks until a writer comes, and opening a device may act on it:
+# open without blocking (no controlling terminal either), then look at what was opened.
+_OPEN_FLAGS: Final = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
 def _read_regular_file(path: Path, reference: str, max_bytes: int) -> bytes:
-    """Read at most max_bytes from a regular file (never a device or FIFO)."""
+    """Read at most max_bytes from a regular file (never a device, FIFO or socket, and never blocking on one)."""
     try:
-        with open(path, "rb") as handle:
+        # O_NONBLOCK means nothing to a regular file's reads, and nothing else is read.
+        with os.fdopen(os.open(path, _OPEN_FLAGS), "rb") as handle:
             info = os.fstat(handle.fileno())
             if not stat.S_ISREG(info.st_mode):
                 raise ImageError(FETCH_FAILED, f"blob {reference!r} is not a regular file")
@@ -204,7 +280,7 @@ def _read_regular_file(path: Path, reference: str, max_bytes: int) -> bytes:
 
 
 class _Transient(Exception):
-    """A failure worth retrying (timeout, connection error, 5xx, 429)."""
+    """A failure worth retrying within the fetch (timeout, connection error, 5xx, 408, 429)."""
 
     def __init__(self, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
@@ -235,7 +311,9 @@ class ImageFetcher:
         self._blob_readers: dict[str, BlobReader] = (
             dict(blob_readers) if blob_readers is not None else {"file": FileBlobReader(config.blob_roots or ())}
         )
+        # Held per request (one GET, one blob read), not across backoff sleeps.
         self._semaphore = asyncio.Semaphore(config.max_concurrent)
+        self.hosts = HostPoliteness(config.per_host_concurrent)
         self._session: aiohttp.ClientSession | None = None
 
     def register_blob_reader(self, scheme: str, reader: BlobReader) -> None:
@@ -270,20 +348,20 @@ class ImageFetcher:
         )
 
     async def fetch(self, ref: ImageRef) -> FetchedImage:
-        """The bytes behind `ref`, within the total deadline; raises ImageError."""
-        async with self._semaphore:
-            started = time.perf_counter()
-            progress = _Progress()
-            deadline = asyncio.timeout(self._config.total_timeout_s)
-            try:
-                async with deadline:
-                    data, final_url = await self._fetch_within(ref, progress, deadline)
-            except TimeoutError as exc:
-                if not deadline.expired():  # e.g. a plugged-in blob reader's own timeout
-                    raise ImageError(FETCH_FAILED, f"fetching {ref.location} timed out: {exc!r}") from None
-                raise ImageError(FETCH_FAILED, progress.deadline_message(ref.location, self._config)) from None
-            elapsed_ms = (time.perf_counter() - started) * 1000.0
-            return FetchedImage(data, final_url, elapsed_ms, max(progress.attempts, 1))
+        """The bytes behind `ref`, within the total deadline; raises ImageError (TransientFetchError when
+        trying again later may succeed)."""
+        started = time.perf_counter()
+        progress = _Progress()
+        deadline = asyncio.timeout(self._config.total_timeout_s)
+        try:
+            async with deadline:
+                data, final_url = await self._fetch_within(ref, progress, deadline)
+        except TimeoutError as exc:
+            if not deadline.expired():  # e.g. a plugged-in blob reader's own timeout
+                raise TransientFetchError(f"fetching {ref.location} timed out: {exc!r}") from None
+            raise TransientFetchError(progress.deadline_message(ref.location, self._config)) from None
+        elapsed_ms = (time.perf_counter() - started) * 1000.0
+        return FetchedImage(data, final_url, elapsed_ms, max(progress.attempts, 1))
 
     async def _fetch_within(self, ref: ImageRef, progress: _Progress, deadline: asyncio.Timeout) -> tuple[bytes, str]:
         if ref.url is not None:
@@ -297,7 +375,8 @@ class ImageFetcher:
         reader = self._blob_readers.get(scheme)
         if reader is None:
             raise ImageError(FETCH_FAILED, f"blob scheme {scheme!r} is not configured on this worker")
-        return await reader.read(reference, self._config.max_bytes)
+        async with self._semaphore:
+            return await reader.read(reference, self._config.max_bytes)
 
     async def _fetch_url(self, url: str, progress: _Progress, deadline: asyncio.Timeout) -> tuple[bytes, str]:
         """Try the whole redirect chain again on transient failures, with exponential backoff."""
@@ -305,17 +384,17 @@ class ImageFetcher:
         while True:
             progress.attempts += 1
             try:
-                return await self._follow_redirects(url)
+                return await self._follow_redirects(url, deadline)
             except _Transient as exc:
                 progress.last_error = str(exc)
                 if progress.attempts > self._config.retries:
-                    raise ImageError(FETCH_FAILED, f"{exc} (gave up after {progress.attempts} attempts)") from None
+                    raise TransientFetchError(f"{exc} (gave up after {progress.attempts} attempts)",
+                                              exc.retry_after_s) from None
                 delay = self._retry_delay(exc, progress.attempts)
                 when = deadline.when()
                 if when is not None and loop.time() + delay >= when:
-                    raise ImageError(
-                        FETCH_FAILED, f"{exc}; a retry in {delay:.1f} s would pass the deadline"
-                    ) from None
+                    raise TransientFetchError(f"{exc}; a retry in {delay:.1f} s would pass the deadline",
+                                              exc.retry_after_s) from None
                 await asyncio.sleep(delay)
 
     def _retry_delay(self, exc: _Transient, attempts: int) -> float:
@@ -323,12 +402,12 @@ class ImageFetcher:
             return exc.retry_after_s
         return self._config.backoff_s * 2.0 ** (attempts - 1)
 
-    async def _follow_redirects(self, url: str) -> tuple[bytes, str]:
+    async def _follow_redirects(self, url: str, deadline: asyncio.Timeout) -> tuple[bytes, str]:
         """GET `url`, following at most max_redirects redirects, guarding every hop."""
         current = self._parse_url(url)
         for _hop in range(self._config.max_redirects + 1):
             self._check_literal_host(current)
-            body, location = await self._request(current)
+            body, location = await self._polite_request(current, deadline)
             if location is None:
                 return body, str(current)
             current = location
@@ -355,6 +434,15 @@ class ImageFetcher:
             check_address(host, host)
         except AddressBlockedError as exc:
             raise ImageError(FETCH_FAILED, str(exc)) from None
+
+    async def _polite_request(self, url: URL, deadline: asyncio.Timeout) -> tuple[bytes, URL | None]:
+        """`_request` within the host's bound and after its Retry-After, then within the worker's bound."""
+        try:
+            async with self.hosts.turn(origin(url), deadline.when()):
+                async with self._semaphore:
+                    return await self._request(url)
+        except HostBackoff as exc:
+            raise TransientFetchError(f"{exc} fetching {url}", exc.wait_s) from None
 
     async def _request(self, url: URL) -> tuple[bytes, URL | None]:
         """One GET: (body, None) on 2xx, (b"", next_url) on a redirect; raises otherwise."""
@@ -384,8 +472,10 @@ class ImageFetcher:
             return b"", self._parse_url(location, base=url)
         if 200 <= status < 300:
             return await self._read_body(response, url), None
-        if status == 429 or status >= 500:
+        if status in _TRANSIENT_STATUSES or status >= 500:
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            if retry_after is not None and status in _HOST_BACKOFF_STATUSES:
+                self.hosts.block(origin(url), retry_after)
             raise _Transient(f"HTTP {status} {response.reason or ''} from {url}".strip(), retry_after)
         raise ImageError(FETCH_FAILED, f"HTTP {status} {response.reason or ''} from {url}".strip())
 

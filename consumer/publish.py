@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 # Room left for the record's key, headers and framing under the topic's message limit.
 RECORD_OVERHEAD_BYTES = 4096
+# A deferral that cannot be published for this long is given up: the request is answered now instead.
+DEFER_PATIENCE_S = 30.0
 
 
 def crop_store(blobs: BlobConfig) -> BlobStore:
@@ -99,16 +101,17 @@ class Publisher:
     """Sends results and DLQ records; each call returns once the broker acknowledged.
 
     `outcomes` counts, per (kind, outcome), what did not go through at the first try:
-    kind is "results" or "dlq", outcome "retried", "abandoned" (given up at shutdown),
+    kind is "results", "dlq" or "retry", outcome "retried", "abandoned" (given up at shutdown),
     "refused" (the broker or client will never take the record) or "forbidden" (the topic is
     missing or not writable: the worker stops).
     """
 
     def __init__(self, producer: AIOKafkaProducer, results_topic: str, dlq_topic: str,
-                 max_message_bytes: int | None = None) -> None:
+                 max_message_bytes: int | None = None, *, retry_topic: str | None = None) -> None:
         self.producer = producer
         self.results_topic = results_topic
         self.dlq_topic = dlq_topic
+        self.retry_topic = retry_topic
         self.max_message_bytes = max_message_bytes
         self.outcomes: Counter[tuple[str, str]] = Counter()
 
@@ -117,8 +120,11 @@ class Publisher:
         return [({"kind": kind, "outcome": outcome}, n) for (kind, outcome), n in self.outcomes.items()]
 
     async def _send(self, kind: str, topic: str, key: bytes | None, value: bytes,
-                    headers: list[tuple[str, bytes]] | None = None, stop: asyncio.Event | None = None) -> None:
+                    headers: list[tuple[str, bytes]] | None = None, stop: asyncio.Event | None = None,
+                    patience_s: float | None = None) -> None:
         delay = 0.2
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + patience_s if patience_s is not None else None
         while True:
             try:
                 await self.producer.send_and_wait(topic, value=value, key=key, headers=headers)
@@ -136,6 +142,9 @@ class Publisher:
                 if stop is not None and stop.is_set():
                     self.outcomes[kind, "abandoned"] += 1
                     raise PublishAbandoned(f"publish to {topic} given up at shutdown: {exc}") from exc
+                if give_up_at is not None and loop.time() >= give_up_at:
+                    self.outcomes[kind, "refused"] += 1
+                    raise PublishRefused(f"{topic} did not take the record for {patience_s:g} s: {exc}") from exc
                 self.outcomes[kind, "retried"] += 1
                 log.warning("publish to %s failed (%s); retrying in %.1fs", topic, exc, delay)
                 await asyncio.sleep(delay)
@@ -174,6 +183,18 @@ class Publisher:
             if isinstance(outcome, BaseException) and not isinstance(outcome, _REFUSED):
                 raise outcome
         return {i: outcome for i, outcome in enumerate(sent) if isinstance(outcome, _REFUSED)}
+
+    async def defer(self, request_id: str, value: bytes, headers: list[tuple[str, bytes]],
+                    stop: asyncio.Event | None = None) -> None:
+        """The request's bytes to the retry topic, keyed by request_id, for a later attempt.
+
+        Raises PublishRefused when the topic does not take it within DEFER_PATIENCE_S (a missing
+        topic on a broker that creates none, say), PublishAbandoned at shutdown.
+        """
+        if self.retry_topic is None:
+            raise PublishRefused("this worker has no retry topic")
+        await self._send("retry", self.retry_topic, request_id.encode(), value, headers, stop=stop,
+                         patience_s=DEFER_PATIENCE_S)
 
     async def dead_letter(self, key: bytes | None, value: bytes | None, letter: DeadLetter,
                           stop: asyncio.Event | None = None) -> None:

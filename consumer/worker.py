@@ -15,7 +15,8 @@ from analysis import imaging
 from analysis.batcher import LIVE, REPLAY
 from analysis.engine import Engine
 from analysis.results import error_results, image_info
-from consumer.fetch import FileBlobReader, ImageFetcher
+from consumer.deferred import RETRY, Attempt, Deferral, DeferredRetries
+from consumer.fetch import FileBlobReader, ImageFetcher, TransientFetchError
 from consumer.image_budget import ImageBudget
 from consumer.logs import request_id_var
 from consumer.metrics import WorkerMetrics
@@ -73,6 +74,7 @@ class Worker:
         self.images = ImageBudget(config.max_in_flight_image_bytes,
                                   worst_case=config.fetch.max_bytes + 3 * config.decode.max_pixels)
         self.crops = crop_store(config.blobs)
+        self.retries = DeferredRetries(config.fetch, config.kafka.topics.retry)
         # Replay items take at most this share of a model batch while live items wait.
         engine.scheduler.replay_share = config.replay_share
         self.stopping = asyncio.Event()
@@ -123,10 +125,11 @@ class Worker:
             if clients is None:
                 return
             self.producer, self.consumer = clients
-            self.publisher = Publisher(self.producer, k.topics.results, k.topics.dlq, k.max_message_bytes)
+            self.publisher = Publisher(self.producer, k.topics.results, k.topics.dlq, k.max_message_bytes,
+                                       retry_topic=k.topics.retry)
             self.connected = self.broker_reachable = True
-            log.info("connected to %s (%s) as group %s; consuming %s and %s", k.bootstrap, k.security_protocol,
-                     k.group, k.topics.requests, k.topics.replay)
+            log.info("connected to %s (%s) as group %s; consuming %s, %s and %s", k.bootstrap,
+                     k.security_protocol, k.group, k.topics.requests, k.topics.replay, k.topics.retry)
             return
 
     async def _open_clients(self) -> tuple[AIOKafkaProducer, AIOKafkaConsumer]:
@@ -134,7 +137,8 @@ class Worker:
         producer = await open_producer(k, role="producer")
         try:
             consumer = await open_consumer(
-                k, k.topics.requests, k.topics.replay, role="consumer", group_id=k.group, listener=_Rebalance(self),
+                k, k.topics.requests, k.topics.replay, k.topics.retry, role="consumer", group_id=k.group,
+                listener=_Rebalance(self),
                 # The group waits this long for members to rejoin; aiokafka's default (the session
                 # timeout) would evict a member still draining its revoked partitions.
                 rebalance_timeout_ms=self.rebalance_timeout_ms)
@@ -193,7 +197,8 @@ class Worker:
         async with ImageFetcher(self.config.fetch) as fetcher:
             blobs = self.config.blobs
             fetcher.register_blob_reader("file", FileBlobReader(self.config.file_blob_roots()))
-            fetcher.register_blob_reader("s3", S3BlobReader(blobs.s3_endpoint_url, blobs.s3_region))
+            fetcher.register_blob_reader("s3", S3BlobReader(blobs.s3_endpoint_url, blobs.s3_region,
+                                                            self.config.s3_blob_scopes()))
             self.fetcher = fetcher
             await self._connect()
             if self.consumer is None:
@@ -214,7 +219,7 @@ class Worker:
                 await self._wait_for_room()
                 continue
             replay_room = self._replay_room(room)
-            self._pause(self._held_replay(replay_room))
+            self._pause(self._held_replay(replay_room) | self.retries.held())
             try:
                 batches = await asyncio.wait_for(
                     self.consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=room), POLL_GUARD_S)
@@ -235,13 +240,14 @@ class Worker:
             return 0
         return max(0, self.config.max_in_flight - self.tracker.in_flight())
 
-    # -- lanes: live before replay ------------------------------------------------------------
+    # -- lanes: live before replay; deferred retries when due -----------------------------------
 
     def lane(self, tp: TopicPartition) -> str:
-        return REPLAY if tp.topic == self.config.kafka.topics.replay else LIVE
+        topics = self.config.kafka.topics
+        return REPLAY if tp.topic == topics.replay else RETRY if tp.topic == topics.retry else LIVE
 
     def in_flight_by_lane(self) -> dict[str, int]:
-        counts = {LIVE: 0, REPLAY: 0}
+        counts = {LIVE: 0, REPLAY: 0, RETRY: 0}
         for tp in self.tracker.partitions():
             counts[self.lane(tp)] += self.tracker.in_flight(tp)
         return counts
@@ -329,12 +335,12 @@ class Worker:
                       self.images.held, self.config.max_in_flight, self.config.max_in_flight_image_bytes)
 
     def _take(self, batches: dict[TopicPartition, list[Any]], room: int, replay_room: int) -> None:
-        """Start the fetched records that fit (replay ones within `replay_room`); rewind each partition
-        to its first one left over."""
+        """Start the fetched records that fit (replay ones within `replay_room`, retries once due); rewind
+        each partition to its first one left over."""
         assert self.consumer is not None
         assigned = self.consumer.assignment()
         # Live partitions first: a poll that returns both lanes must not let replay take the room.
-        for tp, records in sorted(batches.items(), key=lambda item: self.lane(item[0]) == REPLAY):
+        for tp, records in sorted(batches.items(), key=lambda item: _LANE_ORDER[self.lane(item[0])]):
             if tp in self._revoking or tp not in assigned:
                 continue  # its new owner starts from the committed watermark
             replay = self.lane(tp) == REPLAY
@@ -342,6 +348,11 @@ class Worker:
                 if room <= 0 or (replay and replay_room <= 0):
                     # A rebalance can hand over unpaused partitions mid-poll; give back the excess.
                     self.consumer.seek(tp, record.offset)
+                    break
+                if self.lane(tp) == RETRY and self.retries.hold_until_due(tp, record):
+                    # Not due: wait at this record, paused (not polled) until it is.
+                    self.consumer.seek(tp, record.offset)
+                    self.consumer.pause(tp)
                     break
                 self._start(tp, record)
                 self._positions[tp] = record.offset + 1
@@ -396,13 +407,23 @@ class Worker:
             await self._dead_letter(tp, record, exc.code, exc.reason)
             return
         request_id_var.set(request.request_id)
+        attempt = self.retries.attempt(tp, record)
+        if self.retries.superseded(attempt):
+            log.info("request %s: attempt %d dropped: another delivery of it was answered", request.request_id,
+                     attempt.number)
+            return
         try:
-            results = await self._analyse(request, self.lane(tp))
+            results = await self._analyse(request, self.lane(tp), attempt)
             if any(r.cropped_image_base64 for r in results):
                 # Off the loop: a crop too large to inline is written to the blob store (a file or an S3 put).
                 fitted = await asyncio.to_thread(self._fit_all, results)
             else:  # encoding alone costs less than a thread hop
                 fitted = self._fit_all(results)
+        except Deferral as deferral:
+            deferred = await self._defer(record, request, attempt, deferral)
+            if deferred is None:
+                return
+            fitted = deferred
         except Exception as exc:  # noqa: BLE001 - the whole request failed: every task gets its error result
             log.exception("request %s: failed", request.request_id)
             message = f"Internal error: {type(exc).__name__}: {exc}"
@@ -417,6 +438,33 @@ class Worker:
                 await self._dead_letter(tp, record, "unencodable_result", reason)
                 return
         await self._publish(tp, record, request, fitted)
+        self.retries.answered(attempt)
+
+    async def _defer(self, record: Any, request: AnalysisRequest, attempt: Attempt,
+                     deferral: Deferral) -> list[Fitted] | None:
+        """Send the request to the retry topic for its next attempt (None); if it cannot go there, its
+        image_fetch_failed results to publish now instead."""
+        assert self.publisher is not None
+        if deferral.decision == "drop":
+            log.info("request %s: fetch failed (%s); another delivery of it waits on %s and answers",
+                     request.request_id, deferral.error, self.retries.topic)
+            return None
+        retry = self.retries.next_retry(attempt, deferral.error)
+        try:
+            await self.publisher.defer(request.request_id, record.value or b"", self.retries.headers(record, retry),
+                                       stop=self.stopping)
+        except PublishAbandoned:
+            raise
+        except Exception as exc:  # noqa: BLE001 - refused for good: answer now, as before deferrals existed
+            log.error("request %s: could not be deferred to %s (%s); answered now", request.request_id,
+                      self.retries.topic, _brief(exc))
+            message = f"{deferral.error}; deferring it to {self.retries.topic} failed: {_brief(exc)}"
+            return [Fitted(r, encode(r)) for r in error_results(request, deferral.error.code, message,
+                                                               image=image_info(request))]
+        self.retries.scheduled()
+        log.info("request %s: fetch failed (%s); attempt %d of %d is due at %s", request.request_id, deferral.error,
+                 retry.attempt, self.config.fetch.deferred_attempts, f"{retry.due_at:%H:%M:%S}")
+        return None
 
     def _fit(self, result: ResultEvent) -> Fitted:
         return fit_result(result, self.config.kafka.max_message_bytes, self.crops)
@@ -472,13 +520,14 @@ class Worker:
         await self.publisher.dead_letter(record.key, record.value, letter, stop=self.stopping)
         self.metrics.dlq.labels(reason=code).inc()
 
-    async def _analyse(self, request: Any, lane: str = LIVE) -> list[Any]:
+    async def _analyse(self, request: Any, lane: str = LIVE, attempt: Attempt | None = None) -> list[Any]:
         """Fetch and decode the image once, then run every task through the engine.
 
         The image's bytes (fetched and decoded) count against `max_in_flight_image_bytes`
-        until the engine is done with it.
+        until the engine is done with it. A transient fetch failure with attempts left raises Deferral.
         """
         assert self.fetcher is not None
+        lane = REPLAY if lane == REPLAY else LIVE  # the engine's lanes: deferred retries are live work
         timings: dict[str, float] = {}
         hold = await self.images.acquire()
         try:
@@ -499,8 +548,13 @@ class Worker:
             self.images.settle(hold)
             return await self.engine.run(request, decoded, timings_ms=timings, lane=lane)
         except imaging.ImageError as exc:
-            log.info("request %s: %s: %s", request.request_id, exc.code, exc)
-            return error_results(request, exc.code, str(exc), image=image_info(request), timings_ms=timings)
+            decision = self.retries.decide(exc, attempt)
+            if decision != "answer":
+                assert isinstance(exc, TransientFetchError)
+                raise Deferral(exc, decision) from None
+            message = self.retries.final_message(exc, attempt)
+            log.info("request %s: %s: %s", request.request_id, exc.code, message)
+            return error_results(request, exc.code, message, image=image_info(request), timings_ms=timings)
         except Exception as exc:  # noqa: BLE001 - one bad image must never stop the partition
             log.exception("request %s: unexpected failure", request.request_id)
             return error_results(request, "internal_error", f"Internal error: {type(exc).__name__}: {exc}",
@@ -571,6 +625,7 @@ class Worker:
         abandoned = await self._drain(tasks, self.config.revoke_timeout_s)
         await self.commit(revoked, force=True)
         self.tracker.forget(revoked)
+        self.retries.forget(revoked)
         for tp in revoked:
             self._positions.pop(tp, None)
         self.metrics.abandoned.inc(abandoned)
@@ -638,10 +693,11 @@ class Worker:
             lanes = self.in_flight_by_lane()
             cache = self.engine.reuse
             log.info(
-                "last %.0fs: %d requests (%.1f/s), results %d ok, %d skipped, %d error; in flight %d live, %d replay; "
-                "reused %.0f%% (%d in flight, %d cached; cache %d entries, %.1f MiB); mean batch %s",
+                "last %.0fs: %d requests (%.1f/s), results %d ok, %d skipped, %d error; in flight %d live, %d replay, "
+                "%d retry; reused %.0f%% (%d in flight, %d cached; cache %d entries, %.1f MiB); mean batch %s",
                 interval, done["requests"], done["requests"] / interval, done["success"], done["skipped"],
-                done["error"], lanes[LIVE], lanes[REPLAY], 100.0 * sum(shared.values()) / results if results else 0.0,
+                done["error"], lanes[LIVE], lanes[REPLAY], lanes[RETRY],
+                100.0 * sum(shared.values()) / results if results else 0.0,
                 shared["in_flight"], shared["cached"], cache.entries if cache else 0,
                 (cache.bytes if cache else 0) / 2**20, ", ".join(batches) or "-")
             previous, previous_reused = now, reused
@@ -654,8 +710,9 @@ class Worker:
                     lambda: [({}, self.images.held)])
         m.add_gauge("imgstream_image_bytes_reserved", "Image bytes counted against the bound (estimates included).",
                     lambda: [({}, self.images.used)])
+        # Retry partitions waiting for their due time are not backpressure (imgstream_retry_partitions_waiting).
         m.add_gauge("imgstream_partitions_paused", "Assigned partitions paused by backpressure.",
-                    lambda: [({}, len(self.consumer.paused()) if self.consumer else 0)])
+                    lambda: [({}, len(self.consumer.paused() - self.retries.held()) if self.consumer else 0)])
         m.add_gauge("imgstream_broker_reachable", "1 when the last broker probe succeeded.",
                     lambda: [({}, 1 if self.broker_reachable else 0)])
         m.add_gauge("imgstream_consumer_lag", "Messages behind the partition's high watermark.", self._lag)
@@ -692,6 +749,25 @@ class Worker:
                     lambda: [({}, self.engine.reuse.entries if self.engine.reuse else 0)])
         m.add_gauge("imgstream_model_queue_depth", "Items waiting in each model's batcher.",
                     lambda: [({"model": k}, v) for k, v in self.engine.queued().items()])
+        m.add_live_counter("imgstream_deferred_retries_total",
+                           "Deferred fetch retries, by event: scheduled (sent to the retry topic), due (taken from "
+                           "it), exhausted (final image_fetch_failed after the last attempt), superseded (left "
+                           "unanswered: another delivery of the request answers).",
+                           lambda: [({"event": event}, n) for event, n in self.retries.counts.items()])
+        m.add_gauge("imgstream_retry_partitions_waiting",
+                    "Retry topic partitions paused until their first record is due.",
+                    lambda: [({}, len(self.retries.held()))])
+        m.add_live_counter("imgstream_fetch_host_waits_total",
+                           "Fetches that waited for their host, by reason: slot (fetch.per_host_concurrent "
+                           "reached) or retry_after (the host's Retry-After).", self._host_waits)
+        m.add_live_counter("imgstream_fetch_host_deferrals_total",
+                           "Fetches given up at once because their host's Retry-After outlasts the fetch deadline "
+                           "(deferred to the retry topic).",
+                           lambda: [({}, self.fetcher.hosts.backoffs if self.fetcher else 0)])
+
+    def _host_waits(self) -> list[tuple[dict[str, str], float]]:
+        waits = self.fetcher.hosts.waits if self.fetcher else {}
+        return [({"reason": reason}, waits.get(reason, 0)) for reason in ("slot", "retry_after")]
 
     def _publish_failures(self) -> list[tuple[dict[str, str], float]]:
         return self.publisher.failure_samples() if self.publisher else []
@@ -707,6 +783,10 @@ class Worker:
             if high is not None and position is not None:
                 out.append(({"topic": tp.topic, "partition": str(tp.partition)}, max(0, high - position)))
         return out
+
+
+# Live requests first, then due retries, then replay.
+_LANE_ORDER = {LIVE: 0, RETRY: 1, REPLAY: 2}
 
 
 async def _quietly(coro: Any) -> None:

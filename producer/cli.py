@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("topics", help="Manage imgstream's topics.")
     tsub = p.add_subparsers(dest="topics_command", required=True, metavar="ACTION")
-    tc = tsub.add_parser("create", help="Create the requests, replay, results and DLQ topics (idempotent).",
+    tc = tsub.add_parser("create", help="Create the requests, replay, results, DLQ and retry topics (idempotent).",
                          description="Creates each topic that does not exist yet with its partitions, retention.ms, "
                          "compression.type and max.message.bytes (IMGSTREAM_KAFKA__TOPIC_SETTINGS__<TOPIC>__*, "
                          "see docs/DEPLOY.md). Existing topics are left alone; where one differs from its "

@@ -41,13 +41,15 @@ class Settings(BaseModel):
 
 class Topics(Settings):
     requests: str = Field(default="imgstream.requests", description="Topic crawlers and `submit` publish requests to. "
-                          "Change all four names to run two deployments on one cluster.")
+                          "Change all five names to run two deployments on one cluster.")
     replay: str = Field(default="imgstream.replay", description="Topic `imgstream replay` publishes to; workers "
                         "read it beside the requests topic.")
     results: str = Field(default="imgstream.results", description="Topic workers publish one result per task to; the sink "
                          "and `submit --wait` read it.")
     dlq: str = Field(default="imgstream.dlq", description="Topic for events that are not valid requests (and requests "
                      "whose results the broker refused); watch its rate.")
+    retry: str = Field(default="imgstream.retry", description="Topic of deferred fetch retries: requests whose image "
+                       "host failed transiently wait here until they are due; workers read it in a lane of its own.")
 
 
 CompressionType = Literal["producer", "uncompressed", "gzip", "snappy", "lz4", "zstd"]
@@ -74,6 +76,7 @@ _TOPIC_DEFAULTS: dict[str, dict[str, Any]] = {
     "replay": {"retention_ms": 3 * DAY_MS},  # consumed soon after it is written
     "results": {"compression_type": "zstd"},  # embeddings as JSON text: zstd stores about 40% of the bytes
     "dlq": {"partitions": 1, "retention_ms": 30 * DAY_MS},  # few records, read by people, later
+    "retry": {},  # must outlive the longest deferral (checked) and an outage of the workers, like requests
 }
 
 
@@ -85,14 +88,15 @@ def _with_role_defaults(role: str, given: Any) -> Any:
 
 
 class TopicSettingsByTopic(Settings):
-    """`TopicSettings` for each of the four topics (keyed like `Topics`)."""
+    """`TopicSettings` for each of the five topics (keyed like `Topics`)."""
 
     requests: TopicSettings = Field(default_factory=lambda: TopicSettings(**_TOPIC_DEFAULTS["requests"]))
     replay: TopicSettings = Field(default_factory=lambda: TopicSettings(**_TOPIC_DEFAULTS["replay"]))
     results: TopicSettings = Field(default_factory=lambda: TopicSettings(**_TOPIC_DEFAULTS["results"]))
     dlq: TopicSettings = Field(default_factory=lambda: TopicSettings(**_TOPIC_DEFAULTS["dlq"]))
+    retry: TopicSettings = Field(default_factory=lambda: TopicSettings(**_TOPIC_DEFAULTS["retry"]))
 
-    @field_validator("requests", "replay", "results", "dlq", mode="before")
+    @field_validator("requests", "replay", "results", "dlq", "retry", mode="before")
     @classmethod
     def _role_defaults(cls, value: Any, info: ValidationInfo) -> Any:
         return _with_role_defaults(info.field_name, value)
@@ -262,8 +266,9 @@ class FetchConfig(Settings):
                            "Raise it for very large originals; it is also a worker's memory per fetch.")
     max_redirects: int = Field(default=5, ge=0, description="Redirects followed per fetch (more is "
                                "`image_fetch_failed`). Rarely worth changing.")
-    retries: int = Field(default=2, ge=0, description="Retries for timeouts, 5xx and 429. Lower "
-                         "it when a failing host should cost less; 4xx are never retried.")
+    retries: int = Field(default=2, ge=0, description="Retries within one fetch for timeouts, connection errors, "
+                         "5xx, 408 and 429. Lower it when a failing host should cost less; other 4xx are never "
+                         "retried.")
     backoff_s: float = Field(default=0.5, ge=0, description="First retry delay; it doubles per retry. "
                             "Raise it for hosts that answer 429 (rate limits).")
     allow_private_addresses: bool = Field(
@@ -278,8 +283,38 @@ class FetchConfig(Settings):
         description="Directories that file:// blob references may point into (symlinks resolved). Unset: the "
         "blob store directory (blobs.dir). An empty list refuses every file:// reference.",
     )
-    max_concurrent: int = Field(default=32, gt=0, description="Fetches at once per worker. Raise it for "
-                                "slow image hosts (high fetch latency while the models idle).")
+    max_concurrent: int = Field(default=32, gt=0, description="Image requests (and blob reads) at once per "
+                                "worker, all hosts together. Raise it for slow image hosts (high fetch latency "
+                                "while the models idle).")
+    per_host_concurrent: int = Field(default=4, gt=0, description="Fetches at once to one host (scheme, name and "
+                                     "port) per worker; more wait within the fetch deadline. Raise it only for "
+                                     "hosts you run (a CDN of your own, an internal store).")
+    deferred_attempts: int = Field(default=4, ge=1, description="Attempts a request gets when its fetch keeps "
+                                   "failing transiently (the first included): all but the last failure send it to "
+                                   "the retry topic (kafka.topics.retry) to be tried again later; the last is "
+                                   "its final image_fetch_failed. 1: no deferred retries.")
+    deferred_delays_s: list[PositiveFloat] = Field(default_factory=lambda: [60.0, 300.0, 1800.0], min_length=1,
+                                           description="Seconds from a transient failure to the next attempt, one "
+                                           "per deferral (the last repeats). A host's longer Retry-After wins. The "
+                                           "retry topic's retention must be longer than the longest.")
+    s3_buckets: list[str] | None = Field(
+        default=None,
+        description="What s3:// blob references may point into: `bucket` or `bucket/prefix` entries. Unset: the "
+        "blob store's own bucket and prefix when blobs.dir is s3://, nothing otherwise. An empty list refuses "
+        "every s3:// reference.",
+    )
+
+    @field_validator("s3_buckets")
+    @classmethod
+    def _bucket_entries(cls, entries: list[str] | None) -> list[str] | None:
+        for entry in entries or []:
+            if not entry.strip("/") or entry.startswith(("s3://", "/")):
+                raise ValueError(f"s3_buckets entry {entry!r} is not `bucket` or `bucket/prefix`")
+        return entries
+
+    def deferred_delay_s(self, attempt: int) -> float:
+        """Seconds between attempt `attempt` (1: the first delivery) failing and the next attempt."""
+        return self.deferred_delays_s[min(attempt, len(self.deferred_delays_s)) - 1]
 
 
 class DecodeConfig(Settings):
@@ -521,6 +556,25 @@ class WorkerConfig(Settings):
         if not sep:
             return [self.blobs.dir]
         return [rest] if scheme == "file" else []  # an s3:// store leaves no local directory to allow
+
+    def s3_blob_scopes(self) -> list[str]:
+        """Where s3:// references may point (`bucket` or `bucket/prefix`): fetch.s3_buckets, else blobs.dir's own."""
+        if self.fetch.s3_buckets is not None:
+            return list(self.fetch.s3_buckets)
+        scheme, sep, rest = self.blobs.dir.partition("://")
+        return [rest.strip("/")] if sep and scheme == "s3" and rest.strip("/") else []
+
+    @model_validator(mode="after")
+    def _retry_topic_outlives_the_delays(self) -> WorkerConfig:
+        retention_ms = self.kafka.topic_settings.retry.retention_ms
+        fetch = self.fetch
+        longest_s = max(fetch.deferred_delay_s(n) for n in range(1, fetch.deferred_attempts)) \
+            if fetch.deferred_attempts > 1 else 0.0
+        if retention_ms != -1 and retention_ms < longest_s * 1000:
+            raise ValueError(f"kafka.topic_settings.retry.retention_ms ({retention_ms}) is shorter than the longest "
+                             f"deferred delay ({longest_s:g} s, fetch.deferred_delays_s): deferred requests would "
+                             "expire unanswered")
+        return self
 
 
 def _parse_env_value(raw: str) -> Any:

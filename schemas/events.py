@@ -250,3 +250,42 @@ class DeadLetter(BaseModel):
         p = cls.HEADER_PREFIX
         values = {k[len(p):]: v.decode() for k, v in headers if k.startswith(p)}
         return cls.model_validate(values)
+
+
+class DeferredRetry(BaseModel):
+    """When and why a request on the retry topic is tried again; travels as headers beside the original bytes."""
+
+    attempt: int = Field(ge=2, description="The attempt this record is for; the request's first delivery was 1.")
+    due_at: datetime = Field(description="Not tried before this time (UTC).")
+    first_failure: str = Field(description="Why the first attempt's fetch failed.")
+    first_failed_at: datetime
+    last_failure: str = Field(description="Why the previous attempt's fetch failed.")
+    source_topic: str = Field(description="Where the request was first read (the requests or the replay topic).")
+
+    HEADER_PREFIX: ClassVar[str] = "imgstream."
+    # A failure's text travels in a header; a hostile host's error page must not grow the record.
+    MAX_REASON_CHARS: ClassVar[int] = 1000
+
+    @field_validator("first_failure", "last_failure")
+    @classmethod
+    def _short(cls, reason: str) -> str:
+        limit = cls.MAX_REASON_CHARS
+        return reason if len(reason) <= limit else reason[: limit - 3] + "..."
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        p = self.HEADER_PREFIX
+        return [
+            (p + "attempt", str(self.attempt).encode()),
+            (p + "due_at", self.due_at.isoformat().encode()),
+            (p + "first_failure", self.first_failure.encode()),
+            (p + "first_failed_at", self.first_failed_at.isoformat().encode()),
+            (p + "last_failure", self.last_failure.encode()),
+            (p + "source_topic", self.source_topic.encode()),
+        ]
+
+    @classmethod
+    def from_headers(cls, headers: list[tuple[str, bytes]] | tuple) -> DeferredRetry:
+        """Raises pydantic's ValidationError (a ValueError) when a header is missing or invalid."""
+        p = cls.HEADER_PREFIX
+        values = {k[len(p):]: v.decode(errors="replace") for k, v in headers if k.startswith(p)}
+        return cls.model_validate(values)

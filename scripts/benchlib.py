@@ -164,7 +164,7 @@ def fresh_topics(prefix: str = "bench") -> Topics:
     """Uniquely named topics (nothing is created here: see producer.topics.create_topics)."""
     u = uuid.uuid4().hex[:8]
     return Topics(requests=f"{prefix}-{u}.requests", replay=f"{prefix}-{u}.replay",
-                  results=f"{prefix}-{u}.results", dlq=f"{prefix}-{u}.dlq")
+                  results=f"{prefix}-{u}.results", dlq=f"{prefix}-{u}.dlq", retry=f"{prefix}-{u}.retry")
 
 
 def worker_env(
@@ -193,6 +193,7 @@ def worker_env(
         "IMGSTREAM_KAFKA__TOPICS__REPLAY": topics.replay,
         "IMGSTREAM_KAFKA__TOPICS__RESULTS": topics.results,
         "IMGSTREAM_KAFKA__TOPICS__DLQ": topics.dlq,
+        "IMGSTREAM_KAFKA__TOPICS__RETRY": topics.retry,
         "IMGSTREAM_MODELS__WEIGHTS": "random",
         "IMGSTREAM_MODELS__DEVICE": device,
         "IMGSTREAM_MODELS__PRELOAD": json.dumps(preload),

@@ -25,6 +25,7 @@ def unique_topics(prefix: str = "t") -> Topics:
         replay=f"{prefix}-{u}.replay",
         results=f"{prefix}-{u}.results",
         dlq=f"{prefix}-{u}.dlq",
+        retry=f"{prefix}-{u}.retry",
     )
 
 

@@ -110,13 +110,14 @@ def test_topic_initialiser_sets_every_topics_partitions_retention_limit_and_comp
     plans = {plan.name: plan for plan in topic_plans(kafka.topics, kafka.topic_settings,
                                                      max_message_bytes=kafka.max_message_bytes)}
     assert {name: plan.partitions for name, plan in plans.items()} == {
-        "imgstream.requests": 12, "imgstream.replay": 12, "imgstream.results": 12, "imgstream.dlq": 1}
+        "imgstream.requests": 12, "imgstream.replay": 12, "imgstream.results": 12, "imgstream.dlq": 1,
+        "imgstream.retry": 12}
     for plan in plans.values():
         assert set(plan.configs) == {"retention.ms", "compression.type", "max.message.bytes"}
         assert plan.configs["max.message.bytes"] == "1000000"
     assert plans["imgstream.results"].configs["compression.type"] == "zstd"
     # every per-topic setting is spelled out in the file, not left to the defaults silently
-    for role in ("requests", "replay", "results", "dlq"):
+    for role in ("requests", "replay", "results", "dlq", "retry"):
         for field in ("PARTITIONS", "RETENTION_MS", "COMPRESSION_TYPE"):
             assert f"IMGSTREAM_KAFKA__TOPIC_SETTINGS__{role.upper()}__{field}" in env
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import ipaddress
+import os
 import time
 import zlib
 from collections import Counter
@@ -16,6 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.abc import ResolveResult
 from PIL import Image
+from yarl import URL
 
 import consumer.fetch as fetch_module
 from analysis.imaging import ImageError, decode_image
@@ -23,9 +25,11 @@ from consumer.fetch import (
     FetchedImage,
     GuardedResolver,
     ImageFetcher,
+    TransientFetchError,
     address_block_reason,
     parse_retry_after,
 )
+from consumer.politeness import origin
 from schemas.config import DecodeConfig, FetchConfig, WorkerConfig
 from schemas.events import ImageRef
 
@@ -65,6 +69,7 @@ class Server:
     user_agents: list[str] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
+    arrivals: list[tuple[str, float]] = field(default_factory=list)  # (path, time.monotonic())
 
     def url(self, path: str) -> str:
         return self.base + path
@@ -74,6 +79,7 @@ def _app(state: Server) -> web.Application:
     @web.middleware
     async def count(request: web.Request, handler: Handler) -> web.StreamResponse:
         state.hits[request.path] += 1
+        state.arrivals.append((request.path, time.monotonic()))
         state.user_agents.append(request.headers.get("User-Agent", ""))
         return await handler(request)
 
@@ -340,6 +346,36 @@ async def test_connection_refused_is_retried_then_fails(unused_tcp_port: int) ->
     assert "3 attempts" in err.message
 
 
+@pytest.mark.parametrize("code", [500, 503, 429, 408])
+async def test_transient_statuses_are_retried_and_end_as_a_transient_failure(server: Server, code: int) -> None:
+    err = await fetch_error(local_config(retries=1), server.url(f"/status/{code}"))
+    assert isinstance(err, TransientFetchError) and err.code == "image_fetch_failed"
+    assert str(code) in err.message and server.hits[f"/status/{code}"] == 2
+
+
+@pytest.mark.parametrize("code", [400, 403, 404, 410])
+async def test_other_4xx_are_final_at_once(server: Server, code: int) -> None:
+    err = await fetch_error(local_config(retries=3), server.url(f"/status/{code}"))
+    assert not isinstance(err, TransientFetchError) and err.code == "image_fetch_failed"
+    assert server.hits[f"/status/{code}"] == 1
+
+
+async def test_deadlines_and_connection_failures_are_transient(silent_port: int, unused_tcp_port: int) -> None:
+    timed_out = await fetch_error(local_config(total_timeout_s=0.3), f"http://127.0.0.1:{silent_port}/a.png")
+    refused = await fetch_error(local_config(retries=0), f"http://127.0.0.1:{unused_tcp_port}/a.png")
+    assert isinstance(timed_out, TransientFetchError) and "deadline" in timed_out.message
+    assert isinstance(refused, TransientFetchError)
+
+
+async def test_refused_addresses_and_undecodable_bytes_are_not_transient(server: Server) -> None:
+    refused = await fetch_error(FetchConfig(), "http://10.0.0.1/a.png")
+    assert not isinstance(refused, TransientFetchError) and "private" in refused.message
+    fetched = await fetch(local_config(), server.url("/html"))  # fetched fine; decoding judges it later
+    with pytest.raises(ImageError) as info:
+        decode_image(fetched.data, DecodeConfig())
+    assert info.value.code == "image_undecodable"
+
+
 def test_parse_retry_after() -> None:
     assert parse_retry_after("7") == 7.0
     assert parse_retry_after(None) is None
@@ -386,7 +422,69 @@ def test_guard_refuses_non_public_addresses(address: str, reason: str) -> None:
     assert found is not None and reason in found
 
 
-@pytest.mark.parametrize("address", ["8.8.8.8", "93.184.216.34", "2606:4700:4700::1111", "::ffff:8.8.8.8"])
+# One address in each range of the IANA IPv4 and IPv6 special-purpose registries (and multicast,
+# site-local), with the words the refusal must name.
+SPECIAL_PURPOSE = [
+    ("0.0.0.0", "unspecified address (0.0.0.0/32)"),
+    ("0.1.2.3", "'this network' address (0.0.0.0/8)"),
+    ("10.1.2.3", "private address (10.0.0.0/8)"),
+    ("100.64.0.1", "shared address space (CGNAT) address (100.64.0.0/10)"),
+    ("100.127.255.254", "CGNAT"),
+    ("127.0.0.2", "loopback address (127.0.0.0/8)"),
+    ("169.254.1.1", "link-local address (169.254.0.0/16)"),
+    ("172.31.0.1", "private address (172.16.0.0/12)"),
+    ("192.0.0.9", "IETF protocol assignment address (192.0.0.0/24)"),
+    ("192.0.2.1", "documentation address (TEST-NET-1) (192.0.2.0/24)"),
+    ("192.31.196.1", "AS112 DNS address (192.31.196.0/24)"),
+    ("192.52.193.1", "AMT relay address (192.52.193.0/24)"),
+    ("192.88.99.1", "6to4 relay anycast address (192.88.99.0/24)"),
+    ("192.168.1.1", "private address (192.168.0.0/16)"),
+    ("192.175.48.1", "AS112 DNS address (192.175.48.0/24)"),
+    ("198.18.0.1", "benchmarking address (198.18.0.0/15)"),
+    ("198.19.255.254", "benchmarking address (198.18.0.0/15)"),
+    ("198.51.100.1", "documentation address (TEST-NET-2) (198.51.100.0/24)"),
+    ("203.0.113.1", "documentation address (TEST-NET-3) (203.0.113.0/24)"),
+    ("239.255.255.250", "multicast address (224.0.0.0/4)"),
+    ("240.0.0.1", "reserved address (240.0.0.0/4)"),
+    ("255.255.255.255", "limited broadcast address (255.255.255.255/32)"),
+    ("::", "unspecified address (::/128)"),
+    ("::1", "loopback address (::1/128)"),
+    ("::a00:1", "IPv4-compatible address (deprecated) (::/96)"),
+    ("64:ff9b::808:808", "NAT64 address (64:ff9b::/96)"),  # even one that embeds a public IPv4
+    ("64:ff9b::a00:1", "NAT64 address (64:ff9b::/96)"),
+    ("64:ff9b:1::1", "local-use NAT64 address (64:ff9b:1::/48)"),
+    ("100::1", "discard-only address (100::/64)"),
+    ("100:0:0:1::1", "dummy IPv6 prefix address (100:0:0:1::/64)"),
+    ("2001:1::1", "IETF protocol assignment address (2001::/23)"),
+    ("2001::1", "Teredo address (2001::/32)"),
+    ("2001:2::1", "benchmarking address (2001:2::/48)"),
+    ("2001:3::1", "AMT address (2001:3::/32)"),
+    ("2001:4:112::1", "AS112 DNS address (2001:4:112::/48)"),
+    ("2001:10::1", "ORCHID address (deprecated) (2001:10::/28)"),
+    ("2001:20::1", "ORCHIDv2 address (2001:20::/28)"),
+    ("2001:30::1", "drone remote ID address (2001:30::/28)"),
+    ("2001:db8::1", "documentation address (2001:db8::/32)"),
+    ("2002:808:808::1", "6to4 address (2002::/16)"),  # even one that embeds a public IPv4
+    ("2620:4f:8000::1", "AS112 DNS address (2620:4f:8000::/48)"),
+    ("3fff::1", "documentation address (3fff::/20)"),
+    ("5f00::1", "segment routing (SRv6 SID) address (5f00::/16)"),
+    ("fd00::1", "unique-local (private) address (fc00::/7)"),
+    ("fe80::1", "link-local address (fe80::/10)"),
+    ("fec0::1", "site-local address (deprecated) (fec0::/10)"),
+    ("ff02::1", "multicast address (ff00::/8)"),
+    ("::ffff:198.18.0.1", "benchmarking address (198.18.0.0/15) (IPv4-mapped)"),
+    ("::ffff:100.64.0.1", "CGNAT"),
+]
+
+
+@pytest.mark.parametrize(("address", "words"), SPECIAL_PURPOSE, ids=[a for a, _ in SPECIAL_PURPOSE])
+def test_guard_refuses_every_special_purpose_range(address: str, words: str) -> None:
+    found = address_block_reason(ipaddress.ip_address(address))
+    assert found is not None and words in found, found
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "93.184.216.34", "2606:4700:4700::1111", "::ffff:8.8.8.8",
+                                     "1.1.1.1", "2001:4860:4860::8888", "192.0.3.1", "198.20.0.1"])
 def test_guard_allows_public_addresses(address: str) -> None:
     assert address_block_reason(ipaddress.ip_address(address)) is None
 
@@ -518,6 +616,20 @@ async def test_blob_that_is_not_a_file_or_not_local_fails(tmp_path: Path) -> Non
     assert "host" in (await fetch_error(config, blob="file://fileserver/share/a.png")).message
 
 
+async def test_a_fifo_in_a_blob_root_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    try:
+        err = await asyncio.wait_for(fetch_error(local_config(blob_roots=[str(tmp_path)]), blob=fifo.as_uri()), 5)
+    finally:
+        # Had the reader blocked opening it, a writer coming and going lets its thread finish.
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass  # ENXIO: no reader holds it open, as it should be
+    assert err.code == "image_fetch_failed" and "not a regular file" in err.message
+
+
 async def test_unconfigured_blob_scheme_fails() -> None:
     err = await fetch_error(local_config(), blob="s3://bucket/key.jpg")
     assert err.code == "image_fetch_failed"
@@ -543,6 +655,53 @@ async def test_concurrent_fetches_are_bounded(server: Server) -> None:
         results = await asyncio.gather(*(fetcher.fetch(ImageRef(url=server.url("/slow"))) for _ in range(6)))
     assert all(result.data == PNG for result in results)
     assert server.max_in_flight == 2
+
+
+async def test_fetches_to_one_host_are_bounded_per_host(server: Server) -> None:
+    async with ImageFetcher(local_config(max_concurrent=10, per_host_concurrent=2)) as fetcher:
+        results = await asyncio.gather(*(fetcher.fetch(ImageRef(url=server.url("/slow"))) for _ in range(6)))
+    assert all(result.data == PNG for result in results)
+    assert server.max_in_flight == 2
+    assert fetcher.hosts.waits["slot"] == 4
+
+
+async def test_the_per_host_bound_does_not_hold_back_other_hosts(server: Server) -> None:
+    port = server.base.rsplit(":", 1)[1]
+    hosts = [server.base, f"http://localhost:{port}"]  # one server, two hosts as fetches see them
+    async with ImageFetcher(local_config(max_concurrent=10, per_host_concurrent=1)) as fetcher:
+        await asyncio.gather(*(fetcher.fetch(ImageRef(url=f"{base}/slow")) for base in hosts for _ in range(3)))
+    assert server.max_in_flight == 2  # one per host, at the same time
+
+
+async def test_a_hosts_retry_after_holds_for_every_fetch_of_the_worker(server: Server) -> None:
+    async with ImageFetcher(local_config(retries=1, backoff_s=0.0)) as fetcher:
+        limited = asyncio.create_task(fetcher.fetch(ImageRef(url=server.url("/ratelimited/1"))))
+        while not fetcher.hosts.blocked_for(origin(URL(server.base))):
+            await asyncio.sleep(0.01)
+        other = await fetcher.fetch(ImageRef(url=server.url("/png")))  # another path, the same host
+        assert (await limited).data == other.data == PNG
+    refused_at = next(t for path, t in server.arrivals if path == "/ratelimited/1")
+    asked_again = [t for path, t in server.arrivals if t > refused_at]
+    assert len(asked_again) == 2 and min(asked_again) - refused_at >= 0.95  # nobody asked within the window
+    assert fetcher.hosts.waits["retry_after"] >= 1
+
+
+async def test_a_retry_after_past_the_deadline_gives_up_every_fetch_to_that_host_at_once(server: Server) -> None:
+    async with ImageFetcher(local_config(total_timeout_s=1.5)) as fetcher:
+        first = await fetch_error_with(fetcher, server.url("/ratelimited/60"))
+        started = time.monotonic()
+        second = await fetch_error_with(fetcher, server.url("/png"))
+    assert isinstance(first, TransientFetchError) and first.retry_after_s == 60
+    assert isinstance(second, TransientFetchError) and "Retry-After" in second.message
+    assert 58 <= (second.retry_after_s or 0) <= 60
+    assert time.monotonic() - started < 0.5 and server.hits["/png"] == 0
+    assert fetcher.hosts.backoffs == 1
+
+
+async def fetch_error_with(fetcher: ImageFetcher, url: str) -> ImageError:
+    with pytest.raises(ImageError) as info:
+        await fetcher.fetch(ImageRef(url=url))
+    return info.value
 
 
 async def test_fetching_a_url_needs_an_open_fetcher(server: Server) -> None:

@@ -87,8 +87,9 @@ async def _running_worker(broker, topics, engine, tmp_path, *, allow_private: bo
     config = WorkerConfig(
         kafka=KafkaConfig(bootstrap=broker, group=f"g-{uuid.uuid4().hex[:8]}", topics=topics,
                           session_timeout_ms=3000),
+        # One attempt: this test pins the final answers (deferred retries: tests/test_deferred.py).
         fetch=FetchConfig(blob_roots=[str(tmp_path)], allow_private_addresses=allow_private, total_timeout_s=2.0,
-                          retries=1, backoff_s=0.1),
+                          retries=1, backoff_s=0.1, deferred_attempts=1),
         blobs={"dir": str(tmp_path / "blobs")},
         drain_timeout_s=5,
     )

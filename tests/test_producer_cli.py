@@ -21,7 +21,8 @@ async def imgstream(broker, topics, *args, stdin: bytes | None = None, timeout: 
     """Run the `imgstream` CLI as a subprocess without blocking the loop the worker runs on."""
     env = dict(os.environ, IMGSTREAM_KAFKA__BOOTSTRAP=broker, HF_HUB_OFFLINE="1",
                IMGSTREAM_KAFKA__TOPICS__REQUESTS=topics.requests, IMGSTREAM_KAFKA__TOPICS__RESULTS=topics.results,
-               IMGSTREAM_KAFKA__TOPICS__REPLAY=topics.replay, IMGSTREAM_KAFKA__TOPICS__DLQ=topics.dlq)
+               IMGSTREAM_KAFKA__TOPICS__REPLAY=topics.replay, IMGSTREAM_KAFKA__TOPICS__DLQ=topics.dlq,
+               IMGSTREAM_KAFKA__TOPICS__RETRY=topics.retry)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "producer.cli", *args, env=env, stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)

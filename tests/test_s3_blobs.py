@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import uuid
 
 import boto3
 import pytest
 
+from analysis.imaging import ImageError
+from consumer.fetch import TransientFetchError
+from consumer.s3blobs import S3BlobReader, S3Scopes
 from consumer.worker import Worker
 from producer.embedded_broker import find_free_port
 from schemas.config import BlobConfig, FetchConfig, KafkaConfig, WorkerConfig
@@ -16,6 +20,7 @@ from schemas.events import AnalysisRequest, ResultEvent
 from tests.engine_helpers import photo
 from tests.kafka_helpers import consume_all, produce
 from tests.test_producer_cli import imgstream
+from tests.test_request_failures import running_worker
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -46,10 +51,10 @@ def bucket(s3_endpoint):
 
 
 @pytest.fixture
-async def s3_worker(broker, topics, engine, s3_endpoint):
+async def s3_worker(broker, topics, engine, s3_endpoint, bucket):
     config = WorkerConfig(
         kafka=KafkaConfig(bootstrap=broker, group=f"g-{uuid.uuid4().hex[:8]}", topics=topics, session_timeout_ms=3000),
-        fetch=FetchConfig(max_bytes=2_000_000), blobs=BlobConfig(s3_endpoint_url=s3_endpoint),
+        fetch=FetchConfig(max_bytes=2_000_000, s3_buckets=[bucket]), blobs=BlobConfig(s3_endpoint_url=s3_endpoint),
     )
     worker = Worker(config, engine)
     task = asyncio.create_task(worker.run())
@@ -111,3 +116,102 @@ def test_a_crop_too_large_for_a_message_goes_to_the_s3_blob_store(s3_endpoint, b
     key = stored.cropped_image_ref.split("/", 3)[3]
     body = boto3.client("s3", endpoint_url=s3_endpoint).get_object(Bucket=bucket, Key=key)["Body"].read()
     assert body == png.getvalue()
+
+
+async def test_an_s3_reference_outside_the_allowed_buckets_is_refused_without_an_s3_call(
+        broker, topics, engine, s3_endpoint, bucket, tmp_path):
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    other = f"b-{uuid.uuid4().hex[:10]}"
+    s3.create_bucket(Bucket=other)
+    jpeg = io.BytesIO()
+    photo("astronaut").save(jpeg, "JPEG")
+    s3.put_object(Bucket=other, Key="secret.jpg", Body=jpeg.getvalue())
+    s3.put_object(Bucket=bucket, Key="elsewhere/secret.jpg", Body=jpeg.getvalue())
+    refused = {"other-bucket": f"s3://{other}/secret.jpg",
+               "outside-prefix": f"s3://{bucket}/elsewhere/secret.jpg",
+               "dot-dot": f"s3://{bucket}/blobs/../elsewhere/secret.jpg",
+               "prefix-lookalike": f"s3://{bucket}/blobsx/secret.jpg"}
+    missing = f"s3://{bucket}/blobs/nope.jpg"
+
+    def request(request_id: str, reference: str) -> tuple[bytes, bytes, list]:
+        event = AnalysisRequest(request_id=request_id, image={"blob": reference},
+                                tasks=[{"operation_id": "e", "type": "embed_clip_vit_b_32"}])
+        return request_id.encode(), event.model_dump_json().encode(), []
+
+    # blobs.dir on S3 and no fetch.s3_buckets: the store's own bucket and prefix are the only scope.
+    async with running_worker(broker, topics, engine,
+                              blobs=BlobConfig(dir=f"s3://{bucket}/blobs", s3_endpoint_url=s3_endpoint)) as worker:
+        while worker.fetcher is None:
+            await asyncio.sleep(0.05)
+        reader = worker.fetcher._blob_readers["s3"]
+        calls: list[str] = []
+        reader._s3().meta.events.register("before-send.s3", lambda request, **_: calls.append(request.url))
+        await produce(broker, topics.requests, [request(rid, ref) for rid, ref in refused.items()])
+        records = await consume_all(broker, topics.results, len(refused), timeout_s=60)
+        assert calls == []  # refused before any S3 call
+        await produce(broker, topics.requests, [request("missing", missing)])
+        records = await consume_all(broker, topics.results, len(refused) + 1, timeout_s=60)
+        assert calls  # the allowed one was asked for
+
+    results = {r.request_id: r for r in (ResultEvent.model_validate_json(rec.value) for rec in records)}
+    said = results["missing"].error_message.replace(missing, "REF")
+    assert "cannot be read" in said
+    for request_id, reference in refused.items():
+        result = results[request_id]
+        assert (result.status, result.error_code) == ("error", "image_fetch_failed")
+        assert result.error_message.replace(reference, "REF") == said, request_id
+
+
+def test_missing_and_forbidden_objects_read_the_same(s3_endpoint, bucket):
+    from botocore.stub import Stubber
+
+    reader = S3BlobReader(s3_endpoint, scopes=[bucket])
+    stubber = Stubber(reader._s3())
+    for code, status in (("NoSuchKey", 404), ("AccessDenied", 403), ("NoSuchBucket", 404)):
+        stubber.add_client_error("get_object", service_error_code=code, http_status_code=status)
+    messages = []
+    with stubber:
+        for _ in range(3):
+            with pytest.raises(ImageError) as info:
+                reader._read(f"s3://{bucket}/a.jpg", bucket, "a.jpg", 1000)
+            assert info.value.code == "image_fetch_failed" and not isinstance(info.value, TransientFetchError)
+            messages.append(info.value.message)
+    assert len(set(messages)) == 1
+
+
+def test_a_busy_s3_store_is_a_transient_failure(s3_endpoint, bucket):
+    from botocore.stub import Stubber
+
+    reader = S3BlobReader(s3_endpoint, scopes=[bucket])
+    stubber = Stubber(reader._s3())
+    stubber.add_client_error("get_object", service_error_code="SlowDown", http_status_code=503)
+    with stubber, pytest.raises(TransientFetchError):
+        reader._read(f"s3://{bucket}/a.jpg", bucket, "a.jpg", 1000)
+
+
+@pytest.mark.parametrize(("entries", "reference", "allowed"), [
+    (["photos"], "s3://photos/a/b.jpg", True),
+    (["photos"], "s3://photos2/a.jpg", False),
+    (["photos/uploads"], "s3://photos/uploads/a.jpg", True),
+    (["photos/uploads/"], "s3://photos/uploads/x/a.jpg", True),
+    (["photos/uploads"], "s3://photos/uploadsx/a.jpg", False),
+    (["photos/uploads"], "s3://photos/other/a.jpg", False),
+    (["photos/uploads"], "s3://photos/uploads/../other/a.jpg", False),
+    (["photos/uploads"], "s3://photos/uploads/./a.jpg", False),
+    (["a", "photos/uploads"], "s3://a/anything.jpg", True),
+    ([], "s3://photos/a.jpg", False),
+])
+def test_s3_scopes(entries, reference, allowed):
+    from consumer.s3blobs import split_s3_reference
+
+    assert S3Scopes(entries).allows(*split_s3_reference(reference)) is allowed
+
+
+def test_the_default_s3_scope_is_the_blob_stores_own():
+    own = WorkerConfig(blobs=BlobConfig(dir="s3://store/imgstream/blobs")).s3_blob_scopes()
+    assert own == ["store/imgstream/blobs"]
+    assert WorkerConfig(blobs=BlobConfig(dir="s3://store")).s3_blob_scopes() == ["store"]
+    assert WorkerConfig().s3_blob_scopes() == []  # a directory store: no bucket at all
+    assert WorkerConfig(fetch=FetchConfig(s3_buckets=["a", "b/c"])).s3_blob_scopes() == ["a", "b/c"]
+    with pytest.raises(ValueError, match="not `bucket` or `bucket/prefix`"):
+        FetchConfig(s3_buckets=["s3://a"])

@@ -48,6 +48,8 @@ async def test_each_topic_gets_its_own_partitions_retention_limit_and_compressio
                             "max.message.bytes": "1000000"}),
         names.dlq: (1, {"retention.ms": str(30 * DAY_MS), "compression.type": "producer",
                         "max.message.bytes": "1000000"}),
+        names.retry: (12, {"retention.ms": str(7 * DAY_MS), "compression.type": "producer",
+                           "max.message.bytes": "1000000"}),
     }
 
 
@@ -68,6 +70,7 @@ async def test_existing_topics_are_left_alone_and_their_differences_reported(bro
         names.replay: ["partitions 2 (settings: 12)"],
         names.results: ["partitions 2 (settings: 12)"],
         names.dlq: ["partitions 2 (settings: 1)"],
+        names.retry: ["partitions 2 (settings: 12)"],
     }
     same = topic_plans(names, None, partitions=2, max_message_bytes=1_000_000)
     assert await topic_differences(broker, same) == dict.fromkeys(topic_names(names), [])
@@ -78,6 +81,7 @@ async def test_topics_create_command_reads_per_topic_settings_from_the_environme
     env = dict(os.environ, IMGSTREAM_KAFKA__BOOTSTRAP=broker,
                IMGSTREAM_KAFKA__TOPICS__REQUESTS=names.requests, IMGSTREAM_KAFKA__TOPICS__REPLAY=names.replay,
                IMGSTREAM_KAFKA__TOPICS__RESULTS=names.results, IMGSTREAM_KAFKA__TOPICS__DLQ=names.dlq,
+               IMGSTREAM_KAFKA__TOPICS__RETRY=names.retry,
                IMGSTREAM_KAFKA__TOPIC_SETTINGS__REQUESTS__PARTITIONS="3",
                IMGSTREAM_KAFKA__TOPIC_SETTINGS__DLQ__COMPRESSION_TYPE="gzip")
 
@@ -100,7 +104,7 @@ async def test_topics_create_command_reads_per_topic_settings_from_the_environme
     assert code == 0
     assert second.splitlines() == [
         f"{names.requests}: exists, differs from its settings: partitions 3 (settings: 4)",
-        f"{names.replay}: exists", f"{names.results}: exists", f"{names.dlq}: exists",
+        f"{names.replay}: exists", f"{names.results}: exists", f"{names.dlq}: exists", f"{names.retry}: exists",
     ]
 
 

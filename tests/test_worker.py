@@ -31,8 +31,9 @@ async def worker(broker, topics, engine, tmp_path):
     config = WorkerConfig(
         kafka=KafkaConfig(bootstrap=broker, group=f"g-{uuid.uuid4().hex[:8]}", topics=topics,
                           session_timeout_ms=3000),
+        # Deferred retries after half a second, not minutes: an unreachable host is answered within the test.
         fetch=FetchConfig(blob_roots=[str(tmp_path)], allow_private_addresses=True, total_timeout_s=3.0, retries=1,
-                          backoff_s=0.1),
+                          backoff_s=0.1, deferred_attempts=2, deferred_delays_s=[0.5]),
         blobs={"dir": str(tmp_path / "blobs")},
         drain_timeout_s=10,
     )
@@ -132,6 +133,7 @@ async def test_unreachable_url_gives_an_error_result_for_every_task(broker, topi
     for result in results:
         assert result.status == "error" and result.error_code == "image_fetch_failed"
         assert result.error_message and result.image.url == url
+        assert "after 2 attempts" in result.error_message  # one deferred retry before the final answer
 
 
 async def test_missing_blob_gives_error_results(broker, topics, worker, tmp_path):

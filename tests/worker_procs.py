@@ -156,6 +156,7 @@ class WorkerProcs:
             "IMGSTREAM_KAFKA__TOPICS__REPLAY": t.replay,
             "IMGSTREAM_KAFKA__TOPICS__RESULTS": t.results,
             "IMGSTREAM_KAFKA__TOPICS__DLQ": t.dlq,
+            "IMGSTREAM_KAFKA__TOPICS__RETRY": t.retry,
             "IMGSTREAM_MODELS__WEIGHTS": "random",
             "IMGSTREAM_MODELS__DEVICE": "cpu",
             "IMGSTREAM_MODELS__PRELOAD": orjson.dumps(list(preload)).decode(),
