@@ -120,5 +120,5 @@ async def test_check_says_what_the_broker_reports(setup):
     assert f"ok    topic {topics.requests}: write allowed (reported by the broker)" in text, text
     assert f"ok    topic {topics.dlq}: write allowed (probed)" in text, text
     # The setup made one partition each: check compares them with what `topics create` would make.
-    assert text.count("differs from its settings: partitions 1 (settings: 12)") == 3, text
+    assert text.count("differs from its settings: partitions 1 (settings: 12)") == 4, text
     assert f"ok    topic {topics.dlq}: 1 partitions, settings as planned" in text, text

@@ -79,7 +79,7 @@ async def test_round_trip_through_topics_worker_submit_and_sink(secure_cluster, 
     env |= topic_env(topics)
     code, out, err, _ = await imgstream(env, "topics", "create", "--partitions", "2")
     assert code == 0, err
-    assert out.count(": created") == 4, out
+    assert out.count(": created") == 5, out
 
     procs = WorkerProcs(tmp_path, env["IMGSTREAM_KAFKA__BOOTSTRAP"], topics, f"g-{uuid.uuid4().hex[:6]}")
     worker = procs.start(env={k: v for k, v in env.items() if k.startswith("IMGSTREAM_KAFKA__")
@@ -160,11 +160,11 @@ async def test_check_reports_login_topics_and_access(secure_cluster, tmp_path):
     code, out, _, _ = await imgstream(env, "check")
     assert code == 1, out
     assert out.splitlines()[0].startswith("ok    connect to ") and "SCRAM-SHA-512 as alice" in out, out
-    assert out.count("missing (imgstream topics create makes it)") == 4, out
+    assert out.count("missing (imgstream topics create makes it)") == 5, out
     assert (await imgstream(env, "topics", "create"))[0] == 0
     code, out, _, _ = await imgstream(env, "check")
     assert code == 0, out
-    assert out.count("read allowed") == 4 and out.count("write allowed") == 4, out
+    assert out.count("read allowed") == 5 and out.count("write allowed") == 5, out
     assert "FAIL" not in out
 
 
