@@ -14,16 +14,17 @@ free device that has been least busy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Iterator, TypeVar
 
-from analysis.devices import Device
-from analysis.models.base import Model
-from schemas.config import BatchConfig
+from imgstream.analysis.devices import Device
+from imgstream.analysis.models.base import Model
+from imgstream.schemas.config import BatchConfig
 
 R = TypeVar("R")
 
@@ -192,10 +193,35 @@ class Scheduler:
         self._running: set[asyncio.Task] = set()
         # Images being decoded: items they will add may join a small batch that lingers. Of
         # those, the JPEGs whose headers are being read may still join the GPU's decode batch.
-        self.decoding = 0
-        self.reading_headers = 0
-        # The share of a batch replay items may take while live items wait (the worker sets it).
-        self.replay_share = DEFAULT_REPLAY_SHARE
+        self._decoding = 0
+        self._reading_headers = 0
+        # The share of a batch replay items may take while live items wait (set_replay_share).
+        self._replay_share = DEFAULT_REPLAY_SHARE
+
+    def set_replay_share(self, share: float) -> None:
+        """While live items wait, replay items take at most this share (0..1) of a batch."""
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"a replay share is between 0 and 1, not {share}")
+        self._replay_share = share
+
+    @contextlib.contextmanager
+    def decoding(self) -> Iterator[None]:
+        """While an image decodes: the items it will add may join a small batch that lingers."""
+        self._decoding += 1
+        try:
+            yield
+        finally:
+            self._decoding -= 1
+            self.wake()
+
+    @contextlib.contextmanager
+    def reading_header(self) -> Iterator[None]:
+        """While a JPEG's header is read: it may still join the device's next decode batch."""
+        self._reading_headers += 1
+        try:
+            yield
+        finally:
+            self._reading_headers -= 1
 
     def add(self, key: str, config: BatchConfig, replicas: dict[int, Model], prepare_only: bool = False) -> None:
         """Serve `key` from one replica per device index (prepare_only: it runs wholly on the preparing thread)."""
@@ -269,12 +295,12 @@ class Scheduler:
                     break
                 queue = min(waiting, key=_ModelQueue.priority)
                 deadline = queue.priority()[1] + queue.config.max_wait_ms / 1000.0
-                joining = self.reading_headers if queue.key == "decode" else self.decoding
+                joining = self._reading_headers if queue.key == "decode" else self._decoding
                 if len(queue) < queue.config.max_batch_size and joining and now < deadline:
                     # More images are being decoded and may join: hold back, up to max_wait_ms.
                     linger_until = deadline if linger_until is None else min(linger_until, deadline)
                     break
-                batch = queue.take(self.replay_share)
+                batch = queue.take(self._replay_share)
                 if batch:
                     device.running += 1
                     task = asyncio.create_task(self._execute(device, queue, batch))

@@ -9,11 +9,11 @@ micro-batcher per model, so items from all requests in flight share batches.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import time
 from collections import Counter
-import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Hashable
@@ -22,16 +22,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from analysis import imaging
-from analysis.batcher import LIVE, Scheduler, Timed
-from analysis.devices import Device
-from analysis.classifiers import ClassifierEntry, ClassifierInvalid, ClassifierNotFound, ClassifierStore
-from analysis.reuse import InFlight, ReuseStore
-from analysis.vectors import l2_normalize
-from analysis.results import image_info, task_result
-from schemas.config import DecodeConfig, ModelsConfig
-from schemas.events import AnalysisRequest, ModelInfo, ResultEvent, Task
-from schemas.operations import (
+from imgstream.analysis import imaging
+from imgstream.analysis.batcher import LIVE, Scheduler, Timed
+from imgstream.analysis.classifiers import ClassifierEntry, ClassifierInvalid, ClassifierNotFound, ClassifierStore
+from imgstream.analysis.devices import Device
+from imgstream.analysis.results import image_info, task_result
+from imgstream.analysis.reuse import InFlight, ReuseStore
+from imgstream.analysis.vectors import l2_normalize
+from imgstream.schemas.config import DecodeConfig, ModelsConfig
+from imgstream.schemas.events import AnalysisRequest, ModelInfo, ResultEvent, Task
+from imgstream.schemas.operations import (
     FACE_MIN_SCORE,
     PERSON_MIN_SCORE,
     PROMINENT_FACE,
@@ -44,7 +44,6 @@ from schemas.operations import (
 
 log = logging.getLogger(__name__)
 
-MODEL_KEYS = ("clip", "dino", "person", "face", "caption")
 # Images this small (in bytes) decode on the event loop: well under a millisecond, less than
 # handing them to a thread costs. The pixel limit is checked from the header first either way.
 INLINE_DECODE_BYTES = 16 * 1024
@@ -99,7 +98,7 @@ class Engine:
     """Owns the devices, the models (a replica per device) and the scheduler; runs requests."""
 
     def __init__(self, config: ModelsConfig, *, models: dict[str, Any] | None = None) -> None:
-        from analysis.models import select_devices
+        from imgstream.analysis.models import select_devices
 
         self.config = config
         self.devices = [Device(device, index) for index, device in enumerate(select_devices(config))]
@@ -120,7 +119,7 @@ class Engine:
     # -- models ---------------------------------------------------------------------------
 
     def _load_sync(self, key: str, device: Device) -> Any:
-        from analysis.models import load_model
+        from imgstream.analysis.models import load_model
 
         started = time.perf_counter()
         model = load_model(key, self.config, device.torch_device)
@@ -214,14 +213,10 @@ class Engine:
 
     async def _decode(self, data: bytes, config: DecodeConfig, sha256: str, lane: str) -> imaging.DecodedImage:
         scheduler = self.scheduler
-        scheduler.decoding += 1
-        try:
+        with scheduler.decoding():
             if self.device_decode:
-                scheduler.reading_headers += 1  # it may join the next decode batch
-                try:
+                with scheduler.reading_header():  # it may join the next decode batch
                     header = await self.off_loop(imaging.read_jpeg_header, data, config)
-                finally:
-                    scheduler.reading_headers -= 1
                 if header is not None:
                     try:
                         encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -234,9 +229,6 @@ class Engine:
             if len(data) <= INLINE_DECODE_BYTES:  # a thumbnail decodes faster than a thread hop takes
                 return imaging.decode_image(data, config, sha256)
             return await self.off_loop(imaging.decode_image, data, config, sha256)
-        finally:
-            scheduler.decoding -= 1
-            scheduler.wake()
 
     # -- requests -------------------------------------------------------------------------
 

@@ -1,114 +1,11 @@
-"""The worker's and the sink's Prometheus metrics, on prometheus-client's registry and exposition.
-
-Event counts and latencies are prometheus-client Counters and Histograms updated where
-they happen; values that live elsewhere (requests in flight, lag, the batchers' tallies)
-are read at scrape time by a collector, so they are never stale and never double-kept.
-"""
+"""The worker's Prometheus metrics: counters and histograms of what happens to requests (live values are
+read at scrape time: consumer/report.py registers them)."""
 
 from __future__ import annotations
 
-import logging
-import math
-from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Literal
+from prometheus_client import Counter, Histogram
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.exposition import choose_encoder
-from prometheus_client.registry import Collector
-
-log = logging.getLogger(__name__)
-
-LATENCY_BUCKETS_MS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-Labels = dict[str, str]
-# (labels, value) samples of a gauge or counter read at scrape time.
-ReadSamples = Callable[[], Iterable[tuple[Labels, float]]]
-# (labels, {observed value: count}, sum) of a histogram whose tallies are kept elsewhere.
-ReadTallies = Callable[[], Iterable[tuple[Labels, dict[float, int], float]]]
-
-
-@dataclass(frozen=True)
-class _Live:
-    kind: Literal["gauge", "counter", "histogram"]
-    name: str
-    help: str
-    read: Callable[[], Iterable[tuple]]
-    buckets: tuple[float, ...] = ()
-
-
-class LiveCollector(Collector):
-    """Families whose samples are read from callbacks at scrape time."""
-
-    def __init__(self) -> None:
-        self._live: list[_Live] = []
-
-    def add(self, live: _Live) -> None:
-        self._live.append(live)
-
-    def describe(self) -> list[Metric]:
-        # An empty describe() keeps the registry from calling collect() at registration time,
-        # when the worker's state (consumer, engine) may not exist yet.
-        return []
-
-    def collect(self) -> Iterator[Metric]:
-        for live in self._live:
-            try:
-                family = self._family(live)
-            except Exception:  # noqa: BLE001 - one broken callback must not take the whole scrape down
-                log.exception("metric %s could not be read", live.name)
-                continue
-            yield family
-
-    @staticmethod
-    def _family(live: _Live) -> Metric:
-        samples = list(live.read())
-        names = sorted({name for labels, *_ in samples for name in labels})
-        if live.kind == "histogram":
-            histogram = HistogramMetricFamily(live.name, live.help, labels=names)
-            for labels, tallies, total in samples:
-                buckets = [(_bound(b), sum(n for v, n in tallies.items() if v <= b))
-                           for b in (*live.buckets, math.inf)]
-                histogram.add_metric([labels.get(n, "") for n in names], buckets, float(total))
-            return histogram
-        family_type = GaugeMetricFamily if live.kind == "gauge" else CounterMetricFamily
-        family = family_type(live.name, live.help, labels=names)
-        for labels, value in samples:
-            family.add_metric([labels.get(n, "") for n in names], float(value))
-        return family
-
-
-def _bound(value: float) -> str:
-    return "+Inf" if math.isinf(value) else str(float(value))
-
-
-class Metrics:
-    """A registry of its own (several workers or sinks can share a process in tests) with live families."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        self._live = LiveCollector()
-        self.registry.register(self._live)
-
-    def add_gauge(self, name: str, help_text: str, read: ReadSamples) -> None:
-        self._live.add(_Live("gauge", name, help_text, read))
-
-    def add_live_counter(self, name: str, help_text: str, read: ReadSamples) -> None:
-        self._live.add(_Live("counter", name, help_text, read))
-
-    def add_live_histogram(self, name: str, help_text: str, read: ReadTallies,
-                           buckets: Iterable[float] = BATCH_BUCKETS) -> None:
-        self._live.add(_Live("histogram", name, help_text, read, tuple(sorted(buckets))))
-
-    def value(self, name: str, **labels: str) -> float:
-        """The current value of one sample (0 when it was never set), for tests and logs."""
-        return self.registry.get_sample_value(name, labels) or 0.0
-
-    def exposition(self, accept: str = "") -> tuple[bytes, str]:
-        """The scrape body and its content type, in the format the scraper's Accept header asks for."""
-        encoder, content_type = choose_encoder(accept)
-        return encoder(self.registry), content_type
+from imgstream.service.metrics import LATENCY_BUCKETS_MS, Metrics
 
 
 class WorkerMetrics(Metrics):
@@ -140,26 +37,3 @@ class WorkerMetrics(Metrics):
         self.unhandled = Counter("imgstream_requests_unhandled_total",
                                  "Requests that could be neither answered nor dead-lettered (see the log); their "
                                  "offsets were released so the partition moves on.", registry=r)
-
-
-class SinkMetrics(Metrics):
-    """The sink's metrics (`imgstream sink pgvector --http-port`)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        r = self.registry
-        self.records = Counter("imgstream_sink_records_total", "Records read from the results topic and "
-                               "settled (written or skipped), by outcome: written, malformed, rejected.",
-                               ["outcome"], registry=r)
-        self.rows = Counter("imgstream_sink_rows_written_total", "Rows upserted, by table.", ["table"], registry=r)
-        self.batches = Counter("imgstream_sink_batches_total", "Batches written (one transaction each).",
-                               registry=r)
-        self.write_ms = Histogram("imgstream_sink_write_latency_ms", "Database time per batch written.",
-                                  buckets=LATENCY_BUCKETS_MS, registry=r)
-        self.db_errors = Counter("imgstream_sink_db_errors_total", "Database operations that failed on the "
-                                 "connection (the batch waits and is retried), by operation: connect, write.",
-                                 ["operation"], registry=r)
-        self.db_retries = Counter("imgstream_sink_db_retries_total", "Reconnects tried while the database "
-                                  "was unreachable.", registry=r)
-        self.commits = Counter("imgstream_sink_commits_total", "Offset commits after a batch, by outcome.",
-                               ["outcome"], registry=r)

@@ -18,11 +18,11 @@ from aiokafka.errors import (
     UnknownTopicOrPartitionError,
 )
 
-from blobs import BlobStore, open_blob_store
-from kafka_clients import PublishForbidden, explain_runtime_error
-from schemas.codec import encode
-from schemas.config import BlobConfig
-from schemas.events import DeadLetter, ResultEvent
+from imgstream.blobs import BlobStore, open_blob_store
+from imgstream.kafka_clients import PublishForbidden, explain_runtime_error
+from imgstream.schemas.codec import encode
+from imgstream.schemas.config import BlobConfig
+from imgstream.schemas.events import DeadLetter, ResultEvent
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def crop_store(blobs: BlobConfig) -> BlobStore:
 
 
 @dataclass(frozen=True)
-class Fitted:
+class EncodedResult:
     """A result as it will be sent (an error result when it could not be made to fit) and its bytes."""
 
     result: ResultEvent
@@ -47,21 +47,21 @@ class Fitted:
     offloaded: bool = False
 
 
-def failed_result(result: ResultEvent, code: str, message: str) -> Fitted:
+def failed_result(result: ResultEvent, code: str, message: str) -> EncodedResult:
     """`result` turned into an `error` result with `code`, without data or crop."""
     failed = result.model_copy(update={
         "status": "error", "data": None, "cropped_image_base64": None, "cropped_image_ref": None,
         "error_code": code, "error_message": message,
     })
-    return Fitted(failed, encode(failed))
+    return EncodedResult(failed, encode(failed))
 
 
-def fit_result(result: ResultEvent, limit: int, crops: BlobStore) -> Fitted:
+def fit_result(result: ResultEvent, limit: int, crops: BlobStore) -> EncodedResult:
     """Encode `result` under `limit` bytes, moving an inline crop to the blob store if needed."""
     payload = encode(result)
     budget = limit - RECORD_OVERHEAD_BYTES
     if len(payload) <= budget:
-        return Fitted(result, payload)
+        return EncodedResult(result, payload)
     if result.cropped_image_base64 is not None:
         png = base64.b64decode(result.cropped_image_base64)
         try:
@@ -74,7 +74,7 @@ def fit_result(result: ResultEvent, limit: int, crops: BlobStore) -> Fitted:
         offloaded = result.model_copy(update={"cropped_image_base64": None, "cropped_image_ref": ref})
         payload = encode(offloaded)
         if len(payload) <= budget:
-            return Fitted(offloaded, payload, offloaded=True)
+            return EncodedResult(offloaded, payload, offloaded=True)
     return failed_result(result, "result_too_large",
                          f"result of {len(payload)} bytes does not fit the {limit}-byte message limit")
 

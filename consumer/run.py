@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from analysis.engine import Engine
-from consumer.health import build_app, start_server
-from consumer.logs import setup_logging
-from consumer.metrics import WorkerMetrics
-from consumer.signals import EarlyStop
-from consumer.worker import Worker
-from kafka_clients import KafkaSetupError, check_login
-from schemas.config import WorkerConfig
+from imgstream.analysis.engine import Engine
+from imgstream.consumer.metrics import WorkerMetrics
+from imgstream.consumer.worker import Worker
+from imgstream.kafka_clients import KafkaSetupError, check_login
+from imgstream.schemas.config import WorkerConfig
+from imgstream.service.health import build_app, start_server
+from imgstream.service.logs import setup_logging
+from imgstream.service.signals import EarlyStop
 
 log = logging.getLogger("imgstream.worker")
 

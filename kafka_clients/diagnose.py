@@ -15,9 +15,9 @@ from aiokafka import errors as kerrors
 from aiokafka.conn import create_conn
 from aiokafka.protocol.metadata import MetadataRequest
 
-from kafka_clients.errors import BrokerUnreachable, KafkaSetupError, explain_runtime_error
-from kafka_clients.security import connection_args
-from schemas.config import KafkaConfig
+from imgstream.kafka_clients.errors import BrokerUnreachable, KafkaSetupError, brief, explain_runtime_error
+from imgstream.kafka_clients.security import connection_args
+from imgstream.schemas.config import KafkaConfig
 
 PROBE_TIMEOUT_MS = 10_000
 # OpenSSL's reasons for "the broker wants a (different) client certificate", and for "not TLS at all".
@@ -49,10 +49,10 @@ async def diagnose(kafka: KafkaConfig, original: BaseException) -> KafkaSetupErr
             setup = classify(exc, kafka, host, port)
             if setup is not None:
                 return setup
-            seen.append(f"{host}:{port}: {_brief(exc)}")
+            seen.append(f"{host}:{port}: {brief(exc, 200)}")
             continue
         seen.append(f"{host}:{port} answers")
-    return BrokerUnreachable(f"{_brief(original)} ({'; '.join(seen)})")
+    return BrokerUnreachable(f"{brief(original, 200)} ({'; '.join(seen)})")
 
 
 async def _probe(kafka: KafkaConfig, host: str, port: int) -> None:
@@ -96,7 +96,7 @@ def classify(exc: BaseException, kafka: KafkaConfig, host: str, port: int) -> Ka
                                    "kafka.security_protocol and the kafka.ssl_* settings")
         if isinstance(cause, kerrors.UnsupportedSaslMechanismError):
             return KafkaSetupError("authentication", f"{where} does not offer SASL {kafka.sasl_mechanism} "
-                                   f"({_brief(cause)}): set kafka.sasl_mechanism to one it offers")
+                                   f"({brief(cause, 200)}): set kafka.sasl_mechanism to one it offers")
         explained = explain_runtime_error(cause, f"{kafka.sasl_username or 'this client'} with "
                                           f"{kafka.sasl_mechanism} at {where}")
         if explained is not None:
@@ -129,8 +129,3 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         seen.add(id(current))
         yield current
         current = current.__cause__ or current.__context__
-
-
-def _brief(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."

@@ -45,22 +45,23 @@ def explain_runtime_error(exc: BaseException, what: str, permission: str = "Read
     ("write to imgstream.results", "alice with SCRAM-SHA-512 at host:9093"); `permission` is the topic
     ACL operation that needs (Read, Write)."""
     if isinstance(exc, kerrors.TopicAuthorizationFailedError):
-        return KafkaSetupError("authorization", f"not authorized to {what} ({_detail(exc)}): the principal needs "
+        return KafkaSetupError("authorization", f"not authorized to {what} ({brief(exc, 200)}): the principal needs "
                                f"{permission} (and Describe) on the topic; grant it, or fix the topic's name in "
                                "kafka.topics")
     if isinstance(exc, kerrors.GroupAuthorizationFailedError):
         return KafkaSetupError("authorization", f"not authorized to {what}: grant this principal Read on the "
-                               f"consumer group (kafka.group / sink.group) ({_detail(exc)})")
+                               f"consumer group (kafka.group / sink.group) ({brief(exc, 200)})")
     if isinstance(exc, _AUTHORIZATION):
         return KafkaSetupError("authorization", f"not authorized to {what}: {type(exc).__name__} "
-                               f"({_detail(exc)}); grant this principal the cluster ACL it needs")
+                               f"({brief(exc, 200)}); grant this principal the cluster ACL it needs")
     if isinstance(exc, _AUTHENTICATION):
-        return KafkaSetupError("authentication", f"login refused ({what}): {_detail(exc)}; check "
+        return KafkaSetupError("authentication", f"login refused ({what}): {brief(exc, 200)}; check "
                                "kafka.sasl_username and kafka.sasl_password (IMGSTREAM_KAFKA__SASL_PASSWORD or "
                                "IMGSTREAM_KAFKA__SASL_PASSWORD_FILE)")
     return None
 
 
-def _detail(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 200 else text[:197] + "..."
+def brief(problem: BaseException | str, limit: int = 160) -> str:
+    """An error (or any text) on one line of at most `limit` characters, for log lines and reasons."""
+    text = " ".join(str(problem).split()) or (type(problem).__name__ if isinstance(problem, BaseException) else "")
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -13,11 +12,12 @@ from typing import Any, Iterable, TextIO
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from blobs import BlobStore, file_sha256
-from kafka_clients import KafkaLike, kafka_settings, open_consumer, open_producer
-from schemas.codec import decode_result, encode
-from schemas.config import KafkaConfig
-from schemas.events import AnalysisRequest, ImageRef, ResultEvent, Task, utc_now
+from imgstream.blobs import BlobStore, file_sha256
+from imgstream.kafka_clients import KafkaLike, kafka_settings, open_consumer, open_producer
+from imgstream.schemas.codec import decode_result, encode
+from imgstream.schemas.config import KafkaConfig
+from imgstream.schemas.events import AnalysisRequest, ImageRef, ResultEvent, Task, utc_now
+from imgstream.service.progress import Progress
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
@@ -145,36 +145,6 @@ async def _fixed_results_consumer(kafka: KafkaConfig, topic: str) -> AIOKafkaCon
     for tp in tps:
         await consumer.position(tp)  # resolves the lazy seek now
     return consumer
-
-
-class Progress:
-    """Progress on stderr: a bar on a terminal, a line every few seconds otherwise (logs)."""
-
-    LOG_EVERY_S = 5.0
-
-    def __init__(self, label: str, total: int, enabled: bool) -> None:
-        self.label, self.total, self.enabled, self.done = label, total, enabled, 0
-        self.tty = sys.stderr.isatty()
-        self._last_line = time.monotonic()
-
-    def advance(self, n: int = 1) -> None:
-        self.done += n
-        if not self.enabled:
-            return
-        if self.tty:
-            width = 30
-            filled = int(width * self.done / max(1, self.total))
-            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}")
-            sys.stderr.flush()
-        elif time.monotonic() - self._last_line >= self.LOG_EVERY_S:
-            self._last_line = time.monotonic()
-            print(f"{self.label}: {self.done}/{self.total}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            sys.stderr.write("\n")
-        elif self.enabled:
-            print(f"{self.label}: {self.done}/{self.total}", file=sys.stderr, flush=True)
 
 
 async def submit(kafka: KafkaLike, requests_topic: str, results_topic: str, outgoing: list[Outgoing], *,

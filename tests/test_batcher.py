@@ -12,10 +12,10 @@ from contextlib import asynccontextmanager
 import pytest
 import torch
 
-from analysis.batcher import LIVE, REPLAY, Scheduler, resolve
-from analysis.devices import Device
-from analysis.reuse import InFlight
-from schemas.config import BatchConfig
+from imgstream.analysis.batcher import LIVE, REPLAY, Scheduler, resolve
+from imgstream.analysis.devices import Device
+from imgstream.analysis.reuse import InFlight
+from imgstream.schemas.config import BatchConfig
 
 
 class SlowDouble:
@@ -89,8 +89,7 @@ async def test_max_batch_size_caps_a_batch():
 async def test_a_free_device_lingers_for_decodes_in_flight_but_only_up_to_max_wait():
     model = SlowDouble()
     async with scheduling(model, max_batch=8, max_wait_ms=300) as (scheduler, pool):
-        try:
-            scheduler.decoding = 1  # an image is being decoded: its item may join
+        with scheduler.decoding():  # an image is being decoded: its item may join
             first = asyncio.ensure_future(scheduler.submit("double", 1))
             await asyncio.sleep(0.1)
             assert model.batches == []  # held back for the decode
@@ -99,31 +98,27 @@ async def test_a_free_device_lingers_for_decodes_in_flight_but_only_up_to_max_wa
             await asyncio.gather(first, second)
             assert model.batches == [[1, 2]]
             assert time.perf_counter() - started < 1.0  # the ceiling released it although decoding never ended
-        finally:
-            scheduler.decoding = 0
 
 
 async def test_the_device_decode_batch_lingers_only_for_jpegs_still_reading_their_headers():
     model = SlowDouble()
     async with scheduling(model, max_batch=8, max_wait_ms=2000, key="decode") as (scheduler, pool):
-        scheduler.decoding = 1  # the image in the decode queue is itself still "decoding"
-        started = time.perf_counter()
-        await scheduler.submit("decode", 1)
-        assert time.perf_counter() - started < 1.0  # nothing else can join: no wait
-        scheduler.reading_headers = 1  # another JPEG's header is being read: it may join
-        pending = asyncio.ensure_future(scheduler.submit("decode", 2))
-        await asyncio.sleep(0.1)
-        assert model.batches == [[1]]
-        scheduler.reading_headers = 0
-        await asyncio.gather(pending, scheduler.submit("decode", 3))
-        assert model.batches == [[1], [2, 3]]
-        scheduler.decoding = 0
+        with scheduler.decoding():  # the image in the decode queue is itself still "decoding"
+            started = time.perf_counter()
+            await scheduler.submit("decode", 1)
+            assert time.perf_counter() - started < 1.0  # nothing else can join: no wait
+            with scheduler.reading_header():  # another JPEG's header is being read: it may join
+                pending = asyncio.ensure_future(scheduler.submit("decode", 2))
+                await asyncio.sleep(0.1)
+                assert model.batches == [[1]]
+            await asyncio.gather(pending, scheduler.submit("decode", 3))
+            assert model.batches == [[1], [2, 3]]
 
 
 async def test_replay_takes_at_most_its_share_of_a_batch_while_live_items_wait():
     model = SlowDouble(seconds=0.2)
     async with scheduling(model, max_batch=10) as (scheduler, pool):
-        scheduler.replay_share = 0.2
+        scheduler.set_replay_share(0.2)
         blocker = asyncio.ensure_future(scheduler.submit("double", 0))
         await asyncio.sleep(0.05)  # the device is busy: both lanes queue up
         replay = [asyncio.ensure_future(scheduler.submit("double", 100 + i, REPLAY)) for i in range(12)]
@@ -139,7 +134,7 @@ async def test_replay_takes_at_most_its_share_of_a_batch_while_live_items_wait()
 async def test_live_work_that_joins_replay_work_lifts_it_into_the_live_lane():
     model = SlowDouble(seconds=0.2)
     async with scheduling(model, max_batch=4) as (scheduler, pool):
-        scheduler.replay_share = 0.0  # replay runs only when no live item waits
+        scheduler.set_replay_share(0.0)  # replay runs only when no live item waits
         work = InFlight()
         blocker = asyncio.ensure_future(scheduler.submit("double", 0))
         await asyncio.sleep(0.05)

@@ -26,11 +26,11 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from producer.cli import build_parser
-from producer.embedded_broker import find_free_port
-from producer.topics import topic_plans
-from schemas.config import WorkerConfig, load_config
-from schemas.settings_doc import DEPLOY_DOC, settings, with_tables
+from imgstream.cli import parse_args
+from imgstream.producer.embedded_broker import find_free_port
+from imgstream.producer.topics import topic_plans
+from imgstream.schemas.config import WorkerConfig, load_config
+from imgstream.schemas.settings_doc import DEPLOY_DOC, settings, with_tables
 from tests.kafka_helpers import consume_all
 from tests.sink_procs import start_sink, until_ready
 from tests.test_sink import db  # noqa: F401 - fixture: a fresh database on the session's PostgreSQL
@@ -89,10 +89,9 @@ def test_one_variable_sets_one_knob_and_keeps_the_others_defaults():
 def test_compose_services_run_real_cli_commands():
     services = compose()["services"]
     assert {"kafka", "topics", *WORKER_SERVICES, "postgres", "sink", "cli", "prometheus", "grafana"} <= set(services)
-    parser = build_parser()
     for name in ("topics", *WORKER_SERVICES, "sink"):
         command = services[name]["command"]
-        assert parser.parse_args(command).command == command[0]  # argparse exits (fails the test) on a bad one
+        assert parse_args(command).command == command[0]  # argparse exits (fails the test) on a bad one
         assert services[name]["environment"]["IMGSTREAM_KAFKA__BOOTSTRAP"] == "kafka:9092"
 
 
@@ -174,10 +173,9 @@ def test_prometheus_and_grafana_mount_the_provisioned_files():
 def test_http_ports_bind_loopback_by_default_and_every_interface_in_containers():
     config = load_config(environ={})
     assert config.http_host == config.sink.http_host == "127.0.0.1"
-    parser = build_parser()
     services = compose()["services"]
     for name in (*WORKER_SERVICES, "sink"):
-        args = parser.parse_args(services[name]["command"])
+        args = parse_args(services[name]["command"])
         assert args.http_host == "0.0.0.0", f"{name}: Prometheus scrapes it from another container"
     base = " ".join(_stages()["base"])
     assert "IMGSTREAM_HTTP_HOST=0.0.0.0" in base and "IMGSTREAM_SINK__HTTP_HOST=0.0.0.0" in base
@@ -341,16 +339,14 @@ def test_dockerignore_lets_every_package_into_the_wheel_stage():
 _SLIM_IMPORTS = """
 import importlib, json, pkgutil, sys
 packages = json.loads(sys.argv[1])
-names = list(packages)
+names = ["imgstream.cli"] + packages
 for package in packages:
     module = importlib.import_module(package)
-    if hasattr(module, "__path__"):
-        names += [m.name for m in pkgutil.walk_packages(module.__path__, package + ".")]
-names += ["consumer.sink", "consumer.pgstore", "consumer.embedded_pg"]
+    names += [m.name for m in pkgutil.walk_packages(module.__path__, package + ".")]
 for name in names:
     importlib.import_module(name)
-from producer.cli import build_parser
-build_parser().parse_args(["sink", "pgvector", "--dsn", "postgresql://user@db/imgstream"])
+from imgstream.cli import parse_args
+parse_args(["sink", "pgvector", "--dsn", "postgresql://user@db/imgstream"])
 print(json.dumps({"imported": names, "loaded": sorted({m.split(".")[0] for m in sys.modules})}))
 """
 
@@ -369,20 +365,20 @@ def test_slim_image_dependencies_run_producers_and_the_sink_without_torch(tmp_pa
     checked = subprocess.run([python, "-m", "pip", "check"], env=pip_env, capture_output=True, text=True, timeout=120)
     assert checked.returncode == 0, checked.stdout  # the lock file is a complete dependency set
 
-    # every light package pyproject lists (a new one included; analysis and training need torch or
-    # scikit-learn); of `consumer`, only the sink's modules
+    # every light room pyproject lists (a new one included; the worker, analysis and training need torch or
+    # scikit-learn), with all of its modules
     light = sorted({name for name in PYPROJECT["tool"]["setuptools"]["packages"]
-                    if name.split(".")[0] not in ("analysis", "consumer", "training")})
+                    if name.count(".") == 1 and name.split(".")[1] not in ("analysis", "consumer", "training")})
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(ROOT)}
     run = subprocess.run([python, "-c", _SLIM_IMPORTS, json.dumps(light)], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout)
-    assert {"schemas.config", "producer.cli", "producer.submit", "producer.replay", "producer.topics",
-            "consumer.sink"} <= set(report["imported"])
+    assert {"imgstream.schemas.config", "imgstream.cli", "imgstream.producer.submit", "imgstream.producer.replay",
+            "imgstream.producer.topics", "imgstream.sink.pgvector"} <= set(report["imported"])
     assert "torch" not in report["loaded"]
     assert not {"torchvision", "numpy", "PIL", "transformers", "open_clip", "analysis"} & set(report["loaded"])
-    operations = subprocess.run([python, "-m", "producer.cli", "operations"], cwd=tmp_path, env=env,
+    operations = subprocess.run([python, "-m", "imgstream", "operations"], cwd=tmp_path, env=env,
                                 capture_output=True, text=True, timeout=60)
     assert operations.returncode == 0 and "embed_clip_vit_b_32" in json.loads(operations.stdout)
 

@@ -19,19 +19,13 @@ from aiohttp.abc import ResolveResult
 from PIL import Image
 from yarl import URL
 
-import consumer.fetch as fetch_module
-from analysis.imaging import ImageError, decode_image
-from consumer.fetch import (
-    FetchedImage,
-    GuardedResolver,
-    ImageFetcher,
-    TransientFetchError,
-    address_block_reason,
-    parse_retry_after,
-)
-from consumer.politeness import origin
-from schemas.config import DecodeConfig, FetchConfig, WorkerConfig
-from schemas.events import ImageRef
+import imgstream.consumer.addresses as addresses_module
+from imgstream.analysis.imaging import ImageError, decode_image
+from imgstream.consumer.addresses import GuardedResolver, address_block_reason
+from imgstream.consumer.fetch import FetchedImage, ImageFetcher, TransientFetchError, parse_retry_after
+from imgstream.consumer.politeness import origin
+from imgstream.schemas.config import DecodeConfig, FetchConfig, WorkerConfig
+from imgstream.schemas.events import ImageRef
 
 
 def _png() -> bytes:
@@ -522,12 +516,12 @@ async def test_guard_checks_resolved_names(server: Server) -> None:
 @pytest.fixture
 def trust_loopback(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Let the guard pass 127.0.0.1 (our test server) but nothing else non-public."""
-    original = fetch_module.address_block_reason
+    original = addresses_module.address_block_reason
 
-    def reason(address: fetch_module.IPAddress) -> str | None:
+    def reason(address: addresses_module.IPAddress) -> str | None:
         return None if str(address) == "127.0.0.1" else original(address)
 
-    monkeypatch.setattr(fetch_module, "address_block_reason", reason)
+    monkeypatch.setattr(addresses_module, "address_block_reason", reason)
     yield
 
 
@@ -551,7 +545,7 @@ async def test_guarded_resolver_refuses_if_any_address_is_private() -> None:
             pass
 
     resolver = GuardedResolver(TwoAnswers())  # type: ignore[arg-type]
-    with pytest.raises(fetch_module.AddressBlockedError) as info:
+    with pytest.raises(addresses_module.AddressBlockedError) as info:
         await resolver.resolve("rebind.example", 80)
     assert "rebind.example" in str(info.value) and "192.168.0.7" in str(info.value)
 

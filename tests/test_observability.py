@@ -9,7 +9,7 @@ import time
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from producer.embedded_broker import find_free_port
+from imgstream.producer.embedded_broker import find_free_port
 from tests.kafka_helpers import consume_all
 from tests.worker_procs import (  # noqa: F401 - `workers` is a fixture
     WorkerProc,
@@ -18,6 +18,7 @@ from tests.worker_procs import (  # noqa: F401 - `workers` is a fixture
     small_photo,
     workers,
 )
+
 
 def parse_prometheus(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """Samples of a text exposition, read by prometheus-client's own parser (it raises on bad lines)."""

@@ -15,14 +15,14 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-import consumer.worker as worker_module
-from consumer.metrics import WorkerMetrics
-from consumer.publish import Fitted, PublishAbandoned, Publisher
-from consumer.worker import Worker
-from producer.embedded_broker import EmbeddedBroker
-from schemas.codec import decode_result
-from schemas.config import FetchConfig, KafkaConfig, WorkerConfig
-from schemas.events import DeadLetter
+import imgstream.consumer.handling as handling_module
+from imgstream.consumer.metrics import WorkerMetrics
+from imgstream.consumer.publish import EncodedResult, PublishAbandoned, Publisher
+from imgstream.consumer.worker import Worker
+from imgstream.producer.embedded_broker import EmbeddedBroker
+from imgstream.schemas.codec import decode_result
+from imgstream.schemas.config import FetchConfig, KafkaConfig, WorkerConfig
+from imgstream.schemas.events import DeadLetter
 from tests.engine_helpers import photo
 from tests.kafka_helpers import consume_all
 from tests.worker_procs import produce_paced, request_bytes
@@ -106,24 +106,24 @@ async def test_a_crop_store_that_cannot_be_written_fails_only_that_task(broker, 
 
 async def test_a_result_builder_that_raises_fails_its_task_and_a_whole_request_failure_fails_every_task(
         broker, topics, engine, tmp_path, astronaut, monkeypatch):
-    real_fit = worker_module.fit_result
+    real_fit = handling_module.fit_result
 
     def fit_or_raise(result, limit, crops):
         if result.operation_id == "box":
             raise ValueError("a result builder bug")
         return real_fit(result, limit, crops)
 
-    monkeypatch.setattr(worker_module, "fit_result", fit_or_raise)
+    monkeypatch.setattr(handling_module, "fit_result", fit_or_raise)
     async with running_worker(broker, topics, engine, fetch=FetchConfig(blob_roots=[str(tmp_path)]),
                               blobs={"dir": str(tmp_path / "blobs")}) as worker:
-        real_analyse = worker._analyse
+        real_analyse = worker.handler.analyse
 
         async def analyse_or_raise(request, *args):
             if request.request_id == "whole":
                 raise RuntimeError("the whole request broke")
             return await real_analyse(request, *args)
 
-        worker._analyse = analyse_or_raise
+        worker.handler.analyse = analyse_or_raise
         image = {"blob": astronaut.as_uri()}
         await produce_paced(broker, topics.requests, [(b"task", request_bytes("task", image, TASKS)),
                                                       (b"whole", request_bytes("whole", image, TASKS))])
@@ -141,16 +141,16 @@ async def test_a_result_builder_that_raises_fails_its_task_and_a_whole_request_f
 
 async def test_results_the_broker_refuses_become_error_results_and_the_request_goes_to_the_dlq(
         broker, topics, engine, tmp_path, astronaut, monkeypatch):
-    real_fit = worker_module.fit_result
+    real_fit = handling_module.fit_result
 
     def oversized(result, limit, crops):
         fitted = real_fit(result, limit, crops)
         if result.operation_id != "face_no_crop":
             return fitted
         # Past the producer's max_request_size: the real client refuses it for good.
-        return Fitted(fitted.result, fitted.payload[:-1] + b" " * 2_000_000 + b"}")
+        return EncodedResult(fitted.result, fitted.payload[:-1] + b" " * 2_000_000 + b"}")
 
-    monkeypatch.setattr(worker_module, "fit_result", oversized)
+    monkeypatch.setattr(handling_module, "fit_result", oversized)
     async with running_worker(broker, topics, engine, fetch=FetchConfig(blob_roots=[str(tmp_path)]),
                               blobs={"dir": str(tmp_path / "blobs")}) as worker:
         value = request_bytes("refused", {"blob": astronaut.as_uri()}, TASKS)
@@ -202,14 +202,14 @@ async def test_a_request_whose_results_cannot_be_encoded_is_dead_lettered_and_no
         broker, topics, engine, tmp_path, astronaut, monkeypatch):
     # A gap in validation, simulated: the decoder lets metadata through that is nested past what orjson
     # writes (254 levels), so neither the results nor the fallback error results can be encoded.
-    real_decode = worker_module.decode_request
+    real_decode = handling_module.decode_request
 
     def decode_with_a_gap(value):
         raw = orjson.loads(value)
         request = real_decode(orjson.dumps({**raw, "metadata": None}))
         return request.model_copy(update={"metadata": raw.get("metadata")})
 
-    monkeypatch.setattr(worker_module, "decode_request", decode_with_a_gap)
+    monkeypatch.setattr(handling_module, "decode_request", decode_with_a_gap)
     image = {"blob": astronaut.as_uri()}
     deep = b'{"k":' * 299 + b"{}" + b"}" * 299
     unencodable = request_bytes("deep", image, TASKS[2:])[:-1] + b',"metadata":' + deep + b"}"

@@ -7,8 +7,8 @@ import numpy as np
 import orjson
 import pytest
 
-from schemas.codec import InvalidEvent, decode_request, encode
-from schemas.events import (
+from imgstream.schemas.codec import InvalidEvent, decode_request, encode
+from imgstream.schemas.events import (
     MAX_JSON_DEPTH,
     MAX_METADATA_BYTES,
     AnalysisRequest,
@@ -18,8 +18,8 @@ from schemas.events import (
     ResultEvent,
     make_event_id,
 )
-from schemas.export import SCHEMA_DIR, render
-from schemas.operations import InvalidParams, UnsupportedOperation, describe_operations, resolve_params
+from imgstream.schemas.export import SCHEMA_DIR, render
+from imgstream.schemas.operations import InvalidParams, UnsupportedOperation, describe_operations, resolve_params
 
 GOOD = {
     "schema_version": 1,
@@ -180,7 +180,8 @@ def test_json_schema_files_are_up_to_date():
 
 def test_schemas_and_producer_import_without_torch():
     code = (
-        "import sys, schemas, schemas.codec, schemas.operations, schemas.config, producer.cli, producer.submit; "
+        "import sys, imgstream.schemas.codec, imgstream.schemas.operations, imgstream.schemas.config, imgstream.cli, "
+        "imgstream.producer.submit, imgstream.producer.commands; "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -226,7 +227,7 @@ def test_defaults_are_filled():
 
 
 def test_config_precedence_flags_over_environment_over_defaults():
-    from schemas.config import load_config
+    from imgstream.schemas.config import load_config
 
     env = {"IMGSTREAM_KAFKA__BOOTSTRAP": "env:9092", "IMGSTREAM_MODELS__WEIGHTS": "random",
            "IMGSTREAM_MAX_IN_FLIGHT": "7", "IMGSTREAM_FETCH__ALLOW_PRIVATE_ADDRESSES": "true"}

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from schemas.config import TrainingConfig
-from training.metrics import Metrics, average_precision, binary_metrics, prediction_metrics
+from imgstream.schemas.config import TrainingConfig
+from imgstream.training.metrics import Metrics, average_precision, binary_metrics, prediction_metrics
 
 MAX_ITER = 2000
 
@@ -28,7 +28,7 @@ NESTED_CV, SAME_PREDICTIONS = "nested_cv", "same_predictions"
 
 
 @dataclass
-class Fitted:
+class FittedClassifier:
     """The estimator fitted on every training row, with its cross-validated figures.
 
     `choice` is the threshold and what it gives on the out-of-fold predictions it was chosen on;
@@ -153,7 +153,7 @@ def _nested(c: float, X: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: l
 
 
 def fit_classifier(X: np.ndarray, y: np.ndarray, settings: TrainingConfig,
-                   groups: np.ndarray | None = None) -> Fitted:
+                   groups: np.ndarray | None = None) -> FittedClassifier:
     """Pick C by out-of-fold average precision, choose the threshold on those predictions, fit on all rows.
 
     Folds keep each group of `groups` (copies of one image; None: every row its own) together.
@@ -184,7 +184,7 @@ def fit_classifier(X: np.ndarray, y: np.ndarray, settings: TrainingConfig,
         notes.append(f"logistic regression did not converge within {MAX_ITER} iterations for some C")
     if choice.note:
         notes.append(choice.note)
-    fitted = Fitted(model, c, choice, by_c, notes, folds=len(folds), groups=len(set(groups.tolist())))
+    fitted = FittedClassifier(model, c, choice, by_c, notes, folds=len(folds), groups=len(set(groups.tolist())))
     if nested is None:
         notes.append("too few examples to cross-validate within the folds: the expected precision and recall "
                      "were measured on the predictions that chose the threshold (optimistic)")

@@ -9,8 +9,8 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import PIL.Image
 import torch
 
-from schemas.config import ModelsConfig
-from schemas.events import ModelInfo
+from imgstream.schemas.config import ModelsConfig
+from imgstream.schemas.events import ModelInfo
 
 
 @runtime_checkable
@@ -40,7 +40,7 @@ class TensorModel:
 
     def preprocess(self, image: PIL.Image.Image) -> torch.Tensor:
         """An image as the item this model takes (uint8 3xHxW on the CPU)."""
-        from analysis.imaging import pixels_of
+        from imgstream.analysis.imaging import pixels_of
 
         return pixels_of(image if image.mode == "RGB" else image.convert("RGB"))
 
@@ -87,8 +87,9 @@ def sorted_detections(detections: list[Detection]) -> list[Detection]:
     return sorted(detections, key=lambda detection: detection.score, reverse=True)
 
 
-def clamp_box(box: list[float], width: int, height: int) -> list[float]:
-    """Clamp `[x0, y0, x1, y1]` to the image; detectors may reach past its edges."""
+def within_image(box: list[float], width: int, height: int) -> list[float]:
+    """`[x0, y0, x1, y1]` (floats) kept within the image; detectors may reach past its edges. The result's
+    box is rounded by `analysis.imaging.clamp_box`."""
     x0, y0, x1, y1 = box
     return [
         min(max(x0, 0.0), float(width)),

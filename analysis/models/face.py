@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from facenet_pytorch import MTCNN
 
-from analysis.area_resample import AreaTables
-from analysis.models.base import Detection, TensorModel, clamp_box, sorted_detections
-from analysis.models.mtcnn import Cascade, Faces, speed_up
-from analysis.preprocess import to_device
-from schemas.config import ModelsConfig
-from schemas.events import ModelInfo
+from imgstream.analysis.area_resample import AreaTables
+from imgstream.analysis.models.base import Detection, TensorModel, sorted_detections, within_image
+from imgstream.analysis.models.mtcnn import Cascade, Faces, speed_up
+from imgstream.analysis.preprocess import to_device
+from imgstream.schemas.config import ModelsConfig
+from imgstream.schemas.events import ModelInfo
 
 
 class FaceDetector(TensorModel):
@@ -40,5 +40,5 @@ class FaceDetector(TensorModel):
 
 def _detections(faces: Faces, width: int, height: int) -> list[Detection]:
     """One image's faces as detections clamped to the image, the most probable first."""
-    return sorted_detections([Detection(score=float(prob), box=clamp_box([float(v) for v in box], width, height))
+    return sorted_detections([Detection(score=float(prob), box=within_image([float(v) for v in box], width, height))
                               for box, prob in zip(faces.boxes, faces.probs)])

@@ -8,10 +8,17 @@ from typing import Any
 import torch
 from torchvision.models.detection import FasterRCNN, FasterRCNN_ResNet50_FPN_Weights, fasterrcnn_resnet50_fpn
 
-from analysis.models.base import Detection, TensorModel, channels_last, clamp_box, seeded, sorted_detections
-from analysis.preprocess import BILINEAR, resize_to, to_device
-from schemas.config import ModelsConfig
-from schemas.events import ModelInfo
+from imgstream.analysis.models.base import (
+    Detection,
+    TensorModel,
+    channels_last,
+    seeded,
+    sorted_detections,
+    within_image,
+)
+from imgstream.analysis.preprocess import BILINEAR, resize_to, to_device
+from imgstream.schemas.config import ModelsConfig
+from imgstream.schemas.events import ModelInfo
 
 ARCHITECTURE = "fasterrcnn_resnet50_fpn"
 COCO_PERSON = 1
@@ -104,7 +111,7 @@ def person_detections(output: dict[str, Any], item: DetectorInput) -> list[Detec
     detections = [
         Detection(
             score=score,
-            box=clamp_box([x0 * scale_x, y0 * scale_y, x1 * scale_x, y1 * scale_y], item.width, item.height),
+            box=within_image([x0 * scale_x, y0 * scale_y, x1 * scale_x, y1 * scale_y], item.width, item.height),
         )
         for score, (x0, y0, x1, y1) in zip(scores, boxes)
     ]

@@ -16,14 +16,6 @@ def on_stop_signals(callback: Callable[[str], None]) -> None:
         loop.add_signal_handler(sig, callback, sig.name)
 
 
-async def sleep_unless(stop: asyncio.Event, seconds: float) -> None:
-    """Sleep `seconds`, or less if `stop` is set meanwhile."""
-    try:
-        await asyncio.wait_for(stop.wait(), seconds)
-    except asyncio.TimeoutError:
-        pass
-
-
 class EarlyStop:
     """Remembers SIGTERM/SIGINT that arrive before the event loop runs (imports and model loading
     take seconds), so a worker stopped while it starts exits cleanly instead of being killed."""

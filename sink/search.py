@@ -1,4 +1,6 @@
-"""`imgstream search`: embed an image with the engine and list the nearest stored embeddings."""
+"""`imgstream search`: embed an image with the engine and list the nearest stored embeddings.
+
+The engine (torch) is imported when a search runs, so the sink's light image can import this room."""
 
 from __future__ import annotations
 
@@ -6,15 +8,18 @@ import asyncio
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 import psycopg
 
-from analysis.engine import EMBEDDING_MODELS, Engine
-from analysis.imaging import ImageError, decode_image
-from consumer.pgstore import Match, PgStore, RejectedEvent
-from schemas.config import DecodeConfig, WorkerConfig
-from schemas.events import AnalysisRequest, ResultEvent
+from imgstream.schemas.config import DecodeConfig, WorkerConfig
+from imgstream.schemas.events import AnalysisRequest, ResultEvent
+from imgstream.sink.pgstore import PgStore
+from imgstream.sink.rows import Match, RejectedEvent
+
+if TYPE_CHECKING:
+    from imgstream.analysis.engine import Engine
 
 QUERY_OPERATION_ID = "query"
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -35,6 +40,8 @@ class SearchResult:
 async def embed_file(engine: Engine, path: Path, result_type: str, target: str,
                      decode: DecodeConfig | None = None) -> ResultEvent:
     """Run one `result_type` task on the image file at `path`; raises SearchError unless it succeeds."""
+    from imgstream.analysis.imaging import decode_image
+
     decoded = decode_image(path.read_bytes(), decode or DecodeConfig())
     request = AnalysisRequest(
         request_id=f"search:{path.name}", image={"blob": path.resolve().as_uri()},
@@ -74,7 +81,7 @@ def match_json(rank: int, match: Match) -> str:
 
 def run_search(config: WorkerConfig, image: str, result_type: str, target: str, k: int, as_json: bool) -> int:
     """The `imgstream search` command; returns its exit code (0 matches, 1 none or an error)."""
-    from consumer.logs import setup_logging
+    from imgstream.service.logs import setup_logging
 
     setup_logging("WARNING")  # stdout carries the matches; model-loading chatter stays out of the way
     return asyncio.run(_search_command(config, Path(image), result_type, target, k, as_json))
@@ -84,7 +91,7 @@ async def _search_command(config: WorkerConfig, path: Path, result_type: str, ta
                           as_json: bool) -> int:
     dsn = config.sink.database_uri()
     if dsn is None:
-        from consumer.embedded_pg import embedded_postgres_exists, start_embedded_postgres
+        from imgstream.sink.embedded_pg import embedded_postgres_exists, start_embedded_postgres
 
         if not embedded_postgres_exists(config.sink.data_dir):
             print(f"imgstream search: no database in {config.sink.data_dir}; run `imgstream sink pgvector` "
@@ -96,6 +103,9 @@ async def _search_command(config: WorkerConfig, path: Path, result_type: str, ta
     except psycopg.OperationalError as exc:
         print(f"imgstream search: cannot connect to the database: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    from imgstream.analysis.engine import EMBEDDING_MODELS, Engine
+    from imgstream.analysis.imaging import ImageError
+
     # Only the query's embedding model loads up front (detectors follow lazily for crop targets).
     engine = Engine(config.models.model_copy(update={"preload": [EMBEDDING_MODELS[result_type]]}))
     try:

@@ -1,0 +1,89 @@
+"""Blob references read from the worker's own storage: `file://` inside configured roots.
+
+(`s3://` lives in consumer/s3_reader.py.) A reader refuses what it may not read before reading it, and
+never blocks on a file that is not a regular one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from pathlib import Path
+from typing import Final, Protocol, Sequence
+from urllib.parse import unquote, urlsplit
+
+from imgstream.analysis.imaging import FETCH_FAILED, TOO_LARGE, ImageError
+
+
+class BlobReader(Protocol):
+    """Reads one blob reference (e.g. file:///a.jpg, s3://bucket/key) of a scheme it owns."""
+
+    async def read(self, reference: str, max_bytes: int) -> bytes:
+        """The blob's bytes; ImageError(image_too_large) past `max_bytes`, image_fetch_failed otherwise."""
+        ...
+
+
+class FileBlobReader:
+    """file:// references to local paths inside the configured root directories (none: refuse all)."""
+
+    def __init__(self, roots: Sequence[str]) -> None:
+        self._roots = [Path(os.path.realpath(os.path.expanduser(root))) for root in roots]
+
+    async def read(self, reference: str, max_bytes: int) -> bytes:
+        # File systems (NFS, FUSE) can block, and resolving the path is a syscall per component:
+        # both stay off the event loop.
+        return await asyncio.to_thread(self._read, reference, max_bytes)
+
+    def _read(self, reference: str, max_bytes: int) -> bytes:
+        return _read_regular_file(self._checked_path(reference), reference, max_bytes)
+
+    def _checked_path(self, reference: str) -> Path:
+        """The real path behind `reference`, refused when it is not local or lies outside the roots."""
+        parts = urlsplit(reference)
+        if parts.netloc not in ("", "localhost"):
+            raise ImageError(FETCH_FAILED, f"blob {reference!r} names host {parts.netloc!r}; only local files are read")
+        raw_path = unquote(parts.path)
+        if not raw_path.startswith("/"):
+            raise ImageError(FETCH_FAILED, f"blob {reference!r} is not an absolute path (use file:///path)")
+        # realpath resolves symlinks and "..", so a link inside a root cannot lead outside it.
+        path = Path(os.path.realpath(raw_path))
+        if not any(path.is_relative_to(root) for root in self._roots):
+            allowed = ", ".join(str(root) for root in self._roots) or "none"
+            raise ImageError(
+                FETCH_FAILED,
+                f"blob {reference!r} is outside the blob roots (fetch.blob_roots: {allowed}); add its directory to "
+                "fetch.blob_roots (IMGSTREAM_FETCH__BLOB_ROOTS or worker --blob-root) to allow it",
+            )
+        return path
+
+
+# Opening a FIFO for reading blocks until a writer comes, and opening a device may act on it:
+# open without blocking (no controlling terminal either), then look at what was opened.
+_OPEN_FLAGS: Final = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _read_regular_file(path: Path, reference: str, max_bytes: int) -> bytes:
+    """Read at most max_bytes from a regular file (never a device, FIFO or socket, and never blocking on one)."""
+    try:
+        # O_NONBLOCK means nothing to a regular file's reads, and nothing else is read.
+        with os.fdopen(os.open(path, _OPEN_FLAGS), "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ImageError(FETCH_FAILED, f"blob {reference!r} is not a regular file")
+            if info.st_size > max_bytes:
+                message = f"blob {reference!r} is {info.st_size} bytes, over the limit of {max_bytes}"
+                raise ImageError(TOO_LARGE, message)
+            data = handle.read(max_bytes + 1)  # +1: the file may have grown since fstat
+    except FileNotFoundError:
+        raise ImageError(FETCH_FAILED, f"blob {reference!r} not found") from None
+    except IsADirectoryError:
+        raise ImageError(FETCH_FAILED, f"blob {reference!r} is not a regular file") from None
+    except OSError as exc:
+        raise ImageError(FETCH_FAILED, f"blob {reference!r} could not be read: {exc.strerror or exc}") from None
+    if len(data) > max_bytes:
+        raise ImageError(TOO_LARGE, f"blob {reference!r} is over the limit of {max_bytes} bytes")
+    return data
+
+
+# --- http(s) -------------------------------------------------------------------------------
