@@ -109,7 +109,7 @@ async def test_check_says_what_the_broker_reports(setup):
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMGSTREAM_")} | {
         "IMGSTREAM_KAFKA__BOOTSTRAP": listener.bootstrap, "IMGSTREAM_KAFKA__TOPICS__REQUESTS": topics.requests,
         "IMGSTREAM_KAFKA__TOPICS__REPLAY": topics.replay, "IMGSTREAM_KAFKA__TOPICS__RESULTS": topics.results,
-        "IMGSTREAM_KAFKA__TOPICS__DLQ": topics.dlq}
+        "IMGSTREAM_KAFKA__TOPICS__DLQ": topics.dlq, "IMGSTREAM_KAFKA__TOPICS__RETRY": topics.retry}
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "imgstream", "check", cwd=REPO, env=env,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 60)

@@ -54,7 +54,8 @@ def secure_env(cluster: SecureCluster, listener_name: str, tmp_path: Path, *, pa
 
 def topic_env(topics) -> dict[str, str]:
     return {"IMGSTREAM_KAFKA__TOPICS__REQUESTS": topics.requests, "IMGSTREAM_KAFKA__TOPICS__REPLAY": topics.replay,
-            "IMGSTREAM_KAFKA__TOPICS__RESULTS": topics.results, "IMGSTREAM_KAFKA__TOPICS__DLQ": topics.dlq}
+            "IMGSTREAM_KAFKA__TOPICS__RESULTS": topics.results, "IMGSTREAM_KAFKA__TOPICS__DLQ": topics.dlq,
+            "IMGSTREAM_KAFKA__TOPICS__RETRY": topics.retry}
 
 
 async def imgstream(env: dict[str, str], *args: str, timeout_s: float = 240) -> tuple[int, str, str, float]:
