@@ -29,8 +29,8 @@ test: $(STAMP)
 
 # JSON Schema files and docs/DEPLOY.md's settings tables (tests fail when either is stale)
 schemas: $(STAMP)
-	$(PY) -m schemas.export
-	$(PY) -m schemas.settings_doc
+	$(PY) -m imgstream.schemas.export
+	$(PY) -m imgstream.schemas.settings_doc
 
 # The end-to-end stream benchmark (docs/BENCHMARKS.md); BENCH_ARGS=--quick for a 4-minute check.
 bench: $(STAMP)

@@ -23,9 +23,13 @@ from imgstream.kafka_clients import PublishForbidden, explain_runtime_error
 from imgstream.schemas.codec import encode
 from imgstream.schemas.config import BlobConfig
 from imgstream.schemas.events import DeadLetter, ResultEvent
+from imgstream.service.retry import Backoff
 
 log = logging.getLogger(__name__)
 
+# A publish the broker failed is tried again after these delays, for as long as it takes (the request's
+# offset is not committed until it succeeds).
+PUBLISH_BACKOFF = Backoff(first_s=0.2, max_s=10.0)
 # Room left for the record's key, headers and framing under the topic's message limit.
 RECORD_OVERHEAD_BYTES = 4096
 # A deferral that cannot be published for this long is given up: the request is answered now instead.
@@ -122,10 +126,9 @@ class Publisher:
     async def _send(self, kind: str, topic: str, key: bytes | None, value: bytes,
                     headers: list[tuple[str, bytes]] | None = None, stop: asyncio.Event | None = None,
                     patience_s: float | None = None) -> None:
-        delay = 0.2
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + patience_s if patience_s is not None else None
-        while True:
+        for delay in PUBLISH_BACKOFF.delays():
             try:
                 await self.producer.send_and_wait(topic, value=value, key=key, headers=headers)
                 return
@@ -148,7 +151,6 @@ class Publisher:
                 self.outcomes[kind, "retried"] += 1
                 log.warning("publish to %s failed (%s); retrying in %.1fs", topic, exc, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
             except Exception as exc:  # noqa: BLE001 - not the broker's: the same record would fail again
                 self.outcomes[kind, "refused"] += 1
                 raise PublishRefused(f"{type(exc).__name__}: {exc}") from exc

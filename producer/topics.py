@@ -19,6 +19,7 @@ from aiokafka.errors import (
 
 from imgstream.kafka_clients import BrokerUnreachable, KafkaLike, kafka_settings, open_admin
 from imgstream.schemas.config import Topics, TopicSettingsByTopic
+from imgstream.service.retry import Backoff
 
 log = logging.getLogger("imgstream.topics")
 
@@ -77,9 +78,8 @@ async def wait_for_broker(kafka: KafkaLike, timeout_s: float = 30.0) -> None:
     """
     kafka = kafka_settings(kafka)
     deadline = time.monotonic() + timeout_s
-    delay = 0.1
     last_error: BaseException | None = None
-    while True:
+    for delay in Backoff(first_s=0.1, max_s=2.0).delays():
         remaining = deadline - time.monotonic()
         try:
             # start() bootstraps the client, which is a Metadata request to the broker.
@@ -94,7 +94,6 @@ async def wait_for_broker(kafka: KafkaLike, timeout_s: float = 30.0) -> None:
                 f"no Kafka broker answered at {kafka.bootstrap} within {timeout_s:.0f}s (last error: {last_error})"
             )
         await asyncio.sleep(min(delay, remaining))
-        delay = min(delay * 2, 2.0)
 
 
 async def create_topics(

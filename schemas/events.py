@@ -268,7 +268,7 @@ class DeferredRetry(BaseModel):
 
     @field_validator("first_failure", "last_failure")
     @classmethod
-    def _short(cls, reason: str) -> str:
+    def _cut(cls, reason: str) -> str:
         limit = cls.MAX_REASON_CHARS
         return reason if len(reason) <= limit else reason[: limit - 3] + "..."
 

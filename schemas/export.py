@@ -1,4 +1,4 @@
-"""Writes the JSON Schema files of the events into schemas/json/ (`python -m schemas.export`)."""
+"""Writes the JSON Schema files of the events into schemas/json/ (`python -m imgstream.schemas.export`)."""
 
 from __future__ import annotations
 

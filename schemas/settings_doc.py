@@ -1,4 +1,4 @@
-"""The settings tables of docs/DEPLOY.md, generated from schemas/config.py (`python -m schemas.settings_doc`)."""
+"""The settings tables of docs/DEPLOY.md, generated from schemas/config.py (`python -m imgstream.schemas.settings_doc`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pydantic import BaseModel, SecretStr
 from imgstream.schemas.config import DAY_MS, ENV_PREFIX, WorkerConfig
 
 DEPLOY_DOC = Path(__file__).resolve().parent.parent / "docs" / "DEPLOY.md"
-START = "<!-- settings:start (generated from schemas/config.py by `python -m schemas.settings_doc`) -->"
+START = "<!-- settings:start (generated from schemas/config.py by `python -m imgstream.schemas.settings_doc`) -->"
 END = "<!-- settings:end -->"
 MIB = 1024 * 1024
 

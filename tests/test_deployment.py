@@ -62,7 +62,7 @@ def interpolate(value: str) -> str:
 
 def test_deploy_md_settings_tables_are_current():
     text = DEPLOY_DOC.read_text()
-    assert with_tables(text) == text, "docs/DEPLOY.md is stale: run `make schemas` (python -m schemas.settings_doc)"
+    assert with_tables(text) == text, "docs/DEPLOY.md is stale: run `make schemas` (python -m imgstream.schemas.settings_doc)"
 
 
 def test_every_setting_says_what_it_is():

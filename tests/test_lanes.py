@@ -10,7 +10,7 @@ import uuid
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from imgstream.consumer.worker import LIVE_IDLE_AFTER_S
+from imgstream.consumer.intake import LIVE_IDLE_AFTER_S
 from imgstream.schemas.config import KafkaConfig
 from tests.test_request_failures import running_worker
 from tests.test_reuse import variants
