@@ -258,7 +258,9 @@ async def test_every_event_through_a_running_worker_ends_as_results_or_a_dlq_rec
                                            for t in r["tasks"]]})))
     config = WorkerConfig(
         kafka=KafkaConfig(bootstrap=broker, group=f"g-{uuid.uuid4().hex[:8]}", topics=topics, session_timeout_ms=3000),
-        fetch=FetchConfig(blob_roots=[str(tmp_path)], allow_private_addresses=True, retries=0, total_timeout_s=2.0),
+        # A refused connection is transient: answered at once here (deferred retries are tests/test_deferred.py's).
+        fetch=FetchConfig(blob_roots=[str(tmp_path)], allow_private_addresses=True, retries=0, total_timeout_s=2.0,
+                          deferred_attempts=1),
         blobs={"dir": str(tmp_path / "blobs")}, drain_timeout_s=5)
     worker = Worker(config, engine)
     running = asyncio.create_task(worker.run())
