@@ -30,6 +30,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="A directory file:// references may point into (repeatable; env IMGSTREAM_FETCH__BLOB_ROOTS "
                    "as a JSON list). Default: the blob store directory (blobs.dir, .imgstream/blobs); anything "
                    "outside is refused.")
+    p.add_argument("--processes", type=int, metavar="N",
+                   help="Worker processes in the group on this host, each with its own event loop and HTTP port "
+                   "(--http-port + i); default 1. For hosts where one process cannot feed the devices.")
     p.add_argument("--log-level", help="DEBUG, INFO (default), WARNING.")
 
 
@@ -38,6 +41,12 @@ def _run(args: argparse.Namespace) -> int:
 
     early = EarlyStop().install()  # importing torch and loading models take seconds
     config = load_config(overrides(args))
+    if config.processes > 1:  # a supervisor of worker processes: it imports no torch itself
+        from imgstream.consumer.processes import supervise
+        from imgstream.service.logs import setup_logging
+
+        setup_logging(config.log_level)
+        return supervise(config, early.signals)
     from imgstream.consumer.run import main  # torch is imported only here
 
     return main(config, early)

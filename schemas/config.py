@@ -526,6 +526,10 @@ class WorkerConfig(Settings):
         "worker pauses its partitions and starts no new fetch until requests finish. Size it to the worker's "
         "memory (DEPLOY.md \"Sizing a worker\").",
     )
+    processes: int = Field(default=1, ge=1, le=64, description="Worker processes of the group on this host, "
+                           "each with its own event loop, models and HTTP port (http_port + i). Raise it when one "
+                           "process's event loop is the limit (its CPU near 100% while the devices idle); on GPUs "
+                           "run the CUDA MPS daemon so the processes share each GPU (docs/DEPLOY.md).")
     http_port: int | None = Field(default=None, description="Port of /healthz, /readyz, /operations, "
                                       "/metrics; unset: no HTTP server. Set it wherever Prometheus scrapes.")
     http_host: str = Field(default="127.0.0.1", description="Address the HTTP port binds to: loopback by "

@@ -45,5 +45,6 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "max_in_flight": getattr(args, "max_in_flight", None),
         "max_in_flight_image_bytes": getattr(args, "max_in_flight_image_bytes", None),
         "replay_share": getattr(args, "replay_share", None),
+        "processes": getattr(args, "processes", None),
         "log_level": getattr(args, "log_level", None),
     }

@@ -115,10 +115,11 @@ class WorkerProc:
             await asyncio.sleep(0.1)
         return self.proc.returncode
 
-    def get(self, path: str, timeout_s: float = 5.0, accept: str | None = None) -> tuple[int, bytes, dict[str, str]]:
-        """GET http://127.0.0.1:<http_port><path>: (status, body, headers); status 0 if nothing answers."""
+    def get(self, path: str, timeout_s: float = 5.0, accept: str | None = None,
+            port: int | None = None) -> tuple[int, bytes, dict[str, str]]:
+        """GET http://127.0.0.1:<port, default http_port><path>: (status, body, headers); status 0 if nothing answers."""
         assert self.http_port is not None
-        url = f"http://127.0.0.1:{self.http_port}{path}"
+        url = f"http://127.0.0.1:{port or self.http_port}{path}"
         headers = {"Accept": accept} if accept else {}
         try:
             with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s) as response:
