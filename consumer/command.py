@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from imgstream.schemas.config import load_config
-from imgstream.schemas.flags import Command, add_bootstrap, add_http, overrides
+from imgstream.schemas.flags import Command, add_bootstrap, add_http, add_log_format, overrides
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
@@ -31,6 +31,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    "as a JSON list). Default: the blob store directory (blobs.dir, .imgstream/blobs); anything "
                    "outside is refused.")
     p.add_argument("--log-level", help="DEBUG, INFO (default), WARNING.")
+    add_log_format(p)
 
 
 def _run(args: argparse.Namespace) -> int:
