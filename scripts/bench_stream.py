@@ -32,6 +32,8 @@ max_length 20); W4 pipeline overhead (an unknown task type on 64 px images: fetc
 With --tracing each workload's stream runs twice, the second time with tracing on (IMGSTREAM_TRACING=on),
 its spans exported over OTLP/HTTP to a receiver this process runs on loopback (scripts/otlp_receiver.py),
 so the worker pays for making, encoding and sending every span; the report gives traced/untraced.
+OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG, when set here, sample the traced run (e.g.
+parentbased_traceidratio and 0.01).
 
 Progress goes to stderr and the table to stdout. The exit status is 1 when a stream run lost
 results (or timed out) or a worker exited non-zero.
@@ -496,7 +498,8 @@ async def run_stream(ctx: Context, workload: Workload, images: RequestImages, n:
         max_in_flight_image_bytes=args.max_in_flight_image_bytes, batching=args.batching,
     )
     env = {k: v for k, v in env.items() if not k.startswith("OTEL_")}
-    if traced:
+    if traced:  # this process's OTEL_TRACES_SAMPLER(_ARG), if set, samples the traced run
+        env.update({k: v for k, v in os.environ.items() if k.startswith("OTEL_TRACES_SAMPLER")})
         env.update({"IMGSTREAM_TRACING": "on", "OTEL_EXPORTER_OTLP_ENDPOINT": ctx.otlp.endpoint,
                     "OTEL_SERVICE_NAME": "imgstream-worker-bench"})
     worker = WorkerProcess(env, find_free_port(),
@@ -1262,6 +1265,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "max_in_flight_image_bytes": args.max_in_flight_image_bytes,
         "batching": args.batching,
         "tracing": args.tracing,
+        "tracing_sampler": {k: v for k, v in os.environ.items() if k.startswith("OTEL_TRACES_SAMPLER")},
         "light_rate": args.light_rate,
         "light_requests": light_requests,
         "light_max_s": light_max_s,
