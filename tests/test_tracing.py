@@ -422,3 +422,12 @@ def test_the_embedded_broker_gets_no_otel_settings(monkeypatch):
     with EmbeddedBroker() as broker:
         environ = Path(f"/proc/{broker._proc.pid}/environ").read_bytes().split(b"\0")
     assert not [v for v in environ if v.startswith(b"OTEL_")]
+
+
+def test_tracing_on_without_the_sdk_is_a_usage_error_that_says_what_to_install(monkeypatch):
+    from imgstream.service.tracing import NO_TRACING, TracingUnavailable, start_tracing
+
+    assert start_tracing(False, "imgstream-worker") is NO_TRACING
+    monkeypatch.setitem(sys.modules, "imgstream.service.otel", None)  # as if opentelemetry were not installed
+    with pytest.raises(TracingUnavailable, match=r"imgstream\[otel\]"):
+        start_tracing(True, "imgstream-worker")
