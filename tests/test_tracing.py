@@ -30,7 +30,7 @@ from imgstream.producer.submit import ImageInput, build_requests, submit
 from imgstream.schemas.config import BatchConfig, FetchConfig, KafkaConfig, ModelsConfig, WorkerConfig, load_config
 from imgstream.schemas.events import AnalysisRequest, ImageRef, Task
 from imgstream.schemas.flags import overrides
-from imgstream.service.logs import setup_logging
+from imgstream.service.logs import setup_logging, use_trace_ids
 from imgstream.service.otel import OtelTracing, otlp_provider, redact_url
 from imgstream.sink.pgvector import PgVectorSink
 from tests.engine_helpers import photo
@@ -55,7 +55,8 @@ def exporter() -> InMemorySpanExporter:
 def tracing(exporter) -> OtelTracing:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return OtelTracing(provider)
+    yield OtelTracing(provider)
+    use_trace_ids(None)  # later tests' log records carry no trace ids
 
 
 @pytest.fixture
