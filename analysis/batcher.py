@@ -20,7 +20,7 @@ import time
 from collections import deque
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Generic, Iterator, TypeVar
+from typing import Any, Generic, Iterator, Protocol, TypeVar
 
 from imgstream.analysis.devices import Device
 from imgstream.analysis.models.base import Model
@@ -102,6 +102,17 @@ class _Pending:
     item: Any
     future: asyncio.Future
     enqueued: float
+    trace: Any = None  # whom the item is for, as the tracer captured it at submit (None: not traced)
+
+
+class BatchTracer(Protocol):
+    """What traces batches (the worker's service/otel.py while tracing is on; None on the scheduler when off)."""
+
+    def capture(self) -> Any:
+        """At submit, in the submitting task: the traced request the item is for."""
+
+    def batch(self, key: str, device: str, items: list[tuple[Any, float]], started: float) -> None:
+        """After a batch ran: its items' (capture, perf_counter when queued) and when it started."""
 
 
 class LaneTicket:
@@ -197,6 +208,7 @@ class Scheduler:
         self._reading_headers = 0
         # The share of a batch replay items may take while live items wait (set_replay_share).
         self._replay_share = DEFAULT_REPLAY_SHARE
+        self.tracer: BatchTracer | None = None  # set by the worker while tracing is on
 
     def set_replay_share(self, share: float) -> None:
         """While live items wait, replay items take at most this share (0..1) of a batch."""
@@ -256,7 +268,8 @@ class Scheduler:
         if ticket is not None:
             lane = ticket.lane
         future: asyncio.Future = asyncio.get_running_loop().create_future()
-        pending = _Pending(item, future, time.perf_counter())
+        pending = _Pending(item, future, time.perf_counter(),
+                           self.tracer.capture() if self.tracer is not None else None)
         queue.lanes[lane].append(pending)
         if ticket is not None and lane == REPLAY:
             ticket.track(queue, pending)
@@ -333,6 +346,8 @@ class Scheduler:
         finally:
             device.running -= 1
             self.wake()
+            if self.tracer is not None:
+                self.tracer.batch(queue.key, device.name, [(p.trace, p.enqueued) for p in batch], started)
 
     async def _run_singly(self, device: Device, queue: _ModelQueue, batch: list[_Pending], queue_ms: list[float],
                           exc: Exception) -> None:

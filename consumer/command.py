@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from imgstream.schemas.config import load_config
-from imgstream.schemas.flags import Command, add_bootstrap, add_http, overrides
+from imgstream.schemas.flags import Command, add_bootstrap, add_http, add_log_format, overrides
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
@@ -34,6 +34,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="Worker processes in the group on this host, each with its own event loop and HTTP port "
                    "(--http-port + i); default 1. For hosts where one process cannot feed the devices.")
     p.add_argument("--log-level", help="DEBUG, INFO (default), WARNING.")
+    add_log_format(p)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from types import TracebackType
-from typing import Final, Mapping
+from typing import Any, Final, Mapping
 
 import aiohttp
 from aiohttp.abc import AbstractResolver
@@ -28,6 +28,7 @@ from imgstream.consumer.blob_readers import BlobReader, FileBlobReader
 from imgstream.consumer.politeness import HostBackoff, HostPoliteness, origin
 from imgstream.schemas.config import FetchConfig
 from imgstream.schemas.events import ImageRef
+from imgstream.service.tracing import NO_TRACING, Tracing
 
 _REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
 # Worth asking again: the host is overloaded, rate-limits, or timed out waiting for our request.
@@ -91,8 +92,10 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
 class ImageFetcher:
     """Fetches image bytes for ImageRefs; an async context manager owning one HTTP session."""
 
-    def __init__(self, config: FetchConfig, *, blob_readers: Mapping[str, BlobReader] | None = None) -> None:
+    def __init__(self, config: FetchConfig, *, blob_readers: Mapping[str, BlobReader] | None = None,
+                 tracing: Tracing = NO_TRACING) -> None:
         self._config = config
+        self.tracing = tracing
         self._blob_readers: dict[str, BlobReader] = (
             dict(blob_readers) if blob_readers is not None else {"file": FileBlobReader(config.blob_roots or ())}
         )
@@ -135,6 +138,12 @@ class ImageFetcher:
     async def fetch(self, ref: ImageRef) -> FetchedImage:
         """The bytes behind `ref`, within the total deadline; raises ImageError (TransientFetchError when
         trying again later may succeed)."""
+        if self.tracing.enabled:
+            with self.tracing.fetch(ref.location, _host_of(ref)):
+                return await self._fetch(ref)
+        return await self._fetch(ref)
+
+    async def _fetch(self, ref: ImageRef) -> FetchedImage:
         started = time.perf_counter()
         progress = _Progress()
         deadline = asyncio.timeout(self._config.total_timeout_s)
@@ -233,8 +242,17 @@ class ImageFetcher:
         """One GET: (body, None) on 2xx, (b"", next_url) on a redirect; raises otherwise."""
         if self._session is None:
             raise RuntimeError("ImageFetcher is not open; use 'async with ImageFetcher(...)'")
+        if self.tracing.enabled:
+            with self.tracing.http_get(str(url), url.host, url.port) as span:
+                return await self._get(url, span)
+        return await self._get(url)
+
+    async def _get(self, url: URL, span: Any = None) -> tuple[bytes, URL | None]:
+        assert self._session is not None
         try:
             async with self._session.get(url, allow_redirects=False) as response:
+                if span is not None:
+                    span.status(response.status)
                 return await self._handle_response(response, url)
         except (ImageError, _Transient):
             raise
@@ -278,6 +296,14 @@ class ImageFetcher:
             body += chunk
             if len(body) > limit:
                 raise ImageError(TOO_LARGE, f"{url} sent more than the limit of {limit} bytes")
+
+
+def _host_of(ref: ImageRef) -> str | None:
+    """The host of a URL reference, for its fetch span (None for a blob, or a URL yarl cannot read)."""
+    try:
+        return URL(ref.url).host if ref.url else None
+    except (ValueError, TypeError):
+        return None
 
 
 def _dns_failure(url: URL, exc: aiohttp.ClientConnectorDNSError) -> Exception:

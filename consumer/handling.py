@@ -31,6 +31,7 @@ from imgstream.schemas.codec import InvalidEvent, decode_request, encode
 from imgstream.schemas.config import WorkerConfig
 from imgstream.schemas.events import AnalysisRequest, DeadLetter, ResultEvent
 from imgstream.service.logs import request_id_var
+from imgstream.service.tracing import NO_TRACING, Tracing, trace_headers, with_trace
 
 log = logging.getLogger("imgstream.consumer.worker")
 
@@ -50,6 +51,7 @@ class RequestHandler:
         self.crops = crop_store(config.blobs)
         self.fetcher: ImageFetcher | None = None
         self.publisher: Publisher | None = None
+        self.tracing: Tracing = NO_TRACING  # the worker's; its hooks here cost one test of `enabled` when off
         self.counts: Counter[str] = Counter()  # requests and results by status, for the summary log line
 
     async def process(self, tp: TopicPartition, record: Any) -> bool:
@@ -134,8 +136,12 @@ class RequestHandler:
             return None
         retry = self.retries.next_retry(attempt, deferral.error)
         try:
-            await self.publisher.defer(request.request_id, record.value or b"", self.retries.headers(record, retry),
-                                       stop=self.lifecycle.stopping)
+            # The retry record keeps the request's trace: its next attempt's span continues it.
+            headers = with_trace(self.retries.headers(record, retry))
+            sending = self.publisher.defer(request.request_id, record.value or b"", headers,
+                                           stop=self.lifecycle.stopping)
+            await (self.tracing.send(self.retries.topic, request.request_id, 1, sending) if self.tracing.enabled
+                   else sending)
         except PublishAbandoned:
             raise
         except Exception as exc:  # noqa: BLE001 - refused for good: answer now, as before deferrals existed
@@ -166,7 +172,10 @@ class RequestHandler:
         """Publish every result; the ones the broker refuses become error results, and the request goes to the DLQ."""
         assert self.publisher is not None
         stop = self.lifecycle.stopping
-        refused = await self.publisher.results(request.request_id, [f.payload for f in fitted], stop=stop)
+        trace = trace_headers(record.headers)  # the request's trace goes on with every result
+        sending = self.publisher.results(request.request_id, [f.payload for f in fitted], stop=stop, headers=trace)
+        refused = await (self.tracing.send(self.publisher.results_topic, request.request_id, len(fitted), sending)
+                         if self.tracing.enabled else sending)
         if refused:
             why = "; ".join(f"{fitted[i].result.operation_id}: {brief(exc)}" for i, exc in sorted(refused.items()))
             log.error("request %s: results refused (%s); request goes to the DLQ",
@@ -174,7 +183,8 @@ class RequestHandler:
             order = sorted(refused)
             stand_ins = [failed_result(fitted[i].result, "publish_failed",
                                        f"the result could not be published: {brief(refused[i])}") for i in order]
-            again = await self.publisher.results(request.request_id, [f.payload for f in stand_ins], stop=stop)
+            again = await self.publisher.results(request.request_id, [f.payload for f in stand_ins], stop=stop,
+                                                 headers=trace)
             await self.dead_letter(tp, record, "publish_failed", f"results could not be published: {why}")
             lost = {order[j] for j in again}  # refused even as error results: only the DLQ record tells of them
             fitted = list(fitted)
@@ -197,7 +207,9 @@ class RequestHandler:
         assert self.publisher is not None
         letter = DeadLetter(reason=reason, error_code=code, source_topic=tp.topic,
                             source_partition=tp.partition, source_offset=record.offset)
-        await self.publisher.dead_letter(record.key, record.value, letter, stop=self.lifecycle.stopping)
+        sending = self.publisher.dead_letter(record.key, record.value, letter, stop=self.lifecycle.stopping,
+                                             trace=trace_headers(record.headers))
+        await (self.tracing.send(self.publisher.dlq_topic, None, 1, sending) if self.tracing.enabled else sending)
         self.metrics.dlq.labels(reason=code).inc()
 
     async def analyse(self, request: Any, lane: str = LIVE, attempt: Attempt | None = None) -> list[Any]:
@@ -221,7 +233,9 @@ class RequestHandler:
             timings["fetch"] = fetched.elapsed_ms
             self.metrics.fetch_ms.labels(outcome="ok").observe(fetched.elapsed_ms)
             t0 = time.perf_counter()
-            decoded = await self.engine.decode(fetched.data, self.config.decode, lane)
+            decoding = self.engine.decode(fetched.data, self.config.decode, lane)
+            decoded = await (self.tracing.span("decode", decoding, {"imgstream.image.bytes": len(fetched.data)})
+                             if self.tracing.enabled else decoding)
             del fetched
             timings["decode"] = (time.perf_counter() - t0) * 1000.0
             self.images.add(hold, decoded.nbytes)

@@ -211,6 +211,12 @@ class Intake:
         self.checkpoint.started(tp, record.offset, task)
 
     async def _request(self, tp: TopicPartition, record: Any) -> None:
-        if await self.handler.process(tp, record):
+        tracing = self.handler.tracing
+        if tracing.enabled:  # the request's span: from here to its last result acknowledged
+            with tracing.request(tp, record, self.config.kafka.group):
+                finished = await self.handler.process(tp, record)
+        else:
+            finished = await self.handler.process(tp, record)
+        if finished:
             self.checkpoint.finished(tp, record.offset)
         self.room_freed.set()

@@ -172,14 +172,15 @@ class Publisher:
                                     "(imgstream topics create) or fix its name in kafka.topics")
         return None
 
-    async def results(self, request_id: str, payloads: list[bytes],
-                      stop: asyncio.Event | None = None) -> dict[int, Exception]:
-        """Publish every payload; returns the ones refused for good (by the broker or the client), by index.
+    async def results(self, request_id: str, payloads: list[bytes], stop: asyncio.Event | None = None,
+                      headers: list[tuple[str, bytes]] | None = None) -> dict[int, Exception]:
+        """Publish every payload (with `headers`: the request's trace); returns the ones refused for good (by the
+        broker or the client), by index.
 
         Raises PublishAbandoned if the worker began stopping while some could not be sent.
         """
         key = request_id.encode()
-        sent = await asyncio.gather(*(self._send("results", self.results_topic, key, p, stop=stop)
+        sent = await asyncio.gather(*(self._send("results", self.results_topic, key, p, headers, stop=stop)
                                       for p in payloads), return_exceptions=True)
         for outcome in sent:
             if isinstance(outcome, BaseException) and not isinstance(outcome, _REFUSED):
@@ -199,10 +200,12 @@ class Publisher:
                          patience_s=DEFER_PATIENCE_S)
 
     async def dead_letter(self, key: bytes | None, value: bytes | None, letter: DeadLetter,
-                          stop: asyncio.Event | None = None) -> None:
-        """The original bytes with the reason in headers; cut to fit the message limit if they do not."""
+                          stop: asyncio.Event | None = None, trace: list[tuple[str, bytes]] | None = None) -> None:
+        """The original bytes with the reason (and `trace`, the request's trace) in headers; cut to fit the
+        message limit if they do not."""
         value = value or b""
-        headers = letter.headers()
+        trace = trace or []
+        headers = letter.headers() + trace
         limit = self.max_message_bytes
         if limit is not None:
             budget = limit - RECORD_OVERHEAD_BYTES
@@ -214,6 +217,7 @@ class Publisher:
                             len(value), room, limit)
                 letter = letter.model_copy(update={
                     "reason": f"{letter.reason} (value cut from {len(value)} to {room} bytes to fit the topic)"})
-                headers = letter.headers() + [(letter.HEADER_PREFIX + "original_bytes", str(len(value)).encode())]
+                cut = (letter.HEADER_PREFIX + "original_bytes", str(len(value)).encode())
+                headers = letter.headers() + [cut] + trace
                 value = value[:room]
         await self._send("dlq", self.dlq_topic, key, value, headers, stop=stop)

@@ -13,6 +13,7 @@ from imgstream.schemas.config import WorkerConfig
 from imgstream.service.health import build_app, start_server
 from imgstream.service.logs import setup_logging
 from imgstream.service.signals import EarlyStop
+from imgstream.service.tracing import NO_TRACING, Tracing, start_tracing
 
 log = logging.getLogger("imgstream.worker")
 
@@ -20,14 +21,14 @@ log = logging.getLogger("imgstream.worker")
 EXIT_STARTUP_FAILED = 1
 
 
-async def run_worker(config: WorkerConfig, early: EarlyStop | None = None) -> int:
+async def run_worker(config: WorkerConfig, early: EarlyStop | None = None, tracing: Tracing = NO_TRACING) -> int:
     try:
         engine = Engine(config.models)
     except RuntimeError as exc:  # device selection: no GPU where one is required, bad device name
         log.error("cannot start: %s", exc)
         return EXIT_STARTUP_FAILED
     metrics = WorkerMetrics()
-    worker = Worker(config, engine, metrics)
+    worker = Worker(config, engine, metrics, tracing)
     worker.install_signal_handlers()
     for name in early.signals if early else ():  # stop signals that came while the process started
         worker.request_stop(name)
@@ -63,5 +64,9 @@ async def run_worker(config: WorkerConfig, early: EarlyStop | None = None) -> in
 
 
 def main(config: WorkerConfig, early: EarlyStop | None = None) -> int:
-    setup_logging(config.log_level)
-    return asyncio.run(run_worker(config, early))
+    setup_logging(config.log_level, config.log_format)
+    tracing = start_tracing(config.tracing, "imgstream-worker")
+    try:
+        return asyncio.run(run_worker(config, early, tracing))
+    finally:
+        tracing.shutdown()  # exports the spans still buffered

@@ -34,6 +34,7 @@ from imgstream.kafka_clients import BrokerUnreachable, KafkaSetupError, brief, o
 from imgstream.schemas.config import WorkerConfig
 from imgstream.service.retry import retry
 from imgstream.service.signals import on_stop_signals
+from imgstream.service.tracing import NO_TRACING, Tracing
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +46,25 @@ CLOSE_TIMEOUT_S = 5.0
 class Worker:
     """Owns the consumer, producer, fetcher and engine; processes requests until stopped."""
 
-    def __init__(self, config: WorkerConfig, engine: Engine, metrics: WorkerMetrics | None = None) -> None:
+    def __init__(self, config: WorkerConfig, engine: Engine, metrics: WorkerMetrics | None = None,
+                 tracing: Tracing = NO_TRACING) -> None:
         self.config = config
         self.engine = engine
         self.metrics = metrics or WorkerMetrics()
+        self.tracing = tracing
         self.lifecycle = Lifecycle(config)
         self.images = ImageBudget(config.max_in_flight_image_bytes,
                                   worst_case=config.fetch.max_bytes + 3 * config.decode.max_pixels)
         self.retries = DeferredRetries(config.fetch, config.kafka.topics.retry)
         # Replay items take at most this share of a model batch while live items wait.
         engine.scheduler.set_replay_share(config.replay_share)
+        # Model batches are traced while tracing is on, and never otherwise (an engine may outlive its worker).
+        engine.scheduler.tracer = tracing if tracing.enabled else None
         room_freed = asyncio.Event()
         self.checkpoint = Checkpoint(config, self.metrics, self.lifecycle, self.retries)
         self.handler = RequestHandler(config, engine, self.metrics, self.images, self.retries, self.lifecycle,
                                       room_freed)
+        self.handler.tracing = tracing
         self.intake = Intake(config, self.checkpoint, self.handler, self.images, self.retries, self.lifecycle,
                              room_freed)
         self.consumer: AIOKafkaConsumer | None = None
@@ -116,7 +122,7 @@ class Worker:
 
     async def run(self) -> None:
         """Consume until `request_stop`; then drain, commit and close."""
-        async with ImageFetcher(self.config.fetch) as fetcher:
+        async with ImageFetcher(self.config.fetch, tracing=self.tracing) as fetcher:
             blobs = self.config.blobs
             fetcher.register_blob_reader("file", FileBlobReader(self.config.file_blob_roots()))
             fetcher.register_blob_reader("s3", S3BlobReader(blobs.s3_endpoint_url, blobs.s3_region,

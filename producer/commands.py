@@ -138,6 +138,7 @@ def _blob_store(args: argparse.Namespace, config: WorkerConfig) -> Any:
 
 def _submit(args: argparse.Namespace) -> int:
     from imgstream.producer.submit import build_requests, expand_inputs, read_input_list, results_table, submit
+    from imgstream.service.tracing import start_tracing
 
     config = load_config(overrides(args))
     try:
@@ -155,8 +156,12 @@ def _submit(args: argparse.Namespace) -> int:
         print(f"imgstream submit: {exc}", file=sys.stderr)
         return EXIT_USAGE
     topics = config.kafka.topics
-    results, missing = asyncio.run(submit(config.kafka, topics.requests, topics.results, requests,
-                                          wait=args.wait, timeout_s=args.timeout, progress=not args.no_progress))
+    tracing = start_tracing(config.tracing, "imgstream-submit")
+    try:
+        results, missing = asyncio.run(submit(config.kafka, topics.requests, topics.results, requests, wait=args.wait,
+                                              timeout_s=args.timeout, progress=not args.no_progress, tracing=tracing))
+    finally:
+        tracing.shutdown()
     if not args.wait:
         for outgoing, image in zip(requests, images):
             print(f"{outgoing.request.request_id}\t{image.source}")

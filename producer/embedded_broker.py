@@ -171,7 +171,8 @@ class EmbeddedBroker:
     def _spawn(self, binary: str, port: int) -> None:
         url = f"tcp://{HOST}:{port}"
         advertised_url = f"tcp://{self._advertised}" if self._advertised else url
-        env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV}
+        # Tansu reads OTEL_EXPORTER_OTLP_ENDPOINT too: the settings meant for imgstream's spans must not send its own.
+        env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV and not k.startswith("OTEL_")}
         env["NO_COLOR"] = "1"  # plain log lines, so the tail quoted in errors is readable
         assert self._log_path is not None
         with open(self._log_path, "ab") as log:

@@ -18,6 +18,7 @@ from imgstream.schemas.codec import decode_result, encode
 from imgstream.schemas.config import KafkaConfig
 from imgstream.schemas.events import AnalysisRequest, ImageRef, ResultEvent, Task, utc_now
 from imgstream.service.progress import Progress
+from imgstream.service.tracing import NO_TRACING, Tracing
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
@@ -148,8 +149,12 @@ async def _fixed_results_consumer(kafka: KafkaConfig, topic: str) -> AIOKafkaCon
 
 
 async def submit(kafka: KafkaLike, requests_topic: str, results_topic: str, outgoing: list[Outgoing], *,
-                 wait: bool, timeout_s: float, progress: bool = True) -> tuple[list[ResultEvent], int]:
-    """Publish the requests, keyed by image; with `wait`, return their results and how many are still missing."""
+                 wait: bool, timeout_s: float, progress: bool = True,
+                 tracing: Tracing = NO_TRACING) -> tuple[list[ResultEvent], int]:
+    """Publish the requests, keyed by image; with `wait`, return their results and how many are still missing.
+
+    While tracing, each request starts a trace of its own, whose context travels in its headers.
+    """
     kafka = kafka_settings(kafka)
     requests = [o.request for o in outgoing]
     consumer = await _fixed_results_consumer(kafka, results_topic) if wait else None
@@ -161,7 +166,9 @@ async def submit(kafka: KafkaLike, requests_topic: str, results_topic: str, outg
         raise
     try:
         bar = Progress("submitting", len(requests), progress)
-        sends = [await producer.send(requests_topic, key=o.key.encode(), value=encode(o.request)) for o in outgoing]
+        sends = [await producer.send(requests_topic, key=o.key.encode(), value=encode(o.request),
+                                     headers=tracing.created(requests_topic, o.key, o.request.request_id))
+                 for o in outgoing]
         for fut in asyncio.as_completed(sends):
             await fut
             bar.advance()

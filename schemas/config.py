@@ -545,6 +545,14 @@ class WorkerConfig(Settings):
     )
     log_level: str = Field(default="INFO", description="DEBUG, INFO or WARNING. DEBUG logs a line per "
                            "request (costly above a few hundred requests/s); WARNING keeps only problems.")
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="text: one readable line per event; json: one JSON object per line (time, level, "
+        "logger, message, request_id, and trace_id and span_id while tracing) for a log pipeline.")
+    tracing: bool = Field(
+        default=False, description="on: OpenTelemetry spans of every request (worker), batch (sink) and submit go "
+        "out over OTLP/HTTP as the standard OTEL_* variables say (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, "
+        "OTEL_TRACES_SAMPLER, ...); needs the otel extra. off: no tracing work at all; a request's own traceparent "
+        "still travels on to its results.")
     replay_share: float = Field(
         default=0.2, ge=0.0, le=1.0, description="While live requests wait, replayed ones (the replay topic) may "
         "hold at most this share of max_in_flight and of each model batch; with the live lane idle, replay may use "

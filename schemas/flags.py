@@ -25,6 +25,11 @@ def add_http(p: argparse.ArgumentParser, paths: str) -> None:
                    "interface, e.g. in a container).")
 
 
+def add_log_format(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-format", choices=["text", "json"],
+                   help="text (default): readable lines; json: one JSON object per line, for a log pipeline.")
+
+
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
     """CLI flags as a nested config override; unset flags leave env/defaults alone."""
     kafka: dict[str, Any] = {"bootstrap": getattr(args, "bootstrap", None), "group": getattr(args, "group", None)}
@@ -47,4 +52,5 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "replay_share": getattr(args, "replay_share", None),
         "processes": getattr(args, "processes", None),
         "log_level": getattr(args, "log_level", None),
+        "log_format": getattr(args, "log_format", None),
     }

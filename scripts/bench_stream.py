@@ -27,6 +27,13 @@ max_length 20); W4 pipeline overhead (an unknown task type on 64 px images: fetc
     python scripts/bench_stream.py --device cuda --json gpu.json    # sized for one H100/H200
     python scripts/bench_stream.py --workloads W1,W5 --requests 2000 --batching '{"clip": {"max_batch_size": 128}}'
     python scripts/bench_stream.py --bootstrap 127.0.0.1:9092 --workloads W4 --max-in-flight 256
+    python scripts/bench_stream.py --workloads W4 --tracing        # W4 untraced, then traced: the ratio
+
+With --tracing each workload's stream runs twice, the second time with tracing on (IMGSTREAM_TRACING=on),
+its spans exported over OTLP/HTTP to a receiver this process runs on loopback (scripts/otlp_receiver.py),
+so the worker pays for making, encoding and sending every span; the report gives traced/untraced.
+OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG, when set here, sample the traced run (e.g.
+parentbased_traceidratio and 0.01).
 
 Progress goes to stderr and the table to stdout. The exit status is 1 when a stream run lost
 results (or timed out) or a worker exited non-zero.
@@ -444,6 +451,7 @@ class Context:
     run_id: str
     light_requests: int
     light_max_s: float
+    otlp: Any = None  # the OTLP receiver traced workers export to (--tracing)
 
 
 async def produce(producer: AIOKafkaProducer, topic: str, rid: str, image: dict[str, str],
@@ -473,8 +481,11 @@ async def wait_for_results(collector: ResultCollector, phase: str, expected: int
     return True
 
 
-async def run_stream(ctx: Context, workload: Workload, images: RequestImages, n: int) -> StreamRun:
-    """Backlog of n requests, a fresh worker from its first consume to the last result, then light load."""
+async def run_stream(ctx: Context, workload: Workload, images: RequestImages, n: int,
+                     traced: bool = False) -> StreamRun:
+    """Backlog of n requests, a fresh worker from its first consume to the last result, then light load.
+
+    `traced`: the worker runs with tracing on, exporting to `ctx.otlp`."""
     args = ctx.args
     tasks = [dict(task) for task in workload.tasks]
     run = StreamRun(requests=n, tasks=len(tasks))
@@ -486,7 +497,13 @@ async def run_stream(ctx: Context, workload: Workload, images: RequestImages, n:
         allow_private_addresses=True, max_in_flight=args.max_in_flight,
         max_in_flight_image_bytes=args.max_in_flight_image_bytes, batching=args.batching,
     )
-    worker = WorkerProcess(env, find_free_port(), ctx.workdir / f"worker-{workload.name}.log")
+    env = {k: v for k, v in env.items() if not k.startswith("OTEL_")}
+    if traced:  # this process's OTEL_TRACES_SAMPLER(_ARG), if set, samples the traced run
+        env.update({k: v for k, v in os.environ.items() if k.startswith("OTEL_TRACES_SAMPLER")})
+        env.update({"IMGSTREAM_TRACING": "on", "OTEL_EXPORTER_OTLP_ENDPOINT": ctx.otlp.endpoint,
+                    "OTEL_SERVICE_NAME": "imgstream-worker-bench"})
+    worker = WorkerProcess(env, find_free_port(),
+                           ctx.workdir / f"worker-{workload.name}{'-traced' if traced else ''}.log")
     run.worker_log = str(worker.log_path)
     run.worker_env = {k: v for k, v in env.items() if k.startswith("IMGSTREAM_") and "__TOPICS__" not in k}
     collector = ResultCollector(ctx.bootstrap, topics.results)
@@ -999,9 +1016,12 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def workload_summary(workload: Workload, stream: dict[str, Any], seed: dict[str, Any] | None,
-                     model_only: dict[str, Any] | None) -> dict[str, Any]:
+                     model_only: dict[str, Any] | None, traced: dict[str, Any] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"title": workload.title, "stream": stream,
                            "seed_style": seed or {"images_per_s": None}}
+    if traced is not None:  # --tracing: the same stream with tracing on, and its throughput over the untraced one
+        out["traced"] = traced
+        out["traced_over_untraced"] = _ratio(traced["images_per_s"], stream["images_per_s"])
     if workload.model_only:
         out["model_only"] = model_only or {"images_per_s": None, "batch_size": None}
     out["stream_over_seed"] = _ratio(stream["images_per_s"], out["seed_style"]["images_per_s"])
@@ -1014,6 +1034,10 @@ def failures(report: dict[str, Any]) -> list[str]:
     """Why the run failed: lost results (backlog or light load), a worker that did not exit 0."""
     out = []
     for name, workload in report["workloads"].items():
+        traced = workload.get("traced")
+        if traced and (traced["results_received"] < traced["results_expected"] or traced["worker_exit_code"] != 0):
+            out.append(f"{name} traced: {traced['results_received']}/{traced['results_expected']} results, "
+                       f"worker exit status {traced['worker_exit_code']}")
         stream = workload["stream"]
         if stream["results_received"] < stream["results_expected"]:
             out.append(f"{name}: {stream['results_received']}/{stream['results_expected']} backlog results")
@@ -1097,6 +1121,14 @@ def render(report: dict[str, Any]) -> str:
         if len(parts) > 1:
             out.append(f"{name} model-only parts: " + "; ".join(
                 f"{p['part']} x{p['per_image']} at batch {p['batch_size']}: {p['items_per_s']:.1f}/s" for p in parts))
+    for name, w in report["workloads"].items():
+        if "traced" in w:
+            tr, st = w["traced"], w["stream"]
+            cpu = [_fmt(run["cpu_ms_per_image"].get("worker"), ".2f") for run in (tr, st)]
+            out.append(f"{name} tracing on: {_fmt(tr['images_per_s'])} img/s (untraced {_fmt(st['images_per_s'])}; "
+                       f"traced/untraced {_fmt(w['traced_over_untraced'], '.2f', 'x')}), p50 "
+                       f"{_fmt(tr['p50_ms'], '.0f')} ms (untraced {_fmt(st['p50_ms'], '.0f')}), worker CPU ms/img "
+                       f"{cpu[0]} (untraced {cpu[1]}), {tr.get('spans_exported')} spans exported")
     out += ["", "CPU s are user+system seconds during the backlog window (t0 to the last result); other jobs' CPU s "
             "is what the rest of the machine used meanwhile (during each baseline for the last two): well above "
             "zero means the figures are disturbed."]
@@ -1151,6 +1183,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="imgstream-bench-stream-"))
     embedded = None
     server = None
+    ctx: Context | None = None
     report_workloads: dict[str, Any] = {}
     try:
         bootstrap = args.bootstrap
@@ -1161,6 +1194,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                       broker_pid=embedded_broker_pid() if embedded is not None else None, workdir=workdir,
                       run_id=uuid.uuid4().hex[:8], light_requests=light_requests, light_max_s=light_max_s)
         server = ImageServer().start()
+        if args.tracing:
+            from otlp_receiver import OtlpReceiver  # needs the otel extra (opentelemetry-proto)
+
+            ctx.otlp = OtlpReceiver().start()
         bank = ImageBank(STREAM_PHOTOS)
         models: dict[str, Any] = {}
         for workload in workloads:
@@ -1196,7 +1233,14 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             seed = seed_style_summary(seed_times)
             seed["other_cpu_s"] = round(seed_other.seconds + other.seconds, 2)
             log(f"{workload.name} seed-style: {seed['images_per_s']:.2f} img/s over {seed['requests']} requests")
-            report_workloads[workload.name] = workload_summary(workload, stream, seed, model_only)
+            traced = None
+            if args.tracing:
+                before = ctx.otlp.total()
+                traced = stream_summary(await run_stream(ctx, workload, images, sizes[workload.name], traced=True))
+                traced["spans_exported"] = ctx.otlp.total() - before
+                log(f"{workload.name} traced stream: {_fmt(traced['images_per_s'], '.2f')} img/s, p50 "
+                    f"{_fmt(traced['p50_ms'], '.0f')} ms, {traced['spans_exported']} spans exported")
+            report_workloads[workload.name] = workload_summary(workload, stream, seed, model_only, traced)
             images.remove_files()
             del server.sets[workload.name]
             if device.type == "cuda":
@@ -1204,6 +1248,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if server is not None:
             server.stop()
+        if ctx is not None and ctx.otlp is not None:
+            ctx.otlp.stop()
         if embedded is not None:
             embedded.stop()
     machine["loadavg_end"] = load_average()
@@ -1218,6 +1264,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "max_in_flight": args.max_in_flight,
         "max_in_flight_image_bytes": args.max_in_flight_image_bytes,
         "batching": args.batching,
+        "tracing": args.tracing,
+        "tracing_sampler": {k: v for k, v in os.environ.items() if k.startswith("OTEL_TRACES_SAMPLER")},
         "light_rate": args.light_rate,
         "light_requests": light_requests,
         "light_max_s": light_max_s,
@@ -1267,6 +1315,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds to wait for one phase's results (default 900)")
     parser.add_argument("--startup-timeout", type=float, default=300.0,
                         help="seconds for the worker to get ready (default 300)")
+    parser.add_argument("--tracing", action="store_true",
+                        help="run each stream a second time with tracing on (spans exported over OTLP/HTTP to a "
+                        "receiver on loopback) and report traced/untraced")
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the worker logs even when all went well")
     args = parser.parse_args(argv)

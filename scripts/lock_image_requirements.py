@@ -18,7 +18,7 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
 # image -> the extras of imgstream it installs (the Dockerfile's stages install the matching file)
-IMAGES = {"slim": ("sink", "s3"), "worker": ("worker", "sink", "s3")}
+IMAGES = {"slim": ("sink", "s3", "otel"), "worker": ("worker", "sink", "s3", "otel")}
 # Installed by Dockerfile steps of their own: torch and torchvision from the build's torch index,
 # facenet-pytorch without its dependencies (it pins an old torch).
 OWN_STEP = {"torch", "torchvision", "facenet-pytorch"}

@@ -43,6 +43,8 @@ class Batch:
     malformed: Counter[TopicPartition] = field(default_factory=Counter)
     rejected: Counter[TopicPartition] = field(default_factory=Counter)
     first_at: float | None = None
+    traced: bool = False  # keep each record's headers, for the batch's span to link to their traces
+    traces: list[tuple[TopicPartition, Any]] = field(default_factory=list)
 
     @property
     def records(self) -> int:
@@ -55,6 +57,8 @@ class Batch:
             self.first_at = time.monotonic()
         self.read[tp] += 1
         self.next_offsets[tp] = record.offset + 1
+        if self.traced and record.headers:
+            self.traces.append((tp, record.headers))
         where = f"{tp.topic}[{tp.partition}]@{record.offset}"
         try:
             if record.value is None:
@@ -76,6 +80,7 @@ class Batch:
         """Forget what was read from `partitions` (never committed: their next owner reads it again)."""
         dropped = sum(self.read[tp] for tp in partitions)
         self.rows = [(tp, row) for tp, row in self.rows if tp not in partitions]
+        self.traces = [(tp, headers) for tp, headers in self.traces if tp not in partitions]
         for tp in partitions:
             for counts in (self.read, self.malformed, self.rejected):
                 counts.pop(tp, None)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from imgstream.schemas.config import load_config
-from imgstream.schemas.flags import EXIT_USAGE, Command, add_bootstrap, add_http
+from imgstream.schemas.flags import EXIT_USAGE, Command, add_bootstrap, add_http, add_log_format
 from imgstream.schemas.operations import OPERATIONS, TARGETS
 
 
@@ -18,7 +18,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             "http_port": getattr(args, "http_port", None), "http_host": getattr(args, "http_host", None)}
     return {"kafka": {"bootstrap": getattr(args, "bootstrap", None)}, "sink": sink,
             "models": {"weights": getattr(args, "weights", None), "device": getattr(args, "device", None)},
-            "log_level": getattr(args, "log_level", None)}
+            "log_level": getattr(args, "log_level", None), "log_format": getattr(args, "log_format", None)}
 
 
 def _configure_sink(p: argparse.ArgumentParser) -> None:
@@ -37,13 +37,14 @@ def _configure_sink(p: argparse.ArgumentParser) -> None:
                     help="Write a batch at the latest this many ms after its first record (default 500).")
     add_http(pv, "/healthz /readyz /metrics")
     pv.add_argument("--log-level", help="DEBUG, INFO (default), WARNING.")
+    add_log_format(pv)
 
 
 def _sink(args: argparse.Namespace) -> int:
     from imgstream.sink.run import main  # psycopg is imported only here
 
     config = load_config(_overrides(args))
-    return main(config.kafka, config.sink, config.log_level)
+    return main(config)
 
 
 def _configure_search(p: argparse.ArgumentParser) -> None:

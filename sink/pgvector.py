@@ -20,11 +20,11 @@ from imgstream.kafka_clients import BrokerUnreachable, brief, open_consumer
 from imgstream.schemas.config import KafkaConfig, SinkConfig
 from imgstream.service.retry import Backoff, retry, sleep_unless
 from imgstream.service.signals import on_stop_signals
+from imgstream.service.tracing import NO_TRACING, Tracing
 from imgstream.sink.batch import Batch, SinkStats
 from imgstream.sink.database import UNAVAILABLE, Database
 from imgstream.sink.metrics import SinkMetrics
-from imgstream.sink.report import lag_by_partition, register_gauges
-from imgstream.sink.rows import WriteReport
+from imgstream.sink.report import account, register_gauges
 
 log = logging.getLogger("imgstream.sink")
 
@@ -50,8 +50,10 @@ class _FlushOnRevoke(ConsumerRebalanceListener):
 class PgVectorSink:
     """Consumes the results topic into PostgreSQL; offsets are committed after the rows."""
 
-    def __init__(self, kafka: KafkaConfig, sink: SinkConfig, dsn: str, metrics: SinkMetrics | None = None) -> None:
+    def __init__(self, kafka: KafkaConfig, sink: SinkConfig, dsn: str, metrics: SinkMetrics | None = None,
+                 tracing: Tracing = NO_TRACING) -> None:
         self.kafka = kafka
+        self.tracing = tracing
         self.config = sink
         self.dsn = dsn
         self.stats = SinkStats()
@@ -60,7 +62,7 @@ class PgVectorSink:
         self.consumer: AIOKafkaConsumer | None = None
         self.db = Database(dsn, sink, self.metrics)
         self.broker_reachable = False
-        self.batch = Batch()  # what is being read
+        self.batch = Batch(traced=tracing.enabled)  # what is being read
         self.pending: Batch | None = None  # a batch the database could not take yet
         self._flush_lock = asyncio.Lock()
         self.positions: dict[TopicPartition, int] = {}  # committed offsets (what is written)
@@ -285,24 +287,27 @@ class PgVectorSink:
             if self.pending is not None:
                 batch = self.pending
             else:
-                batch, self.batch = self.batch, Batch()
+                batch, self.batch = self.batch, Batch(traced=self.tracing.enabled)
                 if batch.records == 0:
                     return True
             if self.db.store is None:
                 self.pending = batch
                 return False
-            started = time.perf_counter()
-            try:
-                report = await self.db.store.write([row for _, row in batch.rows])
-            except UNAVAILABLE as exc:
-                self.pending = batch
-                self.db.lost(exc, "write", consuming=self.consumer is not None)
-                return False
-            db_ms = (time.perf_counter() - started) * 1000.0
-            self.pending = None
-            self.db.found()
-            await self._commit(batch.next_offsets)
-            self._account(batch, report, db_ms)
+            # One span per batch written, linked to the trace of each result in it (tracing on).
+            with self.tracing.consumed(self.kafka.topics.results, self.config.group,
+                                       [headers for _, headers in batch.traces], batch.records):
+                started = time.perf_counter()
+                try:
+                    report = await self.db.store.write([row for _, row in batch.rows])
+                except UNAVAILABLE as exc:
+                    self.pending = batch
+                    self.db.lost(exc, "write", consuming=self.consumer is not None)
+                    return False
+                db_ms = (time.perf_counter() - started) * 1000.0
+                self.pending = None
+                self.db.found()
+                await self._commit(batch.next_offsets)
+            account(self, batch, report, db_ms)
             return True
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
@@ -321,27 +326,3 @@ class PgVectorSink:
         if owned:
             self.metrics.commits.labels(outcome="ok").inc()
         self.positions.update(owned)
-
-    def _account(self, batch: Batch, report: WriteReport, db_ms: float) -> None:
-        stats, m = self.stats, self.metrics
-        records, malformed = batch.records, sum(batch.malformed.values())
-        rejected = sum(batch.rejected.values()) + len(report.rejected)
-        stats.batches += 1
-        stats.records += records
-        stats.rows += report.rows
-        stats.malformed += malformed
-        stats.rejected += rejected
-        stats.rows_by_table.update(report.written)
-        m.batches.inc()
-        m.write_ms.observe(db_ms)
-        m.records.labels(outcome="written").inc(records - malformed - rejected)
-        m.records.labels(outcome="malformed").inc(malformed)
-        m.records.labels(outcome="rejected").inc(rejected)
-        for table, n in report.written.items():
-            m.rows.labels(table=table).inc(n)
-        for event_id, why in report.rejected:
-            log.warning("database rejected result %s: %s", event_id, brief(why, 300))
-        tables = ", ".join(f"{t} {n}" for t, n in sorted(report.written.items())) or "none"
-        log.info("batch %d: %d records -> %d rows (%s), %d skipped, db %.0f ms, lag %s; total %d rows",
-                 stats.batches, records, report.rows, tables, malformed + rejected, db_ms,
-                 sum(lag_by_partition(self).values()), stats.rows)

@@ -7,8 +7,9 @@ import asyncio
 import logging
 
 from imgstream.kafka_clients import check_login
-from imgstream.schemas.config import KafkaConfig, SinkConfig
+from imgstream.schemas.config import KafkaConfig, SinkConfig, WorkerConfig
 from imgstream.service.logs import setup_logging
+from imgstream.service.tracing import NO_TRACING, Tracing, start_tracing
 from imgstream.sink.database import DatabaseGaveUp
 from imgstream.sink.pgvector import PgVectorSink
 
@@ -17,7 +18,7 @@ log = logging.getLogger("imgstream.sink")
 EXIT_DATABASE_GONE = 1
 
 
-async def run_sink(kafka: KafkaConfig, sink: SinkConfig) -> int:
+async def run_sink(kafka: KafkaConfig, sink: SinkConfig, tracing: Tracing = NO_TRACING) -> int:
     await check_login(kafka)  # a refused login or certificate ends the start now, before the database waits
     dsn = sink.database_uri()
     if dsn is None:
@@ -26,7 +27,7 @@ async def run_sink(kafka: KafkaConfig, sink: SinkConfig) -> int:
         embedded = await asyncio.to_thread(start_embedded_postgres, sink.data_dir)
         dsn = embedded.uri
         print(f"embedded PostgreSQL with pgvector\n  data dir: {embedded.data_dir}\n  dsn: {dsn}", flush=True)
-    sink_loop = PgVectorSink(kafka, sink, dsn)
+    sink_loop = PgVectorSink(kafka, sink, dsn, tracing=tracing)
     sink_loop.install_signal_handlers()
     runner = None
     if sink.http_port is not None:
@@ -45,6 +46,10 @@ async def run_sink(kafka: KafkaConfig, sink: SinkConfig) -> int:
     return 0
 
 
-def main(kafka: KafkaConfig, sink: SinkConfig, log_level: str = "INFO") -> int:
-    setup_logging(log_level)
-    return asyncio.run(run_sink(kafka, sink))
+def main(config: WorkerConfig) -> int:
+    setup_logging(config.log_level, config.log_format)
+    tracing = start_tracing(config.tracing, "imgstream-sink")
+    try:
+        return asyncio.run(run_sink(config.kafka, config.sink, tracing))
+    finally:
+        tracing.shutdown()

@@ -183,6 +183,20 @@ def test_http_ports_bind_loopback_by_default_and_every_interface_in_containers()
     assert "localhost:8080/readyz" in healthcheck
 
 
+def test_tracing_profile_takes_every_processs_spans_through_the_collector_to_jaeger():
+    services = compose()["services"]
+    assert services["otel-collector"]["profiles"] == services["jaeger"]["profiles"] == ["tracing"]
+    assert "./deploy/otel/collector.yaml:/etc/otelcol/collector.yaml:ro" in services["otel-collector"]["volumes"]
+    collector = yaml.safe_load((ROOT / "deploy" / "otel" / "collector.yaml").read_text())
+    assert collector["receivers"]["otlp"]["protocols"]["http"]["endpoint"] == "0.0.0.0:4318"
+    assert collector["exporters"]["otlp/jaeger"]["endpoint"] == "jaeger:4317"
+    assert collector["service"]["pipelines"]["traces"]["exporters"] == ["otlp/jaeger"]
+    for name in (*SLIM_SERVICES, *WORKER_SERVICES):
+        env = {k: interpolate(v) for k, v in services[name]["environment"].items()}
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318"
+        assert load_config(environ=env).tracing is False  # on only when asked for: IMGSTREAM_TRACING=on
+
+
 # -- docker-compose.yml, by a compose client -----------------------------------------------------
 
 
@@ -216,6 +230,7 @@ COMPOSE_CLIENTS = {
     ("cpu", {"kafka", "topics", "worker", "postgres", "sink", "prometheus", "grafana"}),
     ("gpu", {"kafka", "topics", "worker-gpu0", "postgres", "sink", "prometheus", "grafana"}),
     ("tools", {"kafka", "topics", "cli", "postgres", "sink", "prometheus", "grafana"}),
+    ("tracing", {"kafka", "topics", "postgres", "sink", "prometheus", "grafana", "otel-collector", "jaeger"}),
 ])
 def test_compose_config_accepts_the_file(client, profile, services):
     find, missing = COMPOSE_CLIENTS[client]
@@ -307,7 +322,8 @@ def _lock(image: str) -> dict[str, str]:
     return pins
 
 
-@pytest.mark.parametrize("image, extras", [("slim", ("sink", "s3")), ("worker", ("worker", "sink", "s3"))])
+@pytest.mark.parametrize("image, extras", [("slim", ("sink", "s3", "otel")),
+                                           ("worker", ("worker", "sink", "s3", "otel"))])
 def test_image_lock_files_pin_every_declared_dependency_within_its_range(image, extras):
     stage = " ".join(_stages()[image])
     assert f"deploy/requirements-{image}.txt" in stage

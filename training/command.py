@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from imgstream.schemas.config import RankMetric, WorkerConfig, load_config
-from imgstream.schemas.flags import Command
+from imgstream.schemas.flags import Command, add_log_format
 from imgstream.schemas.operations import TARGETS
 
 EXIT_OK, EXIT_COLLECTION_FAILED, EXIT_USAGE = 0, 1, 2
@@ -73,6 +73,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     out.add_argument("--report", type=Path, metavar="PATH", help="Write the run's JSON report here.")
     out.add_argument("--no-progress", action="store_true", help="No progress bar on stderr.")
     out.add_argument("--log-level", default="WARNING", metavar="LEVEL", help="DEBUG, INFO, WARNING (default).")
+    add_log_format(out)
     engine = p.add_argument_group("engine (for image files without embeddings)")
     engine.add_argument("--weights", choices=["pretrained", "random"], help="Embedding model weights.")
     engine.add_argument("--device", help="auto (default), cpu, cuda or cuda:N.")
@@ -94,7 +95,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
                 "holdout_fraction": args.holdout_fraction, "min_holdout_per_class": args.min_holdout,
                 "min_examples_per_class": args.min_examples, "prune_grace_s": args.prune_grace}
     return {"training": training, "sink": {"dsn": args.dsn, "data_dir": args.data_dir},
-            "models": {"classifiers_dir": args.classifiers_dir, "weights": args.weights, "device": args.device}}
+            "models": {"classifiers_dir": args.classifiers_dir, "weights": args.weights, "device": args.device},
+            "log_format": args.log_format}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -114,8 +116,13 @@ def run_command(config: WorkerConfig, inputs: Any, report_path: Path | None = No
     from imgstream.training.registry import RegistryLocked
     from imgstream.training.report import notes_text, summary_table, write_report
 
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.log_format == "json":
+        from imgstream.service.logs import setup_logging
+
+        setup_logging(log_level, "json")
+    else:
+        logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         report = run_training(config, inputs)
     except (UsageError, RegistryLocked) as exc:
