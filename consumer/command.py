@@ -46,7 +46,7 @@ def _run(args: argparse.Namespace) -> int:
         from imgstream.consumer.processes import supervise
         from imgstream.service.logs import setup_logging
 
-        setup_logging(config.log_level)
+        setup_logging(config.log_level, config.log_format)
         return supervise(config, early.signals)
     from imgstream.consumer.run import main  # torch is imported only here
 
