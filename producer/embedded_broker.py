@@ -66,6 +66,12 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
     return data
 
 
+def read_frame(sock: socket.socket) -> bytes:
+    """One size-prefixed Kafka protocol frame (a request or a response) from a blocking socket."""
+    (size,) = struct.unpack(">i", _recv_exact(sock, 4))
+    return _recv_exact(sock, size)
+
+
 def probe_metadata(host: str, port: int, timeout_s: float = 1.0) -> bool:
     """Whether a Kafka broker at host:port answers a Metadata request listing at least one broker."""
     client_id = b"imgstream-probe"
@@ -75,8 +81,7 @@ def probe_metadata(host: str, port: int, timeout_s: float = 1.0) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as sock:
             sock.sendall(struct.pack(">i", len(body)) + body)
-            (size,) = struct.unpack(">i", _recv_exact(sock, 4))
-            response = _recv_exact(sock, size)
+            response = read_frame(sock)
     except (OSError, ConnectionError):
         return False
     if len(response) < 8:

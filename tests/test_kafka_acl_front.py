@@ -27,6 +27,7 @@ from aiokafka.errors import (
 from aiokafka.protocol.metadata import MetadataRequest
 
 from imgstream.kafka_clients.permissions import topic_access
+from imgstream.producer.embedded_broker import read_frame
 from tests.kafka_acl import MAX_VERSIONS, NOT_REPORTED, AclPolicy
 from tests.kafka_helpers import FAST_GROUP, consume_all
 from tests.secure_kafka import Listener, acl_listener_running
@@ -364,7 +365,7 @@ async def test_a_topic_without_a_policy_entry_is_not_reported(acl_listener: List
 
 def _request(sock: socket.socket, api_key: int, version: int, body: bytes, correlation_id: int = 7) -> bytes:
     _send(sock, api_key, version, body, correlation_id)
-    frame = _receive(sock)
+    frame = read_frame(sock)
     assert struct.unpack_from(">i", frame)[0] == correlation_id
     return frame[4:]
 
@@ -373,20 +374,6 @@ def _send(sock: socket.socket, api_key: int, version: int, body: bytes, correlat
           flexible: bool = False) -> None:
     header = struct.pack(">hhih", api_key, version, correlation_id, 3) + b"raw" + (b"\0" if flexible else b"")
     sock.sendall(struct.pack(">i", len(header) + len(body)) + header + body)
-
-
-def _receive(sock: socket.socket) -> bytes:
-    def exactly(n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = sock.recv(n - len(data))
-            if not chunk:
-                raise ConnectionError("closed")
-            data += chunk
-        return data
-
-    (size,) = struct.unpack(">i", exactly(4))
-    return exactly(size)
 
 
 def _api_versions(body: bytes, flexible: bool) -> dict[int, tuple[int, int]]:
@@ -411,11 +398,11 @@ def test_api_versions_are_capped_at_what_the_front_checks(acl_listener: Listener
     body = b"\x04raw\x041.0\x00" if flexible else b""  # v3: client software name and version
     with socket.create_connection((host, int(port)), timeout=5) as sock:
         _send(sock, 18, version, body, 7, flexible=flexible)
-        fronted = _api_versions(_receive(sock)[4:], flexible)
+        fronted = _api_versions(read_frame(sock)[4:], flexible)
     upstream_host, _, upstream_port = acl_listener.upstream.rpartition(":")
     with socket.create_connection((upstream_host, int(upstream_port)), timeout=5) as sock:
         _send(sock, 18, version, body, 7, flexible=flexible)
-        tansu = _api_versions(_receive(sock)[4:], flexible)
+        tansu = _api_versions(read_frame(sock)[4:], flexible)
 
     assert fronted.keys() == tansu.keys()
     for key, (low, high) in tansu.items():
@@ -428,7 +415,7 @@ def test_a_version_the_front_cannot_check_closes_the_connection(acl_listener: Li
     with socket.create_connection((host, int(port)), timeout=5) as sock:
         _send(sock, 3, 9, b"\x01\x00\x00\x00\x00", 7, flexible=True)  # Metadata v9: flexible
         with pytest.raises(ConnectionError):
-            _receive(sock)
+            read_frame(sock)
     errors = [e for e in acl_listener.front.events if e.kind == "error"]
     assert len(errors) == 1
     assert "api_key=3 v9" in errors[0].detail
@@ -449,7 +436,7 @@ def test_answers_from_the_front_wait_for_the_broker_s_earlier_answers(
         for correlation_id in range(1, 21, 2):
             _send(sock, 3, 1, struct.pack(">i", -1), correlation_id)  # all topics
             _send(sock, 0, 3, produce, correlation_id + 1)
-        answers = [_receive(sock) for _ in range(20)]
+        answers = [read_frame(sock) for _ in range(20)]
     assert [struct.unpack_from(">i", a)[0] for a in answers] == list(range(1, 21))
     refused = answers[1][4:]
     (count,) = struct.unpack_from(">i", refused)
@@ -483,7 +470,7 @@ async def test_acl_behind_sasl() -> None:
         host, _, port = listener.bootstrap.rpartition(":")
         with socket.create_connection((host, int(port)), timeout=5) as sock:
             _send(sock, 18, 0, b"", 7)  # before login
-            versions = _api_versions(_receive(sock)[4:], flexible=False)
+            versions = _api_versions(read_frame(sock)[4:], flexible=False)
     assert versions[1][1] == MAX_VERSIONS[1]  # Fetch: Tansu offers more
     kinds = {e.kind for e in listener.front.events}  # and "refused": the raw socket closed before login
     assert {"authenticated", "denied"} <= kinds

@@ -23,6 +23,7 @@ from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed, Unsu
 from aiokafka.helpers import create_ssl_context
 from aiokafka.protocol.metadata import MetadataRequest
 
+from imgstream.producer.embedded_broker import read_frame
 from tests.kafka_helpers import FAST_GROUP
 from tests.secure_kafka import (
     ALL_MECHANISMS,
@@ -354,23 +355,9 @@ def _send_request(sock: socket.socket, api_key: int, version: int, body: bytes, 
     client_id = b"raw"
     header = struct.pack(">hhih", api_key, version, 99, len(client_id)) + client_id + (b"\0" if flexible else b"")
     sock.sendall(struct.pack(">i", len(header) + len(body)) + header + body)
-    response = _receive_frame(sock)
+    response = read_frame(sock)
     assert struct.unpack_from(">i", response)[0] == 99
     return response[5:] if flexible else response[4:]
-
-
-def _receive_frame(sock: socket.socket) -> bytes:
-    def exactly(n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = sock.recv(n - len(data))
-            if not chunk:
-                raise ConnectionError("closed")
-            data += chunk
-        return data
-
-    (size,) = struct.unpack(">i", exactly(4))
-    return exactly(size)
 
 
 def _raw_handshake(sock: socket.socket, mechanism: str, version: int) -> tuple[int, list[str]]:
@@ -412,7 +399,7 @@ def test_sasl_handshake_v0_takes_bare_tokens(secure_cluster: SecureCluster) -> N
         assert _raw_handshake(sock, "PLAIN", version=0) == (0, list(ALL_MECHANISMS))
         token = b"\0alice\0alice-secret"
         sock.sendall(struct.pack(">i", len(token)) + token)
-        assert _receive_frame(sock) == b""
+        assert read_frame(sock) == b""
         # Authenticated: Kafka requests now reach the broker.
         metadata = _send_request(sock, 3, 0, struct.pack(">i", 0))
         assert struct.unpack_from(">i", metadata)[0] == 1  # one broker
@@ -426,4 +413,4 @@ def test_invalid_oauth_token_then_control_a_is_error_58(secure_cluster: SecureCl
         assert first == (0, None, b'{"status":"invalid_token"}')
         assert _authenticate_v2(sock, b"\x01") == (58, '{"status":"invalid_token"}', b"")
         with pytest.raises(ConnectionError):
-            _receive_frame(sock)
+            read_frame(sock)
