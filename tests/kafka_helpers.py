@@ -63,3 +63,60 @@ async def consume_all(
     finally:
         await consumer.stop()
     return records
+
+
+class TopicReader:
+    """Reads `topics` from the start in the background with a group-less consumer; `take` sees each record."""
+
+    def __init__(self, bootstrap: str, *topics: str) -> None:
+        self.bootstrap = bootstrap
+        self.topics = topics
+        self._task: asyncio.Task | None = None
+
+    def take(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> TopicReader:
+        consumer = AIOKafkaConsumer(*self.topics, bootstrap_servers=self.bootstrap, group_id=None,
+                                    auto_offset_reset="earliest")
+        await consumer.start()
+        self._task = asyncio.create_task(self._read(consumer))
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.wait([self._task])
+
+    async def _read(self, consumer: AIOKafkaConsumer) -> None:
+        try:
+            while True:
+                for records in (await consumer.getmany(timeout_ms=200)).values():
+                    for record in records:
+                        self.take(record)
+        finally:
+            await consumer.stop()
+
+
+class Background:
+    """Runs `run()` in a task from `async with` until `stop()` (or the block's end); `run` watches `stopping`."""
+
+    def __init__(self) -> None:
+        self.stopping = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def run(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Background:
+        self._task = asyncio.create_task(self.run())
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Ask `run` to stop, and wait until it has."""
+        self.stopping.set()
+        if self._task is not None:
+            await self._task

@@ -10,9 +10,8 @@ import time
 import uuid
 from collections import Counter
 
-import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -24,6 +23,7 @@ from imgstream.schemas.codec import InvalidEvent, decode_request, decode_result,
 from imgstream.schemas.config import FetchConfig, KafkaConfig, WorkerConfig
 from imgstream.schemas.events import MAX_JSON_DEPTH, MAX_METADATA_BYTES, AnalysisRequest, DeadLetter, ModelInfo
 from imgstream.schemas.operations import OPERATIONS
+from tests.kafka_helpers import TopicReader
 from tests.worker_procs import jpeg_bytes
 
 DLQ_CODES = {"empty", "not_json", "schema_violation"}
@@ -172,40 +172,21 @@ def test_requests_built_in_python_validate_only_when_every_result_encodes(crops,
 # -- through a running worker and the real broker ----------------------------------------------------
 
 
-class Outcomes:
+class Outcomes(TopicReader):
     """Reads the results and DLQ topics from the start in the background."""
 
     def __init__(self, bootstrap: str, results: str, dlq: str) -> None:
-        self.bootstrap, self.topics = bootstrap, (results, dlq)
+        super().__init__(bootstrap, results, dlq)
         self.results: Counter[tuple[str, str]] = Counter()
         self.dead: set[tuple[int, int]] = set()  # (source partition, source offset)
-        self._task: asyncio.Task | None = None
 
-    async def __aenter__(self) -> Outcomes:
-        consumer = AIOKafkaConsumer(*self.topics, bootstrap_servers=self.bootstrap, group_id=None,
-                                    auto_offset_reset="earliest")
-        await consumer.start()
-        self._task = asyncio.create_task(self._read(consumer))
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        await asyncio.wait([self._task])
-
-    async def _read(self, consumer: AIOKafkaConsumer) -> None:
-        try:
-            while True:
-                for tp, records in (await consumer.getmany(timeout_ms=200)).items():
-                    for record in records:
-                        if tp.topic == self.topics[0]:
-                            result = decode_result(record.value)
-                            self.results[result.request_id, result.operation_id] += 1
-                        else:
-                            letter = DeadLetter.from_headers(record.headers)
-                            self.dead.add((letter.source_partition, letter.source_offset))
-        finally:
-            await consumer.stop()
+    def take(self, record) -> None:
+        if record.topic == self.topics[0]:
+            result = decode_result(record.value)
+            self.results[result.request_id, result.operation_id] += 1
+        else:
+            letter = DeadLetter.from_headers(record.headers)
+            self.dead.add((letter.source_partition, letter.source_offset))
 
 
 async def _send_and_await_outcomes(producer: AIOKafkaProducer, topic: str, outcomes: Outcomes,

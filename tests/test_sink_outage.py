@@ -18,7 +18,7 @@ from imgstream.producer.embedded_broker import find_free_port
 from imgstream.schemas.codec import encode
 from imgstream.sink.embedded_pg import EmbeddedPostgres, start_embedded_postgres
 from imgstream.sink.pgvector import PgVectorSink
-from tests.kafka_helpers import produce
+from tests.kafka_helpers import Background, produce
 from tests.sink_procs import start_sink, until_ready
 from tests.test_observability import parse_prometheus, sample
 from tests.test_sink import CLIP_TABLE, committed_total, embedding_result, query, records, sink_configs
@@ -57,35 +57,22 @@ def own_pg() -> Iterator[OwnPostgres]:
     shutil.rmtree(parent, ignore_errors=True)
 
 
-class ResultStream:
+class ResultStream(Background):
     """Produces results s-0, s-1, ... at a steady rate, and now and then one already sent (a worker's
     redelivery after a crash: the same event_id again)."""
 
     def __init__(self, bootstrap: str, topic: str, per_second: int = 20) -> None:
+        super().__init__()
         self.bootstrap, self.topic, self.per_second = bootstrap, topic, per_second
         self.sent: set[str] = set()  # distinct event_ids
         self.records = 0  # records produced, duplicates included
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task | None = None
 
-    async def __aenter__(self) -> ResultStream:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        await self.stop()
-
-    async def stop(self) -> None:
-        self._stop.set()
-        if self._task is not None:
-            await self._task
-
-    async def _run(self) -> None:
+    async def run(self) -> None:
         producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5)
         await producer.start()
         try:
             step, made = 0, 0
-            while not self._stop.is_set():
+            while not self.stopping.is_set():
                 events = [embedding_result(made + i, prefix="s") for i in range(self.per_second // 4)]
                 made += len(events)
                 if step % 10 == 9:
@@ -96,7 +83,7 @@ class ResultStream:
                 self.records += len(events)
                 step += 1
                 try:
-                    await asyncio.wait_for(self._stop.wait(), 0.25)
+                    await asyncio.wait_for(self.stopping.wait(), 0.25)
                 except asyncio.TimeoutError:
                     pass
         finally:

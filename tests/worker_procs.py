@@ -25,9 +25,10 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 
 from imgstream.schemas.config import Topics
+from tests.kafka_helpers import Background, TopicReader
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Cheap work per request: MTCNN (its weights ship with facenet-pytorch) on a small photo.
@@ -197,40 +198,21 @@ class WorkerProcs:
             print(worker.tail(20000))
 
 
-class ResultReader:
+class ResultReader(TopicReader):
     """Reads a results topic from the start in the background, counting (request_id, operation_id)."""
 
     def __init__(self, bootstrap: str, topic: str) -> None:
-        self.bootstrap = bootstrap
+        super().__init__(bootstrap, topic)
         self.topic = topic
         self.counts: Counter[tuple[str, str]] = Counter()
         self.records: list[dict[str, Any]] = []
         self.keep_records = False
-        self._task: asyncio.Task | None = None
 
-    async def __aenter__(self) -> ResultReader:
-        consumer = AIOKafkaConsumer(self.topic, bootstrap_servers=self.bootstrap, group_id=None,
-                                    auto_offset_reset="earliest")
-        await consumer.start()
-        self._task = asyncio.create_task(self._read(consumer))
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        await asyncio.wait([self._task])
-
-    async def _read(self, consumer: AIOKafkaConsumer) -> None:
-        try:
-            while True:
-                for records in (await consumer.getmany(timeout_ms=200)).values():
-                    for record in records:
-                        result = orjson.loads(record.value)
-                        self.counts[(result["request_id"], result["operation_id"])] += 1
-                        if self.keep_records:
-                            self.records.append(result)
-        finally:
-            await consumer.stop()
+    def take(self, record: Any) -> None:
+        result = orjson.loads(record.value)
+        self.counts[(result["request_id"], result["operation_id"])] += 1
+        if self.keep_records:
+            self.records.append(result)
 
     @property
     def distinct(self) -> int:
@@ -289,48 +271,35 @@ def workers(broker: str, topics: Topics, tmp_path: Path) -> Iterator[WorkerProcs
     procs.report()  # captured: pytest shows it only when the test failed
 
 
-class RequestStream:
-    """Produces face requests `prefix-0, prefix-1, ...` at a steady rate until stopped."""
+class RequestStream(Background):
+    """Produces face requests `prefix-0, prefix-1, ...` at a steady rate until stopped (`stop()` returns once every
+    request produced so far is acknowledged)."""
 
     def __init__(self, bootstrap: str, topic: str, prefix: str, image: dict[str, str], per_second: float) -> None:
+        super().__init__()
         self.bootstrap = bootstrap
         self.topic = topic
         self.prefix = prefix
         self.image = image
         self.per_second = per_second
         self.produced = 0
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task | None = None
-
-    async def __aenter__(self) -> RequestStream:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        await self.stop()
-
-    async def stop(self) -> None:
-        """Stop producing; returns once every request produced so far is acknowledged."""
-        self._stop.set()
-        assert self._task is not None
-        await self._task
 
     @property
     def expected(self) -> set[tuple[str, str]]:
         return {(f"{self.prefix}-{i}", t["operation_id"]) for i in range(self.produced) for t in FACE_TASKS}
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
         producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5)
         await producer.start()
         try:
             step = 1.0 / self.per_second
-            while not self._stop.is_set():
+            while not self.stopping.is_set():
                 request_id = f"{self.prefix}-{self.produced}"
                 await producer.send_and_wait(self.topic, request_bytes(request_id, self.image),
                                              key=request_id.encode())
                 self.produced += 1
                 try:
-                    await asyncio.wait_for(self._stop.wait(), step)
+                    await asyncio.wait_for(self.stopping.wait(), step)
                 except asyncio.TimeoutError:
                     pass
         finally:
