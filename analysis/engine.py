@@ -207,6 +207,10 @@ class Engine:
         sha256 = _sha256(data) if len(data) < (1 << 20) else await self.off_loop(_sha256, data)
         if self.reuse is None:
             return await self._decode(data, config, sha256, lane)
+        if len(data) <= INLINE_DECODE_BYTES and not self.device_decode:
+            # Decoded here and now, without an await: no other request can join it, so sharing it
+            # would only cost a task, a shield and their callbacks.
+            return self._decode_inline(data, config, sha256)
         pending = self._decoding.join(sha256, lane)
         if pending is None:
             pending = self._decoding.start(sha256, lambda: self._decode(data, config, sha256, lane), lane)
@@ -238,6 +242,16 @@ class Engine:
             scheduler.decoding -= 1
             scheduler.wake()
 
+    def _decode_inline(self, data: bytes, config: DecodeConfig, sha256: str) -> imaging.DecodedImage:
+        """`_decode` of a thumbnail on the CPU, which never waits: the same bookkeeping, no coroutine."""
+        scheduler = self.scheduler
+        scheduler.decoding += 1
+        try:
+            return imaging.decode_image(data, config, sha256)
+        finally:
+            scheduler.decoding -= 1
+            scheduler.wake()
+
     # -- requests -------------------------------------------------------------------------
 
     async def run(
@@ -256,6 +270,8 @@ class Engine:
         if isinstance(image, Image.Image):
             image = imaging.DecodedImage.from_pil(image)
         run = _RequestRun(self, request, image, dict(timings_ms or {}), lane)
+        if len(request.tasks) == 1:  # most requests: no task and gather for the one task
+            return [await run.result(request.tasks[0])]
         return list(await asyncio.gather(*(run.result(task) for task in request.tasks)))
 
     async def close(self) -> None:
