@@ -9,6 +9,7 @@ micro-batcher per model, so items from all requests in flight share batches.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -160,9 +161,10 @@ class Engine:
             await self._load(key)
         self.ready = True
 
-    @property
+    @functools.cached_property
     def device_decode(self) -> bool:
-        """Whether JPEGs are decoded on the models' device (nvJPEG on a GPU); the rest takes Pillow."""
+        """Whether JPEGs are decoded on the models' device (nvJPEG on a GPU); the rest takes Pillow.
+        (The setting and the devices are fixed at construction; every decode asks.)"""
         choice = self.config.jpeg_decoder
         return choice == "device" or choice == "auto" and all(d.is_cuda for d in self.devices)
 
