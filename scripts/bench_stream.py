@@ -398,19 +398,20 @@ class WorkerProfiler:
     test of a busy thread (its state is R) also counts a thread that is runnable but waiting for a
     core: on 2 cores shared with the broker and the benchmark, a socket write that wakes its peer
     leaves the writer preempted in send(), and that test put a quarter of the loop's samples there,
-    where `perf` (on-CPU samples only) found 2% of its CPU in the kernel's send path. `--nonblocking`:
-    the worker is not paused for each sample (pausing wakes every sleeping thread 250 times a
-    second, which tripled the pool threads' CPU); now and then a stack is torn, and still sorted by
-    the frames it has. `--threads --full-filenames`: each sample's thread and module paths, for
-    scripts/profile_summary.py, which also reads each thread's own CPU seconds from the meta file
-    (schedstat, read at start and stop) to turn samples into CPU time.
+    where `perf` (on-CPU samples only) found 2% of its CPU in the kernel's send path. The worker is
+    paused for each sample (py-spy's default): exact stacks. `--nonblocking` reads them while it runs:
+    on W4 a third of the reads then fail or come back torn, more often in frames that change fast,
+    which moved a tenth of the loop's samples into the generic categories. `--threads
+    --full-filenames`: each sample's thread and module paths, for scripts/profile_summary.py, which
+    also reads each thread's own CPU seconds from the meta file (schedstat, read at start and stop)
+    to turn samples into CPU time.
     """
 
-    def __init__(self, directory: Path, workload: str, rate: int, fmt: str, blocking: bool = False) -> None:
+    def __init__(self, directory: Path, workload: str, rate: int, fmt: str, nonblocking: bool = False) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.rate = rate
         self.format = fmt
-        self.blocking = blocking
+        self.nonblocking = nonblocking
         self.path = directory / f"{workload}.{'txt' if fmt == 'raw' else 'speedscope.json'}"
         self.log_path = directory / f"{workload}.py-spy.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -431,7 +432,7 @@ class WorkerProfiler:
     def start(self, pid: int) -> None:
         command = [self.executable(), "record", "--pid", str(pid), "--rate", str(self.rate), "--format",
                    self.format, "--threads", "--full-filenames", "--gil", "--output", str(self.path)]
-        if not self.blocking:
+        if self.nonblocking:
             command.append("--nonblocking")
         self.pid = pid
         self.threads_at_start = thread_times(pid)
@@ -612,7 +613,7 @@ async def run_stream(ctx: Context, workload: Workload, images: RequestImages, n:
         launched = time.monotonic()
         if args.profile_worker is not None:
             profiler = WorkerProfiler(args.profile_worker, workload.name, args.profile_rate, args.profile_format,
-                                      args.profile_blocking)
+                                      args.profile_nonblocking)
             await asyncio.to_thread(_wait_until, worker.ready, worker, args.startup_timeout)
             assert worker.pid is not None
             profiler.start(worker.pid)
@@ -633,7 +634,7 @@ async def run_stream(ctx: Context, workload: Workload, images: RequestImages, n:
         if profiler is not None:
             path = await asyncio.to_thread(profiler.stop)
             run.profile = {"path": str(path) if path else None, "rate_hz": profiler.rate,
-                           "format": profiler.format, "blocking": profiler.blocking, "requests": n,
+                           "format": profiler.format, "nonblocking": profiler.nonblocking, "requests": n,
                            "pid": profiler.pid,
                            "threads": profiler.threads,
                            "worker_cpu_s": run.cpu_s.get("worker"), "other_cpu_s": run.cpu_s.get("other")}
@@ -1411,9 +1412,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second (default 250)")
     parser.add_argument("--profile-format", choices=("raw", "speedscope"), default="raw",
                         help="raw (collapsed stacks, default; what profile_summary.py reads best) or speedscope")
-    parser.add_argument("--profile-blocking", action="store_true",
-                        help="pause the worker for each sample (py-spy's default: never a torn stack, but every "
-                             "sample wakes each sleeping thread, which inflates the CPU of idle pool threads)")
+    parser.add_argument("--profile-nonblocking", action="store_true",
+                        help="py-spy --nonblocking: the worker is not paused for each sample (less overhead), but "
+                             "a third of the samples fail or come torn on W4, which favours frames that change slowly")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the worker logs even when all went well")
     args = parser.parse_args(argv)
     names = [name.strip().upper() for name in args.workloads.split(",") if name.strip()]

@@ -391,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps({
             "requests": summary.requests, "scaled_to_thread_cpu": summary.scaled,
             "ms_per_request" if per else "seconds": {
-                c: {k: round(v * (per or 1.0), 4) for k, v in summary.seconds.get(c, {}).items()}
+                c: {k: round(v * (per or 1.0), 4)
+                    for k, v in summary.seconds.get(c, {"loop": 0.0, "threads": 0.0}).items()}
                 for c in CATEGORIES},
             "samples": dict(summary.samples), "idle_samples": summary.idle_samples,
         }, indent=2) + "\n")
