@@ -259,7 +259,13 @@ class FileBlobReader:
         finally:
             os.close(located)
         try:
+            # To the end of the file, as the full route reads (some file systems return short reads).
             data = os.read(fd, info.st_size + 1)
+            while len(data) <= info.st_size:
+                more = os.read(fd, info.st_size + 1 - len(data))
+                if not more:
+                    break
+                data += more
         except OSError:
             return None
         finally:

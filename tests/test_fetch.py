@@ -679,6 +679,14 @@ def test_a_plain_file_reference_takes_the_quick_route(tmp_path: Path, monkeypatc
         reader._read(f"file://{tmp_path}/%61.png", 2000)
 
 
+def test_the_quick_file_route_reads_past_short_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = bytes(range(256)) * 40
+    (tmp_path / "a.bin").write_bytes(data)
+    real_read = os.read
+    monkeypatch.setattr(os, "read", lambda fd, n: real_read(fd, min(n, 1000)))  # as some file systems answer
+    assert FileBlobReader([str(tmp_path)])._read((tmp_path / "a.bin").as_uri(), len(data)) == data
+
+
 async def test_unconfigured_blob_scheme_fails() -> None:
     err = await fetch_error(local_config(), blob="s3://bucket/key.jpg")
     assert err.code == "image_fetch_failed"
