@@ -63,6 +63,7 @@ CATEGORIES = (
     "request glue (worker's own lines)",
     "asyncio/event-loop overhead",
     "aiokafka internals",
+    "models (preprocessing and inference; none on W4)",
     "other",
 )
 IDLE = "idle"
@@ -108,7 +109,10 @@ RULES: tuple[Rule, ...] = (
     Rule("http fetch", r"(^|/)consumer/(fetch|politeness)\.py$"),
     Rule("scheduling", r"(^|/)(analysis/(batcher|reuse)|consumer/image_budget)\.py$"),
     Rule("scheduling", r"(^|/)consumer/deferred\.py$"),
-    Rule("decode", r"(^|/)analysis/(imaging|preprocess)\.py$"),
+    Rule("decode", r"(^|/)analysis/imaging\.py$"),
+    Rule("models (preprocessing and inference; none on W4)",
+         r"(^|/)analysis/(models/|preprocess\.py|devices\.py|area_resample\.py|classifiers\.py|vectors\.py)"
+         r"|^(torch|torchvision|open_clip|transformers|timm|facenet_pytorch|sklearn)/"),
     Rule("decode", r"(^|/)analysis/engine\.py$", r"Engine\.(decode|_decode|device_decode)|_sha256"),
     Rule("result building", r"(^|/)analysis/results\.py$"),
     Rule("result building", r"(^|/)analysis/engine\.py$", r"_RequestRun\._timings|_TaskClock\..*"),
