@@ -21,9 +21,9 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from analysis.devices import Device
-from analysis.models.base import Model
-from schemas.config import BatchConfig
+from imgstream.analysis.devices import Device
+from imgstream.analysis.models.base import Model
+from imgstream.schemas.config import BatchConfig
 
 R = TypeVar("R")
 

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from analysis.vectors import l2_normalize
-from schemas.operations import TARGETS
+from imgstream.analysis.vectors import l2_normalize
+from imgstream.schemas.operations import TARGETS
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import torch
 
-from analysis.models.base import Model
+from imgstream.analysis.models.base import Model
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:

@@ -23,16 +23,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from analysis import imaging
-from analysis.batcher import LIVE, Scheduler, Timed
-from analysis.devices import Device
-from analysis.classifiers import ClassifierEntry, ClassifierInvalid, ClassifierNotFound, ClassifierStore
-from analysis.reuse import InFlight, ReuseStore
-from analysis.vectors import l2_normalize
-from analysis.results import image_info, task_result
-from schemas.config import DecodeConfig, ModelsConfig
-from schemas.events import AnalysisRequest, ModelInfo, ResultEvent, Task
-from schemas.operations import (
+from imgstream.analysis import imaging
+from imgstream.analysis.batcher import LIVE, Scheduler, Timed
+from imgstream.analysis.devices import Device
+from imgstream.analysis.classifiers import ClassifierEntry, ClassifierInvalid, ClassifierNotFound, ClassifierStore
+from imgstream.analysis.reuse import InFlight, ReuseStore
+from imgstream.analysis.vectors import l2_normalize
+from imgstream.analysis.results import image_info, task_result
+from imgstream.schemas.config import DecodeConfig, ModelsConfig
+from imgstream.schemas.events import AnalysisRequest, ModelInfo, ResultEvent, Task
+from imgstream.schemas.operations import (
     FACE_MIN_SCORE,
     PERSON_MIN_SCORE,
     PROMINENT_FACE,
@@ -100,7 +100,7 @@ class Engine:
     """Owns the devices, the models (a replica per device) and the scheduler; runs requests."""
 
     def __init__(self, config: ModelsConfig, *, models: dict[str, Any] | None = None) -> None:
-        from analysis.models import select_devices
+        from imgstream.analysis.models import select_devices
 
         self.config = config
         self.devices = [Device(device, index) for index, device in enumerate(select_devices(config))]
@@ -121,7 +121,7 @@ class Engine:
     # -- models ---------------------------------------------------------------------------
 
     def _load_sync(self, key: str, device: Device) -> Any:
-        from analysis.models import load_model
+        from imgstream.analysis.models import load_model
 
         started = time.perf_counter()
         model = load_model(key, self.config, device.torch_device)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from schemas.config import DecodeConfig
+from imgstream.schemas.config import DecodeConfig
 
 ImageErrorCode = Literal["image_fetch_failed", "image_too_large", "image_undecodable"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from schemas.events import (
+from imgstream.schemas.events import (
     SCHEMA_VERSION,
     AnalysisRequest,
     ImageInfo,

@@ -18,7 +18,7 @@ from typing import Any, Awaitable, Callable, Hashable, Literal
 
 import numpy as np
 
-from analysis.batcher import LIVE, LaneTicket, Timed, current_ticket
+from imgstream.analysis.batcher import LIVE, LaneTicket, Timed, current_ticket
 
 Kind = Literal["computed", "in_flight", "cached"]
 # What an entry costs beyond its value's own bytes (the key, the dict slot, the Timed wrapper).

@@ -5,6 +5,6 @@ A room of its own below both sides: `producer` (submit uploads local files) and
 boto3 is imported when an s3:// store is opened.
 """
 
-from blobs.store import BlobStore, DirectoryBlobStore, S3BlobStore, file_sha256, open_blob_store
+from imgstream.blobs.store import BlobStore, DirectoryBlobStore, S3BlobStore, file_sha256, open_blob_store
 
 __all__ = ["BlobStore", "DirectoryBlobStore", "S3BlobStore", "file_sha256", "open_blob_store"]

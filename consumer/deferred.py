@@ -20,10 +20,10 @@ from typing import Any, Final, Literal
 from aiokafka import TopicPartition
 from pydantic import ValidationError
 
-from analysis.imaging import ImageError
-from consumer.fetch import TransientFetchError
-from schemas.config import FetchConfig
-from schemas.events import DeferredRetry
+from imgstream.analysis.imaging import ImageError
+from imgstream.consumer.fetch import TransientFetchError
+from imgstream.schemas.config import FetchConfig
+from imgstream.schemas.events import DeferredRetry
 
 log = logging.getLogger(__name__)
 

@@ -28,10 +28,10 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 from yarl import URL
 
-from analysis.imaging import FETCH_FAILED, TOO_LARGE, ImageError
-from consumer.politeness import HostBackoff, HostPoliteness, origin
-from schemas.config import FetchConfig
-from schemas.events import ImageRef
+from imgstream.analysis.imaging import FETCH_FAILED, TOO_LARGE, ImageError
+from imgstream.consumer.politeness import HostBackoff, HostPoliteness, origin
+from imgstream.schemas.config import FetchConfig
+from imgstream.schemas.events import ImageRef
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

@@ -7,9 +7,9 @@ from typing import Callable
 
 from aiohttp import web
 
-from consumer.metrics import Metrics
-from schemas.codec import encode_json
-from schemas.operations import describe_operations
+from imgstream.consumer.metrics import Metrics
+from imgstream.schemas.codec import encode_json
+from imgstream.schemas.operations import describe_operations
 
 log = logging.getLogger(__name__)
 

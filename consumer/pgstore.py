@@ -19,7 +19,7 @@ import orjson
 import psycopg
 from psycopg import sql
 
-from schemas.events import ResultEvent
+from imgstream.schemas.events import ResultEvent
 
 log = logging.getLogger(__name__)
 

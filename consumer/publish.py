@@ -18,11 +18,11 @@ from aiokafka.errors import (
     UnknownTopicOrPartitionError,
 )
 
-from blobs import BlobStore, open_blob_store
-from kafka_clients import PublishForbidden, explain_runtime_error
-from schemas.codec import encode
-from schemas.config import BlobConfig
-from schemas.events import DeadLetter, ResultEvent
+from imgstream.blobs import BlobStore, open_blob_store
+from imgstream.kafka_clients import PublishForbidden, explain_runtime_error
+from imgstream.schemas.codec import encode
+from imgstream.schemas.config import BlobConfig
+from imgstream.schemas.events import DeadLetter, ResultEvent
 
 log = logging.getLogger(__name__)
 

@@ -6,14 +6,14 @@ import asyncio
 import gc
 import logging
 
-from analysis.engine import Engine
-from consumer.health import build_app, start_server
-from consumer.logs import setup_logging
-from consumer.metrics import WorkerMetrics
-from consumer.signals import EarlyStop
-from consumer.worker import Worker
-from kafka_clients import KafkaSetupError, check_login
-from schemas.config import WorkerConfig
+from imgstream.analysis.engine import Engine
+from imgstream.service.health import build_app, start_server
+from imgstream.service.logs import setup_logging
+from imgstream.consumer.metrics import WorkerMetrics
+from imgstream.service.signals import EarlyStop
+from imgstream.consumer.worker import Worker
+from imgstream.kafka_clients import KafkaSetupError, check_login
+from imgstream.schemas.config import WorkerConfig
 
 log = logging.getLogger("imgstream.worker")
 

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from analysis.imaging import FETCH_FAILED, TOO_LARGE, ImageError
-from consumer.fetch import TransientFetchError
+from imgstream.analysis.imaging import FETCH_FAILED, TOO_LARGE, ImageError
+from imgstream.consumer.fetch import TransientFetchError
 
 log = logging.getLogger(__name__)
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import orjson
 import psycopg
 
-from analysis.engine import EMBEDDING_MODELS, Engine
-from analysis.imaging import ImageError, decode_image
-from consumer.pgstore import Match, PgStore, RejectedEvent
-from schemas.config import DecodeConfig, WorkerConfig
-from schemas.events import AnalysisRequest, ResultEvent
+from imgstream.analysis.engine import EMBEDDING_MODELS, Engine
+from imgstream.analysis.imaging import ImageError, decode_image
+from imgstream.sink.pgstore import Match, PgStore, RejectedEvent
+from imgstream.schemas.config import DecodeConfig, WorkerConfig
+from imgstream.schemas.events import AnalysisRequest, ResultEvent
 
 QUERY_OPERATION_ID = "query"
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -74,7 +74,7 @@ def match_json(rank: int, match: Match) -> str:
 
 def run_search(config: WorkerConfig, image: str, result_type: str, target: str, k: int, as_json: bool) -> int:
     """The `imgstream search` command; returns its exit code (0 matches, 1 none or an error)."""
-    from consumer.logs import setup_logging
+    from imgstream.service.logs import setup_logging
 
     setup_logging("WARNING")  # stdout carries the matches; model-loading chatter stays out of the way
     return asyncio.run(_search_command(config, Path(image), result_type, target, k, as_json))
@@ -84,7 +84,7 @@ async def _search_command(config: WorkerConfig, path: Path, result_type: str, ta
                           as_json: bool) -> int:
     dsn = config.sink.database_uri()
     if dsn is None:
-        from consumer.embedded_pg import embedded_postgres_exists, start_embedded_postgres
+        from imgstream.sink.embedded_pg import embedded_postgres_exists, start_embedded_postgres
 
         if not embedded_postgres_exists(config.sink.data_dir):
             print(f"imgstream search: no database in {config.sink.data_dir}; run `imgstream sink pgvector` "

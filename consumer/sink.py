@@ -20,12 +20,12 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaError
 
-from consumer.metrics import SinkMetrics
-from consumer.pgstore import HnswParams, PgStore, RejectedEvent, Row, SourcePosition, WriteReport, row_from_event
-from consumer.signals import on_stop_signals
-from kafka_clients import BrokerUnreachable, check_login, open_consumer
-from schemas.codec import decode_result
-from schemas.config import KafkaConfig, SinkConfig
+from imgstream.consumer.metrics import SinkMetrics
+from imgstream.sink.pgstore import HnswParams, PgStore, RejectedEvent, Row, SourcePosition, WriteReport, row_from_event
+from imgstream.service.signals import on_stop_signals
+from imgstream.kafka_clients import BrokerUnreachable, check_login, open_consumer
+from imgstream.schemas.codec import decode_result
+from imgstream.schemas.config import KafkaConfig, SinkConfig
 
 log = logging.getLogger("imgstream.sink")
 
@@ -542,7 +542,7 @@ async def run_sink(kafka: KafkaConfig, sink: SinkConfig) -> int:
     embedded = None
     dsn = sink.database_uri()
     if dsn is None:
-        from consumer.embedded_pg import start_embedded_postgres
+        from imgstream.sink.embedded_pg import start_embedded_postgres
 
         embedded = await asyncio.to_thread(start_embedded_postgres, sink.data_dir)
         dsn = embedded.uri
@@ -551,7 +551,7 @@ async def run_sink(kafka: KafkaConfig, sink: SinkConfig) -> int:
     sink_loop.install_signal_handlers()
     runner = None
     if sink.http_port is not None:
-        from consumer.health import build_app, start_server
+        from imgstream.service.health import build_app, start_server
 
         runner = await start_server(build_app(sink_loop.metrics, sink_loop.ready, operations=False),
                                     sink.http_port, sink.http_host)
@@ -567,7 +567,7 @@ async def run_sink(kafka: KafkaConfig, sink: SinkConfig) -> int:
 
 
 def main(kafka: KafkaConfig, sink: SinkConfig, log_level: str = "INFO") -> int:
-    from consumer.logs import setup_logging
+    from imgstream.service.logs import setup_logging
 
     setup_logging(log_level)
     return asyncio.run(run_sink(kafka, sink))

@@ -11,20 +11,20 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaError
 
-from analysis import imaging
-from analysis.batcher import LIVE, REPLAY
-from analysis.engine import Engine
-from analysis.results import error_results, image_info
-from consumer.deferred import RETRY, Attempt, Deferral, DeferredRetries
-from consumer.fetch import FileBlobReader, ImageFetcher, TransientFetchError
-from consumer.image_budget import ImageBudget
-from consumer.logs import request_id_var
-from consumer.metrics import WorkerMetrics
-from consumer.offsets import OffsetTracker
-from consumer.publish import Fitted, PublishAbandoned, Publisher, crop_store, failed_result, fit_result
-from consumer.s3blobs import S3BlobReader
-from consumer.signals import on_stop_signals, sleep_unless
-from kafka_clients import (
+from imgstream.analysis import imaging
+from imgstream.analysis.batcher import LIVE, REPLAY
+from imgstream.analysis.engine import Engine
+from imgstream.analysis.results import error_results, image_info
+from imgstream.consumer.deferred import RETRY, Attempt, Deferral, DeferredRetries
+from imgstream.consumer.fetch import FileBlobReader, ImageFetcher, TransientFetchError
+from imgstream.consumer.image_budget import ImageBudget
+from imgstream.service.logs import request_id_var
+from imgstream.consumer.metrics import WorkerMetrics
+from imgstream.consumer.offsets import OffsetTracker
+from imgstream.consumer.publish import Fitted, PublishAbandoned, Publisher, crop_store, failed_result, fit_result
+from imgstream.blobs.s3read import S3BlobReader
+from imgstream.service.signals import on_stop_signals, sleep_unless
+from imgstream.kafka_clients import (
     BrokerUnreachable,
     KafkaSetupError,
     PublishForbidden,
@@ -32,9 +32,9 @@ from kafka_clients import (
     open_consumer,
     open_producer,
 )
-from schemas.codec import InvalidEvent, decode_request, encode
-from schemas.config import WorkerConfig
-from schemas.events import AnalysisRequest, DeadLetter, ResultEvent
+from imgstream.schemas.codec import InvalidEvent, decode_request, encode
+from imgstream.schemas.config import WorkerConfig
+from imgstream.schemas.events import AnalysisRequest, DeadLetter, ResultEvent
 
 log = logging.getLogger(__name__)
 

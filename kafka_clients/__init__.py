@@ -5,7 +5,7 @@ failure to connect is told apart: settings to change (`KafkaSetupError`, never r
 broker that does not answer (`BrokerUnreachable`, retried by long-running commands).
 """
 
-from kafka_clients.build import (
+from imgstream.kafka_clients.build import (
     KafkaLike,
     check_login,
     kafka_settings,
@@ -15,7 +15,7 @@ from kafka_clients.build import (
     open_producer,
     producer_args,
 )
-from kafka_clients.errors import BrokerUnreachable, KafkaSetupError, PublishForbidden, explain_runtime_error
+from imgstream.kafka_clients.errors import BrokerUnreachable, KafkaSetupError, PublishForbidden, explain_runtime_error
 
 __all__ = [
     "BrokerUnreachable",

@@ -11,10 +11,10 @@ from aiokafka import errors as kerrors
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.client import AIOKafkaClient
 
-from kafka_clients.diagnose import diagnose
-from kafka_clients.errors import BrokerUnreachable, KafkaSetupError, explain_runtime_error
-from kafka_clients.security import connection_args
-from schemas.config import KafkaConfig
+from imgstream.kafka_clients.diagnose import diagnose
+from imgstream.kafka_clients.errors import BrokerUnreachable, KafkaSetupError, explain_runtime_error
+from imgstream.kafka_clients.security import connection_args
+from imgstream.schemas.config import KafkaConfig
 
 log = logging.getLogger("imgstream.kafka")
 

@@ -15,9 +15,9 @@ from aiokafka import errors as kerrors
 from aiokafka.conn import create_conn
 from aiokafka.protocol.metadata import MetadataRequest
 
-from kafka_clients.errors import BrokerUnreachable, KafkaSetupError, explain_runtime_error
-from kafka_clients.security import connection_args
-from schemas.config import KafkaConfig
+from imgstream.kafka_clients.errors import BrokerUnreachable, KafkaSetupError, explain_runtime_error
+from imgstream.kafka_clients.security import connection_args
+from imgstream.schemas.config import KafkaConfig
 
 PROBE_TIMEOUT_MS = 10_000
 # OpenSSL's reasons for "the broker wants a (different) client certificate", and for "not TLS at all".

@@ -5,9 +5,9 @@ from __future__ import annotations
 import ssl
 from typing import Any
 
-from kafka_clients.errors import KafkaSetupError
-from kafka_clients.tokens import token_provider
-from schemas.config import KafkaConfig
+from imgstream.kafka_clients.errors import KafkaSetupError
+from imgstream.kafka_clients.tokens import token_provider
+from imgstream.schemas.config import KafkaConfig
 
 
 def tls_context(kafka: KafkaConfig) -> ssl.SSLContext:

@@ -18,8 +18,8 @@ from typing import Callable
 
 from aiokafka.abc import AbstractTokenProvider
 
-from kafka_clients.errors import KafkaSetupError
-from schemas.config import OAuthConfig
+from imgstream.kafka_clients.errors import KafkaSetupError
+from imgstream.schemas.config import OAuthConfig
 
 TOKEN_TIMEOUT_S = 10.0
 

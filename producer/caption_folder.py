@@ -6,10 +6,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from blobs import BlobStore
-from kafka_clients import KafkaLike
-from producer.submit import IMAGE_SUFFIXES, ImageInput, build_requests, find_images, submit
-from schemas.events import ResultEvent, Task
+from imgstream.blobs import BlobStore
+from imgstream.kafka_clients import KafkaLike
+from imgstream.producer.submit import IMAGE_SUFFIXES, ImageInput, build_requests, find_images, submit
+from imgstream.schemas.events import ResultEvent, Task
 
 
 def caption_path(image: Path) -> Path:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kafka_clients import KafkaSetupError, open_client, open_consumer
-from kafka_clients.permissions import topic_access
-from producer.topics import topic_differences, topic_plans
-from schemas.config import KafkaConfig
+from imgstream.kafka_clients import KafkaSetupError, open_client, open_consumer
+from imgstream.kafka_clients.permissions import topic_access
+from imgstream.producer.topics import topic_differences, topic_plans
+from imgstream.schemas.config import KafkaConfig
 
 
 @dataclass

@@ -11,8 +11,8 @@ from typing import Any, Sequence
 
 import orjson
 
-from kafka_clients.errors import BrokerUnreachable, KafkaSetupError
-from schemas.config import ConfigError, load_config
+from imgstream.kafka_clients.errors import BrokerUnreachable, KafkaSetupError
+from imgstream.schemas.config import ConfigError, load_config
 
 EXIT_OK, EXIT_RESULT_ERRORS, EXIT_USAGE, EXIT_TIMEOUT, EXIT_KAFKA = 0, 1, 2, 3, 4
 
@@ -46,7 +46,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _add_sink_and_search_parsers(sub: Any) -> None:
-    from schemas.operations import OPERATIONS, TARGETS
+    from imgstream.schemas.operations import OPERATIONS, TARGETS
 
     p = sub.add_parser("sink", help="Store the results topic in a database.")
     ssub = p.add_subparsers(dest="sink_command", required=True, metavar="TARGET")
@@ -88,8 +88,8 @@ def _add_sink_and_search_parsers(sub: Any) -> None:
 def _add_train_parser(sub: Any) -> None:
     from typing import get_args
 
-    from schemas.config import RankMetric
-    from schemas.operations import TARGETS
+    from imgstream.schemas.config import RankMetric
+    from imgstream.schemas.operations import TARGETS
 
     p = sub.add_parser(
         "train-classifiers", help="Train collection classifiers, bake them off against stored versions, "
@@ -277,13 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_broker(args: argparse.Namespace) -> int:
-    from producer.embedded_broker import run_foreground
+    from imgstream.producer.embedded_broker import run_foreground
 
     return run_foreground(args.port)
 
 
 def _cmd_topics(args: argparse.Namespace) -> int:
-    from producer.topics import create_topics, topic_differences, topic_plans
+    from imgstream.producer.topics import create_topics, topic_differences, topic_plans
 
     if args.partitions is not None and args.partitions < 1:
         print("imgstream topics create: --partitions must be at least 1", file=sys.stderr)
@@ -311,16 +311,16 @@ def _cmd_topics(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from consumer.signals import EarlyStop
+    from imgstream.service.signals import EarlyStop
 
     early = EarlyStop().install()  # importing torch and loading models take seconds
-    from consumer.run import main as worker_main  # torch is imported only here
+    from imgstream.consumer.command import main as worker_main  # torch is imported only here
 
     return worker_main(load_config(_overrides(args)), early)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from producer.check import run_check
+    from imgstream.producer.check import run_check
 
     report = asyncio.run(run_check(load_config(_overrides(args)).kafka))
     print(report.render())
@@ -328,7 +328,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_operations(_: argparse.Namespace) -> int:
-    from schemas.operations import describe_operations
+    from imgstream.schemas.operations import describe_operations
 
     sys.stdout.write(orjson.dumps(describe_operations(), option=orjson.OPT_INDENT_2).decode() + "\n")
     return EXIT_OK
@@ -336,7 +336,7 @@ def _cmd_operations(_: argparse.Namespace) -> int:
 
 def _tasks_from_args(args: argparse.Namespace) -> list[Any]:
     """The tasks of `--task TYPE[:TARGET]` (repeatable) followed by those of `--tasks-json`."""
-    from producer.submit import parse_task_spec, parse_tasks_json
+    from imgstream.producer.submit import parse_task_spec, parse_tasks_json
 
     tasks = [parse_task_spec(spec) for spec in args.task]
     if args.tasks_json:
@@ -346,14 +346,14 @@ def _tasks_from_args(args: argparse.Namespace) -> list[Any]:
 
 def _blob_store(args: argparse.Namespace, config: Any) -> Any:
     """The blob store local files go to: --blob-dir, else the configured one (a directory or s3://)."""
-    from blobs import open_blob_store
+    from imgstream.blobs import open_blob_store
 
     return open_blob_store(args.blob_dir or config.blobs.dir, s3_endpoint_url=config.blobs.s3_endpoint_url,
                            s3_region=config.blobs.s3_region)
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from producer.submit import build_requests, expand_inputs, read_input_list, results_table, submit
+    from imgstream.producer.submit import build_requests, expand_inputs, read_input_list, results_table, submit
 
     config = load_config(_overrides(args))
     try:
@@ -394,7 +394,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_caption_folder(args: argparse.Namespace) -> int:
-    from producer.caption_folder import caption_folder
+    from imgstream.producer.caption_folder import caption_folder
 
     config = load_config(_overrides(args))
     folder = Path(args.folder)
@@ -432,7 +432,7 @@ def _parse_time(text: str):
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from producer.replay import Selection, parse_offsets, replay
+    from imgstream.producer.replay import Selection, parse_offsets, replay
 
     config = load_config(_overrides(args))
     try:
@@ -468,7 +468,7 @@ def _sink_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_sink(args: argparse.Namespace) -> int:
-    from consumer.sink import main as sink_main  # psycopg is imported only here
+    from imgstream.sink.pgvector import main as sink_main  # psycopg is imported only here
 
     config = load_config(_sink_overrides(args))
     return sink_main(config.kafka, config.sink, config.log_level)
@@ -481,7 +481,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if args.k < 1:
         print("imgstream search: -k must be at least 1", file=sys.stderr)
         return EXIT_USAGE
-    from consumer.search import run_search  # torch and psycopg are imported only here
+    from imgstream.sink.search import run_search  # torch and psycopg are imported only here
 
     return run_search(load_config(_sink_overrides(args)), args.image, args.type, args.target, args.k, args.json)
 
@@ -497,8 +497,8 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_train_classifiers(args: argparse.Namespace) -> int:
     # scikit-learn, and torch when image files need embedding, are imported only here
-    from training.command import run_command
-    from training.pipeline import RunInputs
+    from imgstream.training.command import run_command
+    from imgstream.training.pipeline import RunInputs
 
     config = load_config(_train_overrides(args))
     inputs = RunInputs(labels=args.labels, results=args.results,

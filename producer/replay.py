@@ -18,9 +18,9 @@ from datetime import datetime
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from kafka_clients import KafkaLike, kafka_settings, open_consumer, open_producer
-from schemas.codec import InvalidEvent, decode_request, encode
-from schemas.events import AnalysisRequest, Task
+from imgstream.kafka_clients import KafkaLike, kafka_settings, open_consumer, open_producer
+from imgstream.schemas.codec import InvalidEvent, decode_request, encode
+from imgstream.schemas.events import AnalysisRequest, Task
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,11 @@ from typing import Any, Iterable, TextIO
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from blobs import BlobStore, file_sha256
-from kafka_clients import KafkaLike, kafka_settings, open_consumer, open_producer
-from schemas.codec import decode_result, encode
-from schemas.config import KafkaConfig
-from schemas.events import AnalysisRequest, ImageRef, ResultEvent, Task, utc_now
+from imgstream.blobs import BlobStore, file_sha256
+from imgstream.kafka_clients import KafkaLike, kafka_settings, open_consumer, open_producer
+from imgstream.schemas.codec import decode_result, encode
+from imgstream.schemas.config import KafkaConfig
+from imgstream.schemas.events import AnalysisRequest, ImageRef, ResultEvent, Task, utc_now
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 

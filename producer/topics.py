@@ -17,8 +17,8 @@ from aiokafka.errors import (
     for_code,
 )
 
-from kafka_clients import BrokerUnreachable, KafkaLike, kafka_settings, open_admin
-from schemas.config import Topics, TopicSettingsByTopic
+from imgstream.kafka_clients import BrokerUnreachable, KafkaLike, kafka_settings, open_admin
+from imgstream.schemas.config import Topics, TopicSettingsByTopic
 
 log = logging.getLogger("imgstream.topics")
 

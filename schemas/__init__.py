@@ -1,6 +1,6 @@
 """Event, configuration and operation-registry models of imgstream (pydantic + orjson only)."""
 
-from schemas.events import (
+from imgstream.schemas.events import (
     SCHEMA_VERSION,
     AnalysisRequest,
     DeadLetter,

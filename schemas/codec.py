@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from schemas.events import AnalysisRequest, ResultEvent
+from imgstream.schemas.events import AnalysisRequest, ResultEvent
 
 
 class InvalidEvent(Exception):

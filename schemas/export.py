@@ -6,8 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from schemas.events import AnalysisRequest, ResultEvent
-from schemas.operations import OperationSpec
+from imgstream.schemas.events import AnalysisRequest, ResultEvent
+from imgstream.schemas.operations import OperationSpec
 
 SCHEMA_DIR = Path(__file__).parent / "json"
 MODELS = {

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 from pydantic import BaseModel, SecretStr
 
-from schemas.config import DAY_MS, ENV_PREFIX, WorkerConfig
+from imgstream.schemas.config import DAY_MS, ENV_PREFIX, WorkerConfig
 
 DEPLOY_DOC = Path(__file__).resolve().parent.parent / "docs" / "DEPLOY.md"
 START = "<!-- settings:start (generated from schemas/config.py by `python -m schemas.settings_doc`) -->"

@@ -113,8 +113,8 @@ class RunResult:
 async def run_once(models_config: Any, models: dict[str, Any], workload: Workload, photos: list[Any],
                    requests: int, concurrency: int, mode: str) -> RunResult:
     """A fresh Engine over the already loaded models (fresh batchers and stats), N requests."""
-    from analysis.engine import Engine
-    from schemas.events import AnalysisRequest
+    from imgstream.analysis.engine import Engine
+    from imgstream.schemas.events import AnalysisRequest
 
     engine = Engine(models_config, models={k: models[k] for k in workload.models})
     await engine.start()
@@ -153,7 +153,7 @@ async def run_once(models_config: Any, models: dict[str, Any], workload: Workloa
 
 
 def build_configs(args: argparse.Namespace, classifiers_dir: str) -> tuple[Any, Any]:
-    from schemas.config import BatchConfig, ModelsConfig
+    from imgstream.schemas.config import BatchConfig, ModelsConfig
 
     base = ModelsConfig(weights=args.weights, device=args.device, classifiers_dir=classifiers_dir,
                         preload=[], fp16=not args.no_fp16)
@@ -223,7 +223,7 @@ def print_table(machine: dict[str, Any], settings: dict[str, Any], rows: list[di
 async def bench(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
     import torch
 
-    from analysis.models import load_model, select_device
+    from imgstream.analysis.models import load_model, select_device
 
     with tempfile.TemporaryDirectory(prefix="imgstream-bench-") as tmp:
         classifiers_dir = Path(tmp) / "trained_classifiers"

@@ -46,8 +46,8 @@ from benchlib import (  # noqa: E402
     worker_env,
 )
 
-from producer.embedded_broker import EmbeddedBroker, find_free_port  # noqa: E402
-from producer.topics import create_topics  # noqa: E402
+from imgstream.producer.embedded_broker import EmbeddedBroker, find_free_port  # noqa: E402
+from imgstream.producer.topics import create_topics  # noqa: E402
 
 TASKS: dict[str, list[dict[str, Any]]] = {
     # MTCNN alone (face_context=whole_image), the cheapest model task.

@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from facenet_pytorch import MTCNN
 
-    from analysis.imaging import pixels_of
-    from analysis.models.face import FaceDetector
-    from schemas.config import ModelsConfig
+    from imgstream.analysis.imaging import pixels_of
+    from imgstream.analysis.models.face import FaceDetector
+    from imgstream.schemas.config import ModelsConfig
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

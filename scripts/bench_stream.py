@@ -83,8 +83,8 @@ from benchlib import (  # noqa: E402
     worker_env,
 )
 
-from producer.embedded_broker import EmbeddedBroker, find_free_port  # noqa: E402
-from producer.topics import create_topics  # noqa: E402
+from imgstream.producer.embedded_broker import EmbeddedBroker, find_free_port  # noqa: E402
+from imgstream.producer.topics import create_topics  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -1258,8 +1258,8 @@ class OtherCpu:
 
 def load_models(keys: tuple[str, ...], models: dict[str, Any], device: Any) -> None:
     """Load (once per run) the engine's models this process needs for the baselines."""
-    from analysis.models import load_model
-    from schemas.config import ModelsConfig
+    from imgstream.analysis.models import load_model
+    from imgstream.schemas.config import ModelsConfig
 
     config = ModelsConfig(weights="random", device=str(device))
     for key in keys:
@@ -1272,8 +1272,8 @@ def load_models(keys: tuple[str, ...], models: dict[str, Any], device: Any) -> N
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from analysis.models import select_device
-    from schemas.config import ModelsConfig
+    from imgstream.analysis.models import select_device
+    from imgstream.schemas.config import ModelsConfig
 
     device = select_device(ModelsConfig(device=args.device))
     profile = ("cuda" if device.type == "cuda" else "cpu") + ("-quick" if args.quick else "")

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from schemas.config import Topics  # noqa: E402
+from imgstream.schemas.config import Topics  # noqa: E402
 
 # Real photos that ship inside scikit-image (no download): the five bench_engine has always used,
 # then more of them for a mix of sizes and content (gray ones are converted to RGB).
@@ -103,7 +103,7 @@ def machine_busy_seconds() -> float:
 
 def embedded_broker_pid() -> int | None:
     """The pid of the embedded broker this process started (its Tansu subprocess), if any."""
-    from producer.embedded_broker import broker_binary
+    from imgstream.producer.embedded_broker import broker_binary
 
     binary = broker_binary()
     for child in psutil.Process().children():
@@ -231,7 +231,7 @@ class WorkerProcess:
         return None if self.proc is None else self.proc.pid
 
     def start(self) -> WorkerProcess:
-        command = [sys.executable, "-m", "producer.cli", "worker", "--http-port", str(self.http_port)]
+        command = [sys.executable, "-m", "imgstream", "worker", "--http-port", str(self.http_port)]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         return self

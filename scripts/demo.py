@@ -17,11 +17,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from blobs import DirectoryBlobStore  # noqa: E402
-from producer.embedded_broker import EmbeddedBroker  # noqa: E402
-from producer.submit import build_requests, expand_inputs, parse_task_spec, submit, summarise  # noqa: E402
-from producer.topics import create_topics  # noqa: E402
-from schemas.config import Topics  # noqa: E402
+from imgstream.blobs import DirectoryBlobStore  # noqa: E402
+from imgstream.producer.embedded_broker import EmbeddedBroker  # noqa: E402
+from imgstream.producer.submit import build_requests, expand_inputs, parse_task_spec, submit, summarise  # noqa: E402
+from imgstream.producer.topics import create_topics  # noqa: E402
+from imgstream.schemas.config import Topics  # noqa: E402
 
 WORK = ROOT / ".imgstream" / "demo"
 TASKS = ["detect_bounding_box:prominent_face", "embed_clip_vit_b_32"]
@@ -55,7 +55,7 @@ def start_worker(bootstrap: str, weights: str, log_path: Path) -> subprocess.Pop
     # The worker reads file:// blobs only inside its blob store directory: the one the demo submits into.
     env = dict(os.environ, HF_HUB_OFFLINE="1", IMGSTREAM_MODELS__PRELOAD='["clip", "face"]',
                IMGSTREAM_BLOBS__DIR=str(WORK / "blobs"))
-    cmd = [sys.executable, "-m", "producer.cli", "worker", "--bootstrap", bootstrap, "--weights", weights,
+    cmd = [sys.executable, "-m", "imgstream", "worker", "--bootstrap", bootstrap, "--weights", weights,
            "--group", "imgstream-demo"]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from producer.cli import main as imgstream  # noqa: E402
+from imgstream.producer.cli import main as imgstream  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

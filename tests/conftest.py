@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from producer.embedded_broker import EmbeddedBroker
-from producer.topics import create_topics
-from schemas.config import Topics
+from imgstream.producer.embedded_broker import EmbeddedBroker
+from imgstream.producer.topics import create_topics
+from imgstream.schemas.config import Topics
 from tests.kafka_helpers import unique_topics
 from tests.secure_kafka import acl_listener, secure_cluster  # noqa: F401 - fixtures: TLS, SASL and ACL listeners
 
@@ -56,8 +56,8 @@ async def topics(broker: str) -> Topics:
 @pytest.fixture(scope="session")
 async def engine(tmp_path_factory):
     """One task engine for the session: random (seeded) weights, real MTCNN, on the CPU."""
-    from analysis.engine import Engine
-    from schemas.config import BatchConfig, ModelsConfig
+    from imgstream.analysis.engine import Engine
+    from imgstream.schemas.config import BatchConfig, ModelsConfig
 
     config = ModelsConfig(
         weights="random", device="cpu", classifiers_dir=str(tmp_path_factory.mktemp("classifiers")),
@@ -76,7 +76,7 @@ def pg() -> Iterator[str]:
     import shutil
     import tempfile
 
-    from consumer.embedded_pg import start_embedded_postgres
+    from imgstream.sink.embedded_pg import start_embedded_postgres
 
     # Not under pytest's basetemp: as root, pgserver runs postgres as another user, and every new
     # pytest session chmods /tmp/pytest-of-root back to 0700, which would crash a running server.

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from schemas.events import AnalysisRequest
+from imgstream.schemas.events import AnalysisRequest
 
 _ids = itertools.count()
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from producer.embedded_broker import HOST
+from imgstream.producer.embedded_broker import HOST
 from tests.kafka_acl import AclPolicy, AclSession, Answer, Close, Forward
 from tests.sasl_server import (
     ALL_MECHANISMS,

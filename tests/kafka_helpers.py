@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 
-from schemas.config import Topics
+from imgstream.schemas.config import Topics
 
 # Tansu holds every JoinGroup for about half the session timeout (5 s at aiokafka's default
 # of 10 s), and a group's first generation is 0, for which aiokafka sends no LeaveGroup on

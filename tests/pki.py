@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from producer.embedded_broker import HOST
+from imgstream.producer.embedded_broker import HOST
 
 
 @dataclass(frozen=True)

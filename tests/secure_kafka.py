@@ -103,7 +103,7 @@ import pytest
 from aiokafka.abc import AbstractTokenProvider
 from aiokafka.helpers import create_ssl_context
 
-from producer.embedded_broker import EmbeddedBroker
+from imgstream.producer.embedded_broker import EmbeddedBroker
 from tests.kafka_acl import AclPolicy
 from tests.kafka_front import FrontEvent, KafkaFront
 from tests.pki import Pki, make_pki

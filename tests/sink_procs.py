@@ -13,7 +13,7 @@ from pathlib import Path
 
 import orjson
 
-from schemas.config import Topics
+from imgstream.schemas.config import Topics
 from tests.worker_procs import REPO_ROOT, WorkerProc
 
 
@@ -21,7 +21,7 @@ def start_sink(broker: str, topics: Topics, dsn: str, log_dir: Path, *, http_por
                group: str | None = None, env: dict[str, str] | None = None) -> WorkerProc:
     """`imgstream sink pgvector --dsn DSN` on the results topic, in a fresh group unless `group` is given."""
     log_path = log_dir / f"sink-{uuid.uuid4().hex[:6]}.log"
-    command = [sys.executable, "-m", "producer.cli", "sink", "pgvector", "--dsn", dsn, "--bootstrap", broker,
+    command = [sys.executable, "-m", "imgstream", "sink", "pgvector", "--dsn", dsn, "--bootstrap", broker,
                "--group", group or f"sink-{uuid.uuid4().hex[:8]}", "--batch-size", "100", "--batch-ms", "100"]
     if http_port is not None:
         command += ["--http-port", str(http_port)]

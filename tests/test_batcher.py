@@ -12,10 +12,10 @@ from contextlib import asynccontextmanager
 import pytest
 import torch
 
-from analysis.batcher import LIVE, REPLAY, Scheduler, resolve
-from analysis.devices import Device
-from analysis.reuse import InFlight
-from schemas.config import BatchConfig
+from imgstream.analysis.batcher import LIVE, REPLAY, Scheduler, resolve
+from imgstream.analysis.devices import Device
+from imgstream.analysis.reuse import InFlight
+from imgstream.schemas.config import BatchConfig
 
 
 class SlowDouble:

@@ -15,9 +15,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.conn import create_conn
 from aiokafka.protocol.metadata import MetadataRequest
 
-from producer.embedded_broker import HOST, EmbeddedBroker, EmbeddedBrokerError, find_free_port, probe_metadata
-from producer.topics import BrokerUnavailableError, create_topics, topic_names, wait_for_broker
-from schemas.config import Topics
+from imgstream.producer.embedded_broker import HOST, EmbeddedBroker, EmbeddedBrokerError, find_free_port, probe_metadata
+from imgstream.producer.topics import BrokerUnavailableError, create_topics, topic_names, wait_for_broker
+from imgstream.schemas.config import Topics
 from tests.kafka_helpers import FAST_GROUP, consume_all, produce, unique_topics
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -14,12 +14,12 @@ import pytest
 import torch
 from skimage import data
 
-from analysis.engine import Engine
-from analysis.imaging import ImageError, decode_image, pixels_of
-from analysis.models.clip import ClipModel
-from analysis.models.dino import DinoModel
-from analysis.models.face import FaceDetector
-from schemas.config import DecodeConfig, ModelsConfig
+from imgstream.analysis.engine import Engine
+from imgstream.analysis.imaging import ImageError, decode_image, pixels_of
+from imgstream.analysis.models.clip import ClipModel
+from imgstream.analysis.models.dino import DinoModel
+from imgstream.analysis.models.face import FaceDetector
+from imgstream.schemas.config import DecodeConfig, ModelsConfig
 from tests.engine_helpers import by_op, cosine, jpeg_with_orientation, request
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)")

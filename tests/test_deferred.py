@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 
-from schemas.codec import decode_result
-from schemas.config import FetchConfig
-from schemas.events import DeferredRetry, ResultEvent
+from imgstream.schemas.codec import decode_result
+from imgstream.schemas.config import FetchConfig
+from imgstream.schemas.events import DeferredRetry, ResultEvent
 from tests.kafka_helpers import consume_all
 from tests.test_request_failures import running_worker, until_committed
 from tests.worker_procs import jpeg_bytes, produce_paced, request_bytes
@@ -248,7 +248,7 @@ async def test_fetches_to_one_host_are_bounded_per_worker(broker, topics, engine
 
 
 def test_the_retry_topic_must_outlive_the_longest_deferred_delay() -> None:
-    from schemas.config import WorkerConfig
+    from imgstream.schemas.config import WorkerConfig
 
     with pytest.raises(ValueError, match="shorter than the longest deferred delay"):
         WorkerConfig.model_validate({"fetch": {"deferred_delays_s": [60, 7200]},

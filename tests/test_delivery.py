@@ -15,11 +15,11 @@ from urllib.parse import urlsplit
 import orjson
 import pytest
 
-from consumer.worker import Worker
-from producer.embedded_broker import EmbeddedBroker, find_free_port
-from producer.topics import create_topics
-from schemas.config import FetchConfig, KafkaConfig, WorkerConfig
-from schemas.events import DeadLetter
+from imgstream.consumer.worker import Worker
+from imgstream.producer.embedded_broker import EmbeddedBroker, find_free_port
+from imgstream.producer.topics import create_topics
+from imgstream.schemas.config import FetchConfig, KafkaConfig, WorkerConfig
+from imgstream.schemas.events import DeadLetter
 from tests.kafka_helpers import consume_all, unique_topics
 from tests.worker_procs import (  # noqa: F401 - `workers` is a fixture
     FACE_TASKS,
@@ -299,7 +299,7 @@ async def test_a_crop_too_large_for_the_message_limit_goes_to_the_blob_store(bro
 
     from PIL import Image
 
-    from schemas.codec import decode_result
+    from imgstream.schemas.codec import decode_result
     from tests.engine_helpers import photo
 
     path = tmp_path / "astronaut.png"

@@ -26,11 +26,11 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from producer.cli import build_parser
-from producer.embedded_broker import find_free_port
-from producer.topics import topic_plans
-from schemas.config import WorkerConfig, load_config
-from schemas.settings_doc import DEPLOY_DOC, settings, with_tables
+from imgstream.producer.cli import build_parser
+from imgstream.producer.embedded_broker import find_free_port
+from imgstream.producer.topics import topic_plans
+from imgstream.schemas.config import WorkerConfig, load_config
+from imgstream.schemas.settings_doc import DEPLOY_DOC, settings, with_tables
 from tests.kafka_helpers import consume_all
 from tests.sink_procs import start_sink, until_ready
 from tests.test_sink import db  # noqa: F401 - fixture: a fresh database on the session's PostgreSQL
@@ -346,10 +346,10 @@ for package in packages:
     module = importlib.import_module(package)
     if hasattr(module, "__path__"):
         names += [m.name for m in pkgutil.walk_packages(module.__path__, package + ".")]
-names += ["consumer.sink", "consumer.pgstore", "consumer.embedded_pg"]
+names += ["imgstream.sink.pgvector", "imgstream.sink.pgstore", "imgstream.sink.embedded_pg"]
 for name in names:
     importlib.import_module(name)
-from producer.cli import build_parser
+from imgstream.producer.cli import build_parser
 build_parser().parse_args(["sink", "pgvector", "--dsn", "postgresql://user@db/imgstream"])
 print(json.dumps({"imported": names, "loaded": sorted({m.split(".")[0] for m in sys.modules})}))
 """
@@ -378,11 +378,11 @@ def test_slim_image_dependencies_run_producers_and_the_sink_without_torch(tmp_pa
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout)
-    assert {"schemas.config", "producer.cli", "producer.submit", "producer.replay", "producer.topics",
-            "consumer.sink"} <= set(report["imported"])
+    assert {"imgstream.schemas.config", "imgstream.producer.cli", "imgstream.producer.submit", "imgstream.producer.replay", "imgstream.producer.topics",
+            "imgstream.sink.pgvector"} <= set(report["imported"])
     assert "torch" not in report["loaded"]
     assert not {"torchvision", "numpy", "PIL", "transformers", "open_clip", "analysis"} & set(report["loaded"])
-    operations = subprocess.run([python, "-m", "producer.cli", "operations"], cwd=tmp_path, env=env,
+    operations = subprocess.run([python, "-m", "imgstream", "operations"], cwd=tmp_path, env=env,
                                 capture_output=True, text=True, timeout=60)
     assert operations.returncode == 0 and "embed_clip_vit_b_32" in json.loads(operations.stdout)
 

@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
-from analysis.classifiers import ClassifierStore
-from schemas.codec import decode_result, encode
+from imgstream.analysis.classifiers import ClassifierStore
+from imgstream.schemas.codec import decode_result, encode
 from tests.engine_helpers import by_op, photo, request
 
 ASTRONAUT_FACE = (170, 40, 290, 200)  # generous box around the astronaut's face (512x512 photo)

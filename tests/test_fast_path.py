@@ -12,14 +12,14 @@ import pytest
 import torch
 from skimage import data
 
-from analysis.engine import Engine
-from analysis.imaging import ImageError, decode_image, pixels_of
-from analysis.models.base import Detection
-from analysis.models.caption import Captioner
-from analysis.models.clip import ClipModel
-from analysis.models.dino import DinoModel
-from analysis.models.face import FaceDetector
-from schemas.config import DecodeConfig, ModelsConfig
+from imgstream.analysis.engine import Engine
+from imgstream.analysis.imaging import ImageError, decode_image, pixels_of
+from imgstream.analysis.models.base import Detection
+from imgstream.analysis.models.caption import Captioner
+from imgstream.analysis.models.clip import ClipModel
+from imgstream.analysis.models.dino import DinoModel
+from imgstream.analysis.models.face import FaceDetector
+from imgstream.schemas.config import DecodeConfig, ModelsConfig
 from tests.engine_helpers import cosine, jpeg_with_orientation
 
 CPU = torch.device("cpu")

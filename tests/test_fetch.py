@@ -19,9 +19,9 @@ from aiohttp.abc import ResolveResult
 from PIL import Image
 from yarl import URL
 
-import consumer.fetch as fetch_module
-from analysis.imaging import ImageError, decode_image
-from consumer.fetch import (
+import imgstream.consumer.fetch as fetch_module
+from imgstream.analysis.imaging import ImageError, decode_image
+from imgstream.consumer.fetch import (
     FetchedImage,
     FileBlobReader,
     GuardedResolver,
@@ -30,9 +30,9 @@ from consumer.fetch import (
     address_block_reason,
     parse_retry_after,
 )
-from consumer.politeness import origin
-from schemas.config import DecodeConfig, FetchConfig, WorkerConfig
-from schemas.events import ImageRef
+from imgstream.consumer.politeness import origin
+from imgstream.schemas.config import DecodeConfig, FetchConfig, WorkerConfig
+from imgstream.schemas.events import ImageRef
 
 
 def _png() -> bytes:

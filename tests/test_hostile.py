@@ -12,10 +12,10 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from consumer.worker import Worker
-from producer.embedded_broker import find_free_port
-from schemas.codec import decode_result
-from schemas.config import FetchConfig, KafkaConfig, WorkerConfig
+from imgstream.consumer.worker import Worker
+from imgstream.producer.embedded_broker import find_free_port
+from imgstream.schemas.codec import decode_result
+from imgstream.schemas.config import FetchConfig, KafkaConfig, WorkerConfig
 from tests.kafka_helpers import consume_all, produce
 from tests.test_imaging import png_header_only
 from tests.worker_procs import jpeg_bytes, request_bytes

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from analysis.imaging import (
+from imgstream.analysis.imaging import (
     DecodedImage,
     ImageError,
     JpegHeader,
@@ -27,7 +27,7 @@ from analysis.imaging import (
     read_jpeg_header,
     sniff_format,
 )
-from schemas.config import DecodeConfig
+from imgstream.schemas.config import DecodeConfig
 
 CONFIG = DecodeConfig()
 RED = (220, 30, 30)

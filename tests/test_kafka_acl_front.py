@@ -26,7 +26,7 @@ from aiokafka.errors import (
 )
 from aiokafka.protocol.metadata import MetadataRequest
 
-from kafka_clients.permissions import topic_access
+from imgstream.kafka_clients.permissions import topic_access
 from tests.kafka_acl import MAX_VERSIONS, NOT_REPORTED, AclPolicy
 from tests.kafka_helpers import FAST_GROUP, consume_all
 from tests.secure_kafka import Listener, acl_listener_running

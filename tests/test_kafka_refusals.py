@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from producer.topics import create_topics
+from imgstream.producer.topics import create_topics
 from tests.kafka_helpers import consume_all, produce, unique_topics
 from tests.worker_procs import WorkerProcs, request_bytes, small_photo
 
@@ -110,7 +110,7 @@ async def test_check_says_what_the_broker_reports(setup):
         "IMGSTREAM_KAFKA__BOOTSTRAP": listener.bootstrap, "IMGSTREAM_KAFKA__TOPICS__REQUESTS": topics.requests,
         "IMGSTREAM_KAFKA__TOPICS__REPLAY": topics.replay, "IMGSTREAM_KAFKA__TOPICS__RESULTS": topics.results,
         "IMGSTREAM_KAFKA__TOPICS__DLQ": topics.dlq}
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "producer.cli", "check", cwd=REPO, env=env,
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "imgstream", "check", cwd=REPO, env=env,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     text = out.decode()

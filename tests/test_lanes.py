@@ -10,8 +10,8 @@ import uuid
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from consumer.worker import LIVE_IDLE_AFTER_S
-from schemas.config import KafkaConfig
+from imgstream.consumer.worker import LIVE_IDLE_AFTER_S
+from imgstream.schemas.config import KafkaConfig
 from tests.test_request_failures import running_worker
 from tests.test_reuse import variants
 from tests.worker_procs import produce_paced, request_bytes

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumer.health import build_app, start_server
-from consumer.metrics import WorkerMetrics
-from producer.embedded_broker import find_free_port
-from schemas.config import WorkerConfig
+from imgstream.service.health import build_app, start_server
+from imgstream.consumer.metrics import WorkerMetrics
+from imgstream.producer.embedded_broker import find_free_port
+from imgstream.schemas.config import WorkerConfig
 
 
 def _samples(metrics: WorkerMetrics, accept: str = "") -> dict:

@@ -19,14 +19,14 @@ import open_clip
 from torchvision.models.detection import fasterrcnn_resnet50_fpn
 from transformers import BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor, Dinov2Model
 
-from analysis.models import MODEL_KEYS, Detection, Model, load_model, select_device
-from analysis.models.base import seeded
-from analysis.models.caption import base_config as blip_config
-from analysis.models.caption import placeholder_tokenizer
-from analysis.models.dino import base_config as dino_config
-from analysis.models.dino import base_processor as dino_processor
-from analysis.models.person import DetectorInput, person_detections
-from schemas.config import ModelsConfig
+from imgstream.analysis.models import MODEL_KEYS, Detection, Model, load_model, select_device
+from imgstream.analysis.models.base import seeded
+from imgstream.analysis.models.caption import base_config as blip_config
+from imgstream.analysis.models.caption import placeholder_tokenizer
+from imgstream.analysis.models.dino import base_config as dino_config
+from imgstream.analysis.models.dino import base_processor as dino_processor
+from imgstream.analysis.models.person import DetectorInput, person_detections
+from imgstream.schemas.config import ModelsConfig
 
 CPU = torch.device("cpu")
 RANDOM = ModelsConfig(weights="random", seed=0)

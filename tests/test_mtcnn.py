@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from facenet_pytorch import MTCNN
 from skimage import data
 
-from analysis.area_resample import AreaTables
-from analysis.imaging import pixels_of
-from analysis.models.face import FaceDetector
-from analysis.models.mtcnn import Cascade, HalvingMaxPool, pyramid_scales
-from schemas.config import ModelsConfig
+from imgstream.analysis.area_resample import AreaTables
+from imgstream.analysis.imaging import pixels_of
+from imgstream.analysis.models.face import FaceDetector
+from imgstream.analysis.models.mtcnn import Cascade, HalvingMaxPool, pyramid_scales
+from imgstream.schemas.config import ModelsConfig
 
 CPU = torch.device("cpu")
 

@@ -9,7 +9,7 @@ import time
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from producer.embedded_broker import find_free_port
+from imgstream.producer.embedded_broker import find_free_port
 from tests.kafka_helpers import consume_all
 from tests.worker_procs import (  # noqa: F401 - `workers` is a fixture
     WorkerProc,

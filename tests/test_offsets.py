@@ -2,7 +2,7 @@
 
 from aiokafka import TopicPartition
 
-from consumer.offsets import OffsetTracker
+from imgstream.consumer.offsets import OffsetTracker
 
 TP = TopicPartition("t", 0)
 

@@ -9,8 +9,8 @@ import sys
 import orjson
 import pytest
 
-from producer.embedded_broker import find_free_port
-from schemas.events import ResultEvent
+from imgstream.producer.embedded_broker import find_free_port
+from imgstream.schemas.events import ResultEvent
 from tests.engine_helpers import cosine, photo
 from tests.test_worker import worker  # noqa: F401 - fixture: a worker on this test's topics
 
@@ -24,7 +24,7 @@ async def imgstream(broker, topics, *args, stdin: bytes | None = None, timeout: 
                IMGSTREAM_KAFKA__TOPICS__REPLAY=topics.replay, IMGSTREAM_KAFKA__TOPICS__DLQ=topics.dlq,
                IMGSTREAM_KAFKA__TOPICS__RETRY=topics.retry)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "producer.cli", *args, env=env, stdin=asyncio.subprocess.PIPE,
+        sys.executable, "-m", "imgstream", *args, env=env, stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
     return proc.returncode, out.decode(), err.decode()
@@ -160,7 +160,7 @@ async def test_submit_keys_requests_by_image_so_one_image_lands_on_one_partition
 async def test_a_bad_setting_is_a_usage_error_that_names_it(broker, topics):
     for command in (["worker"], ["submit", "x.jpg", "--task", "embed_clip_vit_b_32"], ["sink", "pgvector"]):
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "producer.cli", *command, env=dict(os.environ, IMGSTREAM_MAX_IN_FLIGHT="many"),
+            sys.executable, "-m", "imgstream", *command, env=dict(os.environ, IMGSTREAM_MAX_IN_FLIGHT="many"),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         _, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 2, err

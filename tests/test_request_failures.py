@@ -15,14 +15,14 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-import consumer.worker as worker_module
-from consumer.metrics import WorkerMetrics
-from consumer.publish import Fitted, PublishAbandoned, Publisher
-from consumer.worker import Worker
-from producer.embedded_broker import EmbeddedBroker
-from schemas.codec import decode_result
-from schemas.config import FetchConfig, KafkaConfig, WorkerConfig
-from schemas.events import DeadLetter
+import imgstream.consumer.worker as worker_module
+from imgstream.consumer.metrics import WorkerMetrics
+from imgstream.consumer.publish import Fitted, PublishAbandoned, Publisher
+from imgstream.consumer.worker import Worker
+from imgstream.producer.embedded_broker import EmbeddedBroker
+from imgstream.schemas.codec import decode_result
+from imgstream.schemas.config import FetchConfig, KafkaConfig, WorkerConfig
+from imgstream.schemas.events import DeadLetter
 from tests.engine_helpers import photo
 from tests.kafka_helpers import consume_all
 from tests.worker_procs import produce_paced, request_bytes

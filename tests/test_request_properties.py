@@ -16,14 +16,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from analysis.results import error_results, image_info, task_result
-from blobs import open_blob_store
-from consumer.publish import fit_result
-from consumer.worker import Worker
-from schemas.codec import InvalidEvent, decode_request, decode_result, encode
-from schemas.config import FetchConfig, KafkaConfig, WorkerConfig
-from schemas.events import MAX_JSON_DEPTH, MAX_METADATA_BYTES, AnalysisRequest, DeadLetter, ModelInfo
-from schemas.operations import OPERATIONS
+from imgstream.analysis.results import error_results, image_info, task_result
+from imgstream.blobs import open_blob_store
+from imgstream.consumer.publish import fit_result
+from imgstream.consumer.worker import Worker
+from imgstream.schemas.codec import InvalidEvent, decode_request, decode_result, encode
+from imgstream.schemas.config import FetchConfig, KafkaConfig, WorkerConfig
+from imgstream.schemas.events import MAX_JSON_DEPTH, MAX_METADATA_BYTES, AnalysisRequest, DeadLetter, ModelInfo
+from imgstream.schemas.operations import OPERATIONS
 from tests.worker_procs import jpeg_bytes
 
 DLQ_CODES = {"empty", "not_json", "schema_violation"}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analysis.results import error_results, image_info, task_result
-from schemas.codec import decode_result, encode
-from schemas.events import AnalysisRequest, ModelInfo, ResultEvent
+from imgstream.analysis.results import error_results, image_info, task_result
+from imgstream.schemas.codec import decode_result, encode
+from imgstream.schemas.events import AnalysisRequest, ModelInfo, ResultEvent
 
 REQUEST = AnalysisRequest.model_validate({
     "request_id": "r-1", "image": {"blob": "file:///data/a.jpg"}, "metadata": {"tenant": "t", "n": [1, 2]},

@@ -15,11 +15,11 @@ import pytest
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
-from analysis.batcher import Timed
-from analysis.engine import Engine
-from analysis.models import load_model
-from analysis.reuse import ENTRY_OVERHEAD_BYTES, ReuseStore
-from schemas.config import DecodeConfig, KafkaConfig, ModelsConfig
+from imgstream.analysis.batcher import Timed
+from imgstream.analysis.engine import Engine
+from imgstream.analysis.models import load_model
+from imgstream.analysis.reuse import ENTRY_OVERHEAD_BYTES, ReuseStore
+from imgstream.schemas.config import DecodeConfig, KafkaConfig, ModelsConfig
 from tests.engine_helpers import by_op, photo, request
 from tests.kafka_helpers import consume_all
 from tests.test_request_failures import committed_offsets, running_worker

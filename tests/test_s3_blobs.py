@@ -10,13 +10,13 @@ import uuid
 import boto3
 import pytest
 
-from analysis.imaging import ImageError
-from consumer.fetch import TransientFetchError
-from consumer.s3blobs import S3BlobReader, S3Scopes
-from consumer.worker import Worker
-from producer.embedded_broker import find_free_port
-from schemas.config import BlobConfig, FetchConfig, KafkaConfig, WorkerConfig
-from schemas.events import AnalysisRequest, ResultEvent
+from imgstream.analysis.imaging import ImageError
+from imgstream.consumer.fetch import TransientFetchError
+from imgstream.blobs.s3read import S3BlobReader, S3Scopes
+from imgstream.consumer.worker import Worker
+from imgstream.producer.embedded_broker import find_free_port
+from imgstream.schemas.config import BlobConfig, FetchConfig, KafkaConfig, WorkerConfig
+from imgstream.schemas.events import AnalysisRequest, ResultEvent
 from tests.engine_helpers import photo
 from tests.kafka_helpers import consume_all, produce
 from tests.test_producer_cli import imgstream
@@ -100,8 +100,8 @@ def test_a_crop_too_large_for_a_message_goes_to_the_s3_blob_store(s3_endpoint, b
     import base64
     import io
 
-    from consumer.publish import crop_store, fit_result
-    from schemas.events import ResultEvent as Event
+    from imgstream.consumer.publish import crop_store, fit_result
+    from imgstream.schemas.events import ResultEvent as Event
 
     png = io.BytesIO()
     photo("astronaut").save(png, format="PNG")
@@ -202,7 +202,7 @@ def test_a_busy_s3_store_is_a_transient_failure(s3_endpoint, bucket):
     ([], "s3://photos/a.jpg", False),
 ])
 def test_s3_scopes(entries, reference, allowed):
-    from consumer.s3blobs import split_s3_reference
+    from imgstream.blobs.s3read import split_s3_reference
 
     assert S3Scopes(entries).allows(*split_s3_reference(reference)) is allowed
 

@@ -7,8 +7,8 @@ import numpy as np
 import orjson
 import pytest
 
-from schemas.codec import InvalidEvent, decode_request, encode
-from schemas.events import (
+from imgstream.schemas.codec import InvalidEvent, decode_request, encode
+from imgstream.schemas.events import (
     MAX_JSON_DEPTH,
     MAX_METADATA_BYTES,
     AnalysisRequest,
@@ -18,8 +18,8 @@ from schemas.events import (
     ResultEvent,
     make_event_id,
 )
-from schemas.export import SCHEMA_DIR, render
-from schemas.operations import InvalidParams, UnsupportedOperation, describe_operations, resolve_params
+from imgstream.schemas.export import SCHEMA_DIR, render
+from imgstream.schemas.operations import InvalidParams, UnsupportedOperation, describe_operations, resolve_params
 
 GOOD = {
     "schema_version": 1,
@@ -226,7 +226,7 @@ def test_defaults_are_filled():
 
 
 def test_config_precedence_flags_over_environment_over_defaults():
-    from schemas.config import load_config
+    from imgstream.schemas.config import load_config
 
     env = {"IMGSTREAM_KAFKA__BOOTSTRAP": "env:9092", "IMGSTREAM_MODELS__WEIGHTS": "random",
            "IMGSTREAM_MAX_IN_FLIGHT": "7", "IMGSTREAM_FETCH__ALLOW_PRIVATE_ADDRESSES": "true"}

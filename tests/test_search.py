@@ -11,8 +11,8 @@ import orjson
 import psycopg
 import pytest
 
-from consumer.pgstore import PgStore, row_from_event
-from consumer.search import embed_file, search_image
+from imgstream.sink.pgstore import PgStore, row_from_event
+from imgstream.sink.search import embed_file, search_image
 from tests.engine_helpers import photo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ async def test_an_empty_database_gives_no_matches(pg, engine, photo_files):
 
 
 def _search_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "producer.cli", "search", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "imgstream", "search", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
 
 

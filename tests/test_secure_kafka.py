@@ -21,10 +21,10 @@ import orjson
 import pytest
 from aiohttp import web
 
-from consumer.pgstore import embedding_table
-from kafka_clients import KafkaSetupError, open_admin
-from kafka_clients.tokens import CachedTokenProvider, oidc_fetcher
-from schemas.config import OAuthConfig, load_config
+from imgstream.sink.pgstore import embedding_table
+from imgstream.kafka_clients import KafkaSetupError, open_admin
+from imgstream.kafka_clients.tokens import CachedTokenProvider, oidc_fetcher
+from imgstream.schemas.config import OAuthConfig, load_config
 from tests.kafka_helpers import unique_topics
 from tests.secure_kafka import KafkaFront, SecureCluster, _fronted
 from tests.test_sink import count, db  # noqa: F401 - fixture: a fresh database
@@ -62,7 +62,7 @@ async def imgstream(env: dict[str, str], *args: str, timeout_s: float = 240) -> 
     """Run the CLI with `env` (nothing else of ours inherited); (exit code, stdout, stderr, seconds)."""
     full = {k: v for k, v in os.environ.items() if not k.startswith("IMGSTREAM_")} | {"HF_HUB_OFFLINE": "1"} | env
     started = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "producer.cli", *args, cwd=REPO, env=full,
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "imgstream", *args, cwd=REPO, env=full,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
@@ -97,7 +97,7 @@ async def test_round_trip_through_topics_worker_submit_and_sink(secure_cluster, 
         assert all(r["status"] == "success" for r in results), results
 
         full = {k: v for k, v in os.environ.items() if not k.startswith("IMGSTREAM_")} | env
-        sink = subprocess.Popen([sys.executable, "-m", "producer.cli", "sink", "pgvector", "--dsn", db,
+        sink = subprocess.Popen([sys.executable, "-m", "imgstream", "sink", "pgvector", "--dsn", db,
                                  "--group", f"sink-{uuid.uuid4().hex[:6]}", "--batch-ms", "50"],
                                 cwd=REPO, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
@@ -147,7 +147,7 @@ async def test_refused_settings_end_every_command_within_30s_naming_the_setting(
 
 
 async def test_an_unreachable_broker_is_told_apart_from_a_refusal(tmp_path):
-    from producer.embedded_broker import find_free_port
+    from imgstream.producer.embedded_broker import find_free_port
 
     code, out, err, took = await imgstream({"IMGSTREAM_KAFKA__BOOTSTRAP": f"127.0.0.1:{find_free_port()}"},
                                            "topics", "create")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from schemas.config import ConfigError, Settings, WorkerConfig, load_config
-from schemas.settings_doc import render_tables
+from imgstream.schemas.config import ConfigError, Settings, WorkerConfig, load_config
+from imgstream.schemas.settings_doc import render_tables
 
 REPO = Path(__file__).resolve().parent.parent
 SASL = {"IMGSTREAM_KAFKA__SECURITY_PROTOCOL": "SASL_SSL", "IMGSTREAM_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512",
@@ -126,7 +126,7 @@ def test_client_tuning_defaults():
 
 def _cli(*args: str, environ: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMGSTREAM_")} | (environ or {})
-    return subprocess.run([sys.executable, "-m", "producer.cli", *args], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "imgstream", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=60)
 
 

@@ -18,11 +18,11 @@ import psycopg
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from consumer.pgstore import RESULTS_TABLE, embedding_table
-from consumer.sink import PgVectorSink
-from schemas.codec import encode
-from schemas.config import KafkaConfig, SinkConfig, Topics
-from schemas.events import ImageInfo, ModelInfo, ResultEvent, make_event_id
+from imgstream.sink.pgstore import RESULTS_TABLE, embedding_table
+from imgstream.sink.pgvector import PgVectorSink
+from imgstream.schemas.codec import encode
+from imgstream.schemas.config import KafkaConfig, SinkConfig, Topics
+from imgstream.schemas.events import ImageInfo, ModelInfo, ResultEvent, make_event_id
 from tests.kafka_helpers import produce
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,7 +174,7 @@ async def test_a_replay_replaces_rows_instead_of_adding_them(broker, topics, db)
 
 
 async def test_rows_say_whether_the_vector_is_normalised_also_in_tables_an_older_sink_made(broker, topics, db):
-    from consumer.pgstore import _COMMON_DDL
+    from imgstream.sink.pgstore import _COMMON_DDL
 
     # The CLIP table as a sink from before the flag created it, with one row in it.
     old_ddl = _COMMON_DDL.replace("normalized boolean,", "")
@@ -256,7 +256,7 @@ def _sink_process(broker: str, topics: Topics, group: str, dsn: str) -> subproce
     env = {**os.environ, "IMGSTREAM_KAFKA__TOPICS__RESULTS": topics.results,
            "IMGSTREAM_KAFKA__SESSION_TIMEOUT_MS": "3000"}
     return subprocess.Popen(
-        [sys.executable, "-m", "producer.cli", "sink", "pgvector", "--dsn", dsn, "--bootstrap", broker,
+        [sys.executable, "-m", "imgstream", "sink", "pgvector", "--dsn", dsn, "--bootstrap", broker,
          "--group", group, "--batch-size", "50", "--batch-ms", "50"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
@@ -312,7 +312,7 @@ async def test_without_a_dsn_the_embedded_database_starts_and_says_where(broker,
     env = {**os.environ, "IMGSTREAM_KAFKA__TOPICS__RESULTS": topics.results,
            "IMGSTREAM_KAFKA__SESSION_TIMEOUT_MS": "3000"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "producer.cli", "sink", "pgvector", "--data-dir", str(data_dir),
+        [sys.executable, "-m", "imgstream", "sink", "pgvector", "--data-dir", str(data_dir),
          "--bootstrap", broker, "--batch-ms", "50"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )

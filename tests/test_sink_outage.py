@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from consumer.embedded_pg import EmbeddedPostgres, start_embedded_postgres
-from consumer.sink import PgVectorSink
-from producer.embedded_broker import find_free_port
-from schemas.codec import encode
+from imgstream.sink.embedded_pg import EmbeddedPostgres, start_embedded_postgres
+from imgstream.sink.pgvector import PgVectorSink
+from imgstream.producer.embedded_broker import find_free_port
+from imgstream.schemas.codec import encode
 from tests.kafka_helpers import produce
 from tests.sink_procs import start_sink, until_ready
 from tests.test_observability import parse_prometheus, sample
@@ -194,7 +194,7 @@ async def test_with_a_give_up_deadline_the_sink_exits_1_once_the_database_stays_
             await asyncio.sleep(0.2)
         assert sink.proc.returncode == 1, sink.tail()
         log = sink.log()
-        assert "giving up" in log and "sink.db_give_up_s" in log, log[-3000:]
+        assert "giving up" in log and "imgstream.sink.db_give_up_s" in log, log[-3000:]
         assert log.count("database unreachable") == 1, log[-3000:]  # each retry after the first at DEBUG only
     finally:
         sink.kill()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from producer.topics import create_topics
+from imgstream.producer.topics import create_topics
 from tests.conftest import docker_engine_reason
 from tests.kafka_helpers import consume_all, produce, unique_topics
 

@@ -10,8 +10,8 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from producer.topics import create_topics, topic_differences, topic_names, topic_plans
-from schemas.config import DAY_MS, KafkaConfig, TopicSettingsByTopic, load_config
+from imgstream.producer.topics import create_topics, topic_differences, topic_names, topic_plans
+from imgstream.schemas.config import DAY_MS, KafkaConfig, TopicSettingsByTopic, load_config
 from tests.kafka_helpers import unique_topics
 
 CONFIG_KEYS = ("retention.ms", "compression.type", "max.message.bytes")
@@ -86,7 +86,7 @@ async def test_topics_create_command_reads_per_topic_settings_from_the_environme
                IMGSTREAM_KAFKA__TOPIC_SETTINGS__DLQ__COMPRESSION_TYPE="gzip")
 
     async def run() -> tuple[int, str]:
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "producer.cli", "topics", "create",
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "imgstream", "topics", "create",
                                                     env=env, stdout=asyncio.subprocess.PIPE)
         out, _ = await asyncio.wait_for(proc.communicate(), 60)
         return proc.returncode, out.decode()

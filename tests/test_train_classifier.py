@@ -11,7 +11,7 @@ import orjson
 import pytest
 from PIL import ImageOps
 
-from analysis.classifiers import ClassifierStore
+from imgstream.analysis.classifiers import ClassifierStore
 from tests.engine_helpers import by_op, photo, request
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "train_classifier.py"

@@ -16,19 +16,19 @@ import orjson
 import pytest
 from PIL import Image, ImageDraw
 
-from analysis.classifiers import ClassifierStore
-from consumer.pgstore import PgStore, row_from_event
-from producer.cli import main as imgstream
-from schemas.codec import decode_result
-from schemas.events import ImageInfo, ModelInfo, ResultEvent, make_event_id
+from imgstream.analysis.classifiers import ClassifierStore
+from imgstream.sink.pgstore import PgStore, row_from_event
+from imgstream.producer.cli import main as imgstream
+from imgstream.schemas.codec import decode_result
+from imgstream.schemas.events import ImageInfo, ModelInfo, ResultEvent, make_event_id
 from tests.kafka_helpers import consume_all, produce
 from tests.test_sink import db  # noqa: F401 - the fixture: a fresh database on the session's server
 from tests.worker_procs import REPO_ROOT, request_bytes, workers  # noqa: F401 - the fixture
-from training.bakeoff import positive_probability
-from training.fit import choose_threshold
-from training.labels import LabelsError, read_labels
-from training.metrics import average_precision
-from training.registry import Registry
+from imgstream.training.bakeoff import positive_probability
+from imgstream.training.fit import choose_threshold
+from imgstream.training.labels import LabelsError, read_labels
+from imgstream.training.metrics import average_precision
+from imgstream.training.registry import Registry
 
 CLIP, DINO = "embed_clip_vit_b_32", "embed_dino_v2"
 
@@ -327,8 +327,8 @@ def test_threshold_maximises_f1_or_reaches_the_target_precision():
 
 
 def test_too_few_examples_to_nest_say_the_figures_are_from_the_threshold_choice():
-    from schemas.config import TrainingConfig
-    from training.fit import SAME_PREDICTIONS, TooFewGroups, fit_classifier
+    from imgstream.schemas.config import TrainingConfig
+    from imgstream.training.fit import SAME_PREDICTIONS, TooFewGroups, fit_classifier
 
     rng = np.random.default_rng(1)
     X, y = rng.normal(size=(12, 4)), np.array([True, True] + [False] * 10)
@@ -495,7 +495,7 @@ async def test_trains_from_the_embedded_database_it_starts_on_data_dir(tmp_path)
     import shutil
     import tempfile
 
-    from consumer.embedded_pg import start_embedded_postgres
+    from imgstream.sink.embedded_pg import start_embedded_postgres
 
     # Not under pytest's basetemp (see conftest's `pg`): pgserver runs postgres as another user.
     parent = tempfile.mkdtemp(prefix="imgstream-pg-train-")
@@ -526,7 +526,7 @@ async def test_trains_from_the_embedded_database_it_starts_on_data_dir(tmp_path)
 
 def test_help_and_lazy_imports():
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    shown = subprocess.run([sys.executable, "-m", "producer.cli", "train-classifiers", "--help"], cwd=REPO_ROOT,
+    shown = subprocess.run([sys.executable, "-m", "imgstream", "train-classifiers", "--help"], cwd=REPO_ROOT,
                            env=env, capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0
     for flag in ("--labels", "--results", "--dsn", "--target-precision", "--metric", "--keep", "--report"):
@@ -684,7 +684,7 @@ def test_raw_and_normalised_vectors_of_one_model_train_normalised_and_the_report
 
 
 def test_features_normalise_as_serving_does_and_refuse_to_unnormalise():
-    from training.features import DataProblem, Embedding, FeatureStore
+    from imgstream.training.features import DataProblem, Embedding, FeatureStore
 
     rng = np.random.default_rng(0)
     raw = rng.normal(size=(6, 8)).astype(np.float32) * 5
@@ -725,7 +725,7 @@ def test_copies_of_one_photo_never_sit_on_both_sides_of_a_split(tmp_path):
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
     from tests.engine_helpers import photo
-    from training.fit import _estimator, grouped_folds
+    from imgstream.training.fit import _estimator, grouped_folds
 
     # 16 real photos, 5 files each. The label belongs to the photo and has nothing to do with what the
     # embeddings (the photo's random vector, a little noise per copy) say: only memorising copies helps.
@@ -843,11 +843,11 @@ def test_a_pruned_model_file_stays_readable_for_a_worker_that_read_the_older_ind
 
 
 async def test_images_are_read_from_file_blobs_inside_the_roots_and_only_there(tmp_path):
-    from schemas.config import load_config
+    from imgstream.schemas.config import load_config
     from tests.engine_helpers import photo
-    from training.duplicates import group_keys
-    from training.features import Embedding, FeatureStore
-    from training.image_identity import identify_images
+    from imgstream.training.duplicates import group_keys
+    from imgstream.training.features import Embedding, FeatureStore
+    from imgstream.training.image_identity import identify_images
 
     roots, outside = tmp_path / "blobs", tmp_path / "elsewhere"
     roots.mkdir()
@@ -878,7 +878,7 @@ async def test_images_are_read_from_file_blobs_inside_the_roots_and_only_there(t
 
 
 def test_an_index_entry_input_record_is_applied_part_by_part_and_checked():
-    from analysis.classifiers import ClassifierInvalid, InputPart, _parse_entry
+    from imgstream.analysis.classifiers import ClassifierInvalid, InputPart, _parse_entry
 
     both = {"model_file": "m.pkl", "derivative_type": "whole_image", "embedding_type": f"{CLIP}+{DINO}"}
     entry = _parse_entry(3, {**both, "input": {"parts": [

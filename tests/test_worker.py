@@ -8,11 +8,11 @@ import uuid
 import orjson
 import pytest
 
-from consumer.worker import Worker
-from producer.embedded_broker import find_free_port
-from schemas.codec import decode_result
-from schemas.config import FetchConfig, KafkaConfig, WorkerConfig
-from schemas.events import AnalysisRequest, DeadLetter
+from imgstream.consumer.worker import Worker
+from imgstream.producer.embedded_broker import find_free_port
+from imgstream.schemas.codec import decode_result
+from imgstream.schemas.config import FetchConfig, KafkaConfig, WorkerConfig
+from imgstream.schemas.events import AnalysisRequest, DeadLetter
 from tests.engine_helpers import photo
 from tests.kafka_helpers import consume_all, produce
 

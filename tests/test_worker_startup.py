@@ -12,7 +12,7 @@ import torch
 
 def _worker(*args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "producer.cli", "worker", "--bootstrap", "127.0.0.1:1", *args],
+        [sys.executable, "-m", "imgstream", "worker", "--bootstrap", "127.0.0.1:1", *args],
         env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, capture_output=True, text=True, timeout=120,
     )
 
@@ -37,7 +37,7 @@ def test_sigterm_while_the_worker_starts_exits_zero():
     import signal
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--bootstrap", "127.0.0.1:1",
+    proc = subprocess.Popen([sys.executable, "-m", "imgstream", "worker", "--bootstrap", "127.0.0.1:1",
                              "--weights", "random"],
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "IMGSTREAM_MODELS__PRELOAD": '["face"]'},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -27,7 +27,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from schemas.config import Topics
+from imgstream.schemas.config import Topics
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Cheap work per request: MTCNN (its weights ship with facenet-pytorch) on a small photo.
@@ -176,7 +176,7 @@ class WorkerProcs:
               env: dict[str, str] | None = None, args: Iterable[str] = ()) -> WorkerProc:
         name = name or f"w{len(self.started) + 1}"
         log_path = self.log_dir / f"worker-{name}.log"
-        command = [sys.executable, "-m", "producer.cli", "worker", *args]
+        command = [sys.executable, "-m", "imgstream", "worker", *args]
         if http_port is not None:
             command += ["--http-port", str(http_port)]
         with open(log_path, "ab") as log:

@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from analysis.classifiers import positive_class
-from training.duplicates import ImageHash, near_any
-from training.metrics import Metrics, binary_metrics
-from training.registry import Version, key_hash
+from imgstream.analysis.classifiers import positive_class
+from imgstream.training.duplicates import ImageHash, near_any
+from imgstream.training.metrics import Metrics, binary_metrics
+from imgstream.training.registry import Version, key_hash
 
 
 @dataclass(frozen=True)

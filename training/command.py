@@ -6,10 +6,10 @@ import logging
 import sys
 from pathlib import Path
 
-from schemas.config import WorkerConfig
-from training.pipeline import RunInputs, UsageError, run_training
-from training.registry import RegistryLocked
-from training.report import notes_text, summary_table, write_report
+from imgstream.schemas.config import WorkerConfig
+from imgstream.training.pipeline import RunInputs, UsageError, run_training
+from imgstream.training.registry import RegistryLocked
+from imgstream.training.report import notes_text, summary_table, write_report
 
 EXIT_OK, EXIT_COLLECTION_FAILED, EXIT_USAGE = 0, 1, 2
 PROG = "imgstream train-classifiers"

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from analysis.vectors import l2_normalize, looks_normalized
-from schemas.events import ResultEvent
+from imgstream.analysis.vectors import l2_normalize, looks_normalized
+from imgstream.schemas.events import ResultEvent
 
 Pair = tuple[str, str]  # (embedding operation type, region)
 UNKNOWN_MODEL = "unknown"

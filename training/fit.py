@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from schemas.config import TrainingConfig
-from training.metrics import Metrics, average_precision, binary_metrics, prediction_metrics
+from imgstream.schemas.config import TrainingConfig
+from imgstream.training.metrics import Metrics, average_precision, binary_metrics, prediction_metrics
 
 MAX_ITER = 2000
 

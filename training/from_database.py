@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from training.features import Embedding, Pair, model_id
+from imgstream.training.features import Embedding, Pair, model_id
 
 
 async def read_database(dsn: str, key_field: str, pairs: set[Pair], keys: set[str]) -> dict[Pair, dict[str, Embedding]]:
     """The latest successful embedding of each labelled key for every (type, region) in `pairs`."""
-    from consumer.pgstore import PgStore  # psycopg is imported only here
+    from imgstream.sink.pgstore import PgStore  # psycopg is imported only here
 
     key_path = None if key_field == "request_id" else key_field.split(".")[1:]
     found: dict[Pair, dict[str, Embedding]] = {}

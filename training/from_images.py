@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from schemas.config import WorkerConfig
-from training.features import Embedding, Pair, model_id
-from training.progress import Progress
+from imgstream.schemas.config import WorkerConfig
+from imgstream.training.features import Embedding, Pair, model_id
+from imgstream.training.progress import Progress
 
 IN_FLIGHT = 32  # images decoded or waiting in the engine at once: enough to fill its batches
 
@@ -28,9 +28,9 @@ async def embed_images(config: WorkerConfig, images: dict[str, str], wanted: dic
     An embedding is filed under the region the engine actually used (a person target without a
     person falls back to the whole image), as the worker's results are.
     """
-    from analysis.engine import EMBEDDING_MODELS, Engine  # torch is imported only here
-    from analysis.imaging import ImageError, decode_image
-    from schemas.events import AnalysisRequest
+    from imgstream.analysis.engine import EMBEDDING_MODELS, Engine  # torch is imported only here
+    from imgstream.analysis.imaging import ImageError, decode_image
+    from imgstream.schemas.events import AnalysisRequest
 
     out = ImageEmbeddings()
     if not wanted:

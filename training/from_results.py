@@ -8,8 +8,8 @@ import numpy as np
 import orjson
 from pydantic import ValidationError
 
-from schemas.events import ResultEvent
-from training.features import Embedding, Pair, key_of, model_id
+from imgstream.schemas.events import ResultEvent
+from imgstream.training.features import Embedding, Pair, key_of, model_id
 
 
 class ResultsFileError(ValueError):

@@ -12,10 +12,10 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 
-from schemas.config import WorkerConfig
-from training.duplicates import ImageHash, perceptual_hash
-from training.features import FeatureStore
-from training.progress import Progress
+from imgstream.schemas.config import WorkerConfig
+from imgstream.training.duplicates import ImageHash, perceptual_hash
+from imgstream.training.features import FeatureStore
+from imgstream.training.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,8 @@ async def identify_images(config: WorkerConfig, images: dict[str, str], store: F
                     "found by identical bytes only")
         out.unhashed.update({k: "imagehash is not installed" for keys_ in sources.values() for k in keys_})
         return out
-    from analysis.imaging import ImageError  # torch comes with these: only when there are images to read
-    from consumer.fetch import FileBlobReader
+    from imgstream.analysis.imaging import ImageError  # torch comes with these: only when there are images to read
+    from imgstream.consumer.fetch import FileBlobReader
 
     reader = FileBlobReader(config.file_blob_roots())
     max_bytes, max_pixels = config.fetch.max_bytes, config.decode.max_pixels

@@ -11,17 +11,17 @@ from typing import Any
 
 import numpy as np
 
-from analysis.classifiers import EMBEDDING_TYPES
-from schemas.config import TrainingConfig, WorkerConfig
-from schemas.operations import TARGETS
-from training.bakeoff import Entrant, Holdout, choose_holdout, rank, score
-from training.duplicates import ImageHash, duplicate_groups, group_keys
-from training.features import DataProblem, FeatureStore, Matrix, Pair, check_key_field, pairs_of
-from training.fit import MAX_ITER, TooFewGroups, fit_classifier
-from training.image_identity import ImageIdentities, identify_images
-from training.labels import CollectionLabels, LabelSet, read_labels
-from training.progress import Progress
-from training.registry import Registry, Version
+from imgstream.analysis.classifiers import EMBEDDING_TYPES
+from imgstream.schemas.config import TrainingConfig, WorkerConfig
+from imgstream.schemas.operations import TARGETS
+from imgstream.training.bakeoff import Entrant, Holdout, choose_holdout, rank, score
+from imgstream.training.duplicates import ImageHash, duplicate_groups, group_keys
+from imgstream.training.features import DataProblem, FeatureStore, Matrix, Pair, check_key_field, pairs_of
+from imgstream.training.fit import MAX_ITER, TooFewGroups, fit_classifier
+from imgstream.training.image_identity import ImageIdentities, identify_images
+from imgstream.training.labels import CollectionLabels, LabelSet, read_labels
+from imgstream.training.progress import Progress
+from imgstream.training.registry import Registry, Version
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def _pairs_by_collection(label_set: LabelSet, inputs: RunInputs,
 async def _database_dsn(config: WorkerConfig) -> str:
     if config.sink.dsn:
         return config.sink.database_uri()
-    from consumer.embedded_pg import embedded_postgres_exists, start_embedded_postgres
+    from imgstream.sink.embedded_pg import embedded_postgres_exists, start_embedded_postgres
 
     if not embedded_postgres_exists(config.sink.data_dir):
         raise UsageError(f"no database in {config.sink.data_dir}; give --dsn, or --data-dir where "
@@ -134,7 +134,7 @@ async def load_embeddings(config: WorkerConfig, inputs: RunInputs, label_set: La
 
     Returns the store and, per key the engine could not embed, the reason.
     """
-    from training.from_results import ResultsFileError, read_results_file
+    from imgstream.training.from_results import ResultsFileError, read_results_file
 
     store = FeatureStore()
     keys = label_set.keys
@@ -151,7 +151,7 @@ async def load_embeddings(config: WorkerConfig, inputs: RunInputs, label_set: La
             import psycopg
         except ImportError:
             raise UsageError("reading the sink's database needs psycopg: pip install 'imgstream[sink]'") from None
-        from training.from_database import read_database
+        from imgstream.training.from_database import read_database
 
         dsn = await _database_dsn(config)
         try:
@@ -168,7 +168,7 @@ async def load_embeddings(config: WorkerConfig, inputs: RunInputs, label_set: La
                 wanted.setdefault(key, set()).update(missing)
     failed: dict[str, str] = {}
     if wanted:
-        from training.from_images import embed_images
+        from imgstream.training.from_images import embed_images
 
         try:
             embedded = await embed_images(config, label_set.images, {k: sorted(v) for k, v in wanted.items()},
@@ -493,7 +493,7 @@ def run_training(config: WorkerConfig, inputs: RunInputs) -> RunReport:
     check_inputs(inputs)
     if not inputs.labels:
         raise UsageError("give at least one --labels file")
-    from training.labels import LabelsError
+    from imgstream.training.labels import LabelsError
 
     try:
         label_set = read_labels(inputs.labels, inputs.collection_ids)

@@ -24,8 +24,8 @@ from typing import Any
 
 import orjson
 
-from analysis.classifiers import INDEX_FILE
-from training.duplicates import ImageHash, decode_hash, encode_hash
+from imgstream.analysis.classifiers import INDEX_FILE
+from imgstream.training.duplicates import ImageHash, decode_hash, encode_hash
 
 log = logging.getLogger(__name__)
 

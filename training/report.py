@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from training.pipeline import CollectionOutcome, RunReport
+from imgstream.training.pipeline import CollectionOutcome, RunReport
 
 COLUMNS = ("collection", "status", "best", "threshold", "expected P/R", "held out", "score", "new version", "note")
 

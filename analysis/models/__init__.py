@@ -7,8 +7,8 @@ from typing import Callable
 
 import torch
 
-from analysis.models.base import Detection, Model
-from schemas.config import ModelsConfig
+from imgstream.analysis.models.base import Detection, Model
+from imgstream.schemas.config import ModelsConfig
 
 __all__ = ["MODEL_KEYS", "Detection", "Model", "load_model", "select_device", "select_devices"]
 
@@ -67,11 +67,11 @@ def _one_device(name: str, setting: str, cuda_available: bool) -> torch.device:
 # Each module pulls in its own heavy library (open_clip, transformers, facenet-pytorch), so a
 # process imports only the ones it loads.
 _LOADERS = {
-    "clip": ("analysis.models.clip", "ClipModel"),
-    "dino": ("analysis.models.dino", "DinoModel"),
-    "person": ("analysis.models.person", "PersonDetector"),
-    "face": ("analysis.models.face", "FaceDetector"),
-    "caption": ("analysis.models.caption", "Captioner"),
+    "clip": ("imgstream.analysis.models.clip", "ClipModel"),
+    "dino": ("imgstream.analysis.models.dino", "DinoModel"),
+    "person": ("imgstream.analysis.models.person", "PersonDetector"),
+    "face": ("imgstream.analysis.models.face", "FaceDetector"),
+    "caption": ("imgstream.analysis.models.caption", "Captioner"),
 }
 MODEL_KEYS = tuple(_LOADERS)
 

@@ -9,8 +9,8 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import PIL.Image
 import torch
 
-from schemas.config import ModelsConfig
-from schemas.events import ModelInfo
+from imgstream.schemas.config import ModelsConfig
+from imgstream.schemas.events import ModelInfo
 
 
 @runtime_checkable
@@ -40,7 +40,7 @@ class TensorModel:
 
     def preprocess(self, image: PIL.Image.Image) -> torch.Tensor:
         """An image as the item this model takes (uint8 3xHxW on the CPU)."""
-        from analysis.imaging import pixels_of
+        from imgstream.analysis.imaging import pixels_of
 
         return pixels_of(image if image.mode == "RGB" else image.convert("RGB"))
 

@@ -21,11 +21,11 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from analysis.imaging import to_pil
-from analysis.models.base import TensorModel, half_precision, seeded
-from analysis.preprocess import from_hf_processor
-from schemas.config import ModelsConfig
-from schemas.events import ModelInfo
+from imgstream.analysis.imaging import to_pil
+from imgstream.analysis.models.base import TensorModel, half_precision, seeded
+from imgstream.analysis.preprocess import from_hf_processor
+from imgstream.schemas.config import ModelsConfig
+from imgstream.schemas.events import ModelInfo
 
 RANDOM_NAME = "Salesforce/blip-image-captioning-base"
 # BLIP's BERT vocabulary (30522) plus its two added tokens, [DEC] (bos) and [ENC].

@@ -9,10 +9,10 @@ import open_clip
 import PIL.Image
 import torch
 
-from analysis.models.base import TensorModel, half_precision, seeded
-from analysis.preprocess import BICUBIC, BILINEAR, ImageTransform
-from schemas.config import ModelsConfig
-from schemas.events import ModelInfo
+from imgstream.analysis.models.base import TensorModel, half_precision, seeded
+from imgstream.analysis.preprocess import BICUBIC, BILINEAR, ImageTransform
+from imgstream.schemas.config import ModelsConfig
+from imgstream.schemas.events import ModelInfo
 
 # The OpenAI weights were trained with QuickGELU; plain "ViT-B-32" would run them with GELU.
 ARCHITECTURE = "ViT-B-32-quickgelu"

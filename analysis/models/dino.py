@@ -7,10 +7,10 @@ import PIL.Image
 import torch
 from transformers import AutoImageProcessor, BitImageProcessor, Dinov2Config, Dinov2Model
 
-from analysis.models.base import TensorModel, half_precision, seeded
-from analysis.preprocess import ImageTransform, hf_transform
-from schemas.config import ModelsConfig
-from schemas.events import ModelInfo
+from imgstream.analysis.models.base import TensorModel, half_precision, seeded
+from imgstream.analysis.preprocess import ImageTransform, hf_transform
+from imgstream.schemas.config import ModelsConfig
+from imgstream.schemas.events import ModelInfo
 
 RANDOM_NAME = "facebook/dinov2-base"
 

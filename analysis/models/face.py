@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from facenet_pytorch import MTCNN
 
-from analysis.area_resample import AreaTables
-from analysis.models.base import Detection, TensorModel, clamp_box, sorted_detections
-from analysis.models.mtcnn import Cascade, Faces, speed_up
-from analysis.preprocess import to_device
-from schemas.config import ModelsConfig
-from schemas.events import ModelInfo
+from imgstream.analysis.area_resample import AreaTables
+from imgstream.analysis.models.base import Detection, TensorModel, clamp_box, sorted_detections
+from imgstream.analysis.models.mtcnn import Cascade, Faces, speed_up
+from imgstream.analysis.preprocess import to_device
+from imgstream.schemas.config import ModelsConfig
+from imgstream.schemas.events import ModelInfo
 
 
 class FaceDetector(TensorModel):

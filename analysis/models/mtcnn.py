@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torchvision.ops import batched_nms
 
-from analysis.area_resample import AreaTables
-from analysis.models.base import channels_last
+from imgstream.analysis.area_resample import AreaTables
+from imgstream.analysis.models.base import channels_last
 
 # P-Net sees 12x12 windows with a stride of 2; R-Net takes 24x24 crops, O-Net 48x48.
 _CELL, _STRIDE = 12, 2

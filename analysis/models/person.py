@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torchvision.models.detection import FasterRCNN, FasterRCNN_ResNet50_FPN_Weights, fasterrcnn_resnet50_fpn
 
-from analysis.models.base import Detection, TensorModel, channels_last, clamp_box, seeded, sorted_detections
-from analysis.preprocess import BILINEAR, resize_to, to_device
-from schemas.config import ModelsConfig
-from schemas.events import ModelInfo
+from imgstream.analysis.models.base import Detection, TensorModel, channels_last, clamp_box, seeded, sorted_detections
+from imgstream.analysis.preprocess import BILINEAR, resize_to, to_device
+from imgstream.schemas.config import ModelsConfig
+from imgstream.schemas.events import ModelInfo
 
 ARCHITECTURE = "fasterrcnn_resnet50_fpn"
 COCO_PERSON = 1
