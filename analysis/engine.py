@@ -9,6 +9,7 @@ micro-batcher per model, so items from all requests in flight share batches.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
@@ -159,9 +160,10 @@ class Engine:
             await self._load(key)
         self.ready = True
 
-    @property
+    @functools.cached_property
     def device_decode(self) -> bool:
-        """Whether JPEGs are decoded on the models' device (nvJPEG on a GPU); the rest takes Pillow."""
+        """Whether JPEGs are decoded on the models' device (nvJPEG on a GPU); the rest takes Pillow.
+        (The setting and the devices are fixed at construction; every decode asks.)"""
         choice = self.config.jpeg_decoder
         return choice == "device" or choice == "auto" and all(d.is_cuda for d in self.devices)
 
@@ -206,6 +208,10 @@ class Engine:
         sha256 = _sha256(data) if len(data) < (1 << 20) else await self.off_loop(_sha256, data)
         if self.reuse is None:
             return await self._decode(data, config, sha256, lane)
+        if len(data) <= INLINE_DECODE_BYTES and not self.device_decode:
+            # Decoded here and now, without an await: no other request can join it, so sharing it
+            # would only cost a task, a shield and their callbacks.
+            return self._decode_inline(data, config, sha256)
         pending = self._decoding.join(sha256, lane)
         if pending is None:
             pending = self._decoding.start(sha256, lambda: self._decode(data, config, sha256, lane), lane)
@@ -230,6 +236,11 @@ class Engine:
                 return imaging.decode_image(data, config, sha256)
             return await self.off_loop(imaging.decode_image, data, config, sha256)
 
+    def _decode_inline(self, data: bytes, config: DecodeConfig, sha256: str) -> imaging.DecodedImage:
+        """`_decode` of a thumbnail on the CPU, which never waits: the same bookkeeping, no coroutine."""
+        with self.scheduler.decoding():
+            return imaging.decode_image(data, config, sha256)
+
     # -- requests -------------------------------------------------------------------------
 
     async def run(
@@ -248,6 +259,8 @@ class Engine:
         if isinstance(image, Image.Image):
             image = imaging.DecodedImage.from_pil(image)
         run = _RequestRun(self, request, image, dict(timings_ms or {}), lane)
+        if len(request.tasks) == 1:  # most requests: no task and gather for the one task
+            return [await run.result(request.tasks[0])]
         return list(await asyncio.gather(*(run.result(task) for task in request.tasks)))
 
     async def close(self) -> None:

@@ -130,10 +130,10 @@ def decode_image(data: bytes, config: DecodeConfig, sha256: str | None = None) -
         raise ImageError(UNDECODABLE, _describe_unknown(data))
     image = _open_checked(data, fmt, config.max_pixels)
     try:
-        rgb = _decode_pixels(image, fmt)
+        # The pixels are copied out before the close: `rgb` may be `image` itself.
+        return DecodedImage.from_pil(_decode_pixels(image, fmt), sha256 or hashlib.sha256(data).hexdigest(), fmt)
     finally:
         image.close()
-    return DecodedImage.from_pil(rgb, sha256 or hashlib.sha256(data).hexdigest(), fmt)
 
 
 @dataclass(frozen=True)
@@ -214,7 +214,7 @@ def _open_checked(data: bytes, fmt: str, max_pixels: int) -> Image.Image:
 
 
 def _decode_pixels(image: Image.Image, fmt: str) -> Image.Image:
-    """Decode the (first frame's) pixels into a new upright RGB image."""
+    """Decode the (first frame's) pixels into an upright RGB image (`image` itself when it is one already)."""
     try:
         image.load()
         # exif_transpose always returns a new image, so closing `image` afterwards is safe.
@@ -227,13 +227,23 @@ def _decode_pixels(image: Image.Image, fmt: str) -> Image.Image:
         raise ImageError(UNDECODABLE, f"{fmt} image could not be decoded: {exc}") from exc
 
 
+_EXIF_ORIENTATION: Final = 0x0112
+_TURNED: Final = (2, 3, 4, 5, 6, 7, 8)  # orientations exif_transpose acts on
+
+
 def _exif_upright(image: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation; unreadable EXIF leaves the image as stored."""
+    """Apply the EXIF orientation; unreadable EXIF leaves the image as stored.
+
+    An image already upright (most of them) is returned as is, not copied as exif_transpose does.
+    """
     try:
+        # exif_transpose's own first steps: an image it would copy unchanged is left alone.
+        if image.getexif().get(_EXIF_ORIENTATION, 1) not in _TURNED:
+            return image
         return ImageOps.exif_transpose(image)
     except (SyntaxError, ValueError, TypeError, KeyError, IndexError, OSError):
         # Broken EXIF is common in the wild and says nothing about the pixels.
-        return image.copy()
+        return image
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

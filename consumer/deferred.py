@@ -14,7 +14,6 @@ import hashlib
 import logging
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Final, Literal
 
@@ -37,18 +36,36 @@ _ANSWERED: Final = 0
 Decision = Literal["answer", "defer", "drop"]
 
 
-@dataclass(frozen=True)
 class Attempt:
-    """One delivery of a request: which attempt it is and how the earlier ones failed."""
+    """One delivery of a request: which attempt it is and how the earlier ones failed.
 
-    number: int  # 1: the request's first delivery (requests or replay topic)
-    digest: bytes  # of the request's bytes: deliveries of the same request share it
-    source_topic: str
-    retry: DeferredRetry | None = None  # the headers it came with from the retry topic
+    `digest` (of the request's bytes: deliveries of the same request share it) is computed when first
+    asked: a first delivery that fetches its image needs none.
+    """
+
+    __slots__ = ("number", "source_topic", "retry", "_value", "_digest")
+
+    def __init__(self, number: int, value: bytes | None, source_topic: str,
+                 retry: DeferredRetry | None = None) -> None:
+        self.number = number  # 1: the request's first delivery (requests or replay topic)
+        self.source_topic = source_topic
+        self.retry = retry  # the headers it came with from the retry topic
+        self._value = value
+        self._digest: bytes | None = None
+
+    @property
+    def digest(self) -> bytes:
+        if self._digest is None:
+            self._digest = _digest(self._value)
+            self._value = None  # the bytes are not kept longer than the digest needs them
+        return self._digest
 
     @classmethod
     def first(cls, value: bytes | None, topic: str) -> Attempt:
-        return cls(1, _digest(value), topic)
+        return cls(1, value, topic)
+
+    def __repr__(self) -> str:
+        return f"Attempt(number={self.number}, source_topic={self.source_topic!r})"
 
 
 class Deferral(Exception):
@@ -112,7 +129,7 @@ class DeferredRetries:
         retry = self._retry_of(record)
         if retry is None:
             return Attempt.first(record.value, tp.topic)
-        return Attempt(retry.attempt, _digest(record.value), retry.source_topic, retry)
+        return Attempt(retry.attempt, record.value, retry.source_topic, retry)
 
     def superseded(self, attempt: Attempt) -> bool:
         """A retry of a request this worker has answered meanwhile (another delivery of it succeeded or
@@ -163,7 +180,7 @@ class DeferredRetries:
 
     def answered(self, attempt: Attempt | None) -> None:
         """The request got its results (deferring it may have failed): a retry of it on the topic is superseded."""
-        if attempt is not None and attempt.digest in self._requests:
+        if attempt is not None and self._requests and attempt.digest in self._requests:
             self._remember(attempt.digest, _ANSWERED)
 
     def final_message(self, error: ImageError, attempt: Attempt | None) -> str:

@@ -3,9 +3,7 @@ read at scrape time: consumer/report.py registers them)."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
-
-from imgstream.service.metrics import LATENCY_BUCKETS_MS, Metrics
+from imgstream.service.metrics import LATENCY_BUCKETS_MS, Counter, Histogram, Metrics
 
 
 class WorkerMetrics(Metrics):

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Final
 
@@ -72,26 +70,18 @@ class HostPoliteness:
         if len(self._hosts) >= SWEEP_AT_ENTRIES:
             self._sweep()
 
-    @asynccontextmanager
-    async def turn(self, host: str, deadline: float | None) -> AsyncIterator[None]:
-        """Hold one of `host`'s slots, once its Retry-After has passed.
+    def turn(self, host: str, deadline: float | None) -> _Turn:
+        """`async with` it to hold one of `host`'s slots, once its Retry-After has passed.
 
         `deadline` is the fetch's (loop time); raises HostBackoff when the Retry-After ends after it.
         """
-        entry = self._entry(host)
-        entry.users += 1
-        try:
-            await self._acquire(host, entry, deadline)
-            try:
-                yield
-            finally:
-                entry.slots.release()
-        finally:
-            entry.users -= 1
-            self._forget_if_idle(host, entry)
+        return _Turn(self, host, deadline)
 
     async def _acquire(self, host: str, entry: _Host, deadline: float | None) -> None:
         loop = asyncio.get_running_loop()
+        if entry.blocked_until <= loop.time() and not entry.slots.locked():
+            await entry.slots.acquire()  # the common case: a free slot, no Retry-After (takes it at once)
+            return
         counted: set[str] = set()
         while True:
             wait = entry.blocked_until - loop.time()
@@ -129,3 +119,38 @@ class HostPoliteness:
     def _sweep(self) -> None:
         for host, entry in list(self._hosts.items()):
             self._forget_if_idle(host, entry)
+
+
+class _Turn:
+    """One fetch's turn at a host (HostPoliteness.turn): a plain class, as every fetch enters one."""
+
+    __slots__ = ("hosts", "host", "deadline", "entry", "holding")
+
+    def __init__(self, hosts: HostPoliteness, host: str, deadline: float | None) -> None:
+        self.hosts = hosts
+        self.host = host
+        self.deadline = deadline
+        self.entry: _Host | None = None
+        self.holding = False
+
+    async def __aenter__(self) -> None:
+        self.entry = entry = self.hosts._entry(self.host)
+        entry.users += 1
+        try:
+            await self.hosts._acquire(self.host, entry, self.deadline)
+        except BaseException:
+            self._leave()
+            raise
+        self.holding = True
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.entry is not None
+        if self.holding:
+            self.holding = False
+            self.entry.slots.release()
+        self._leave()
+
+    def _leave(self) -> None:
+        assert self.entry is not None
+        self.entry.users -= 1
+        self.hosts._forget_if_idle(self.host, self.entry)

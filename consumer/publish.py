@@ -180,8 +180,16 @@ class Publisher:
         Raises PublishAbandoned if the worker began stopping while some could not be sent.
         """
         key = request_id.encode()
-        sent = await asyncio.gather(*(self._send("results", self.results_topic, key, p, headers, stop=stop)
-                                      for p in payloads), return_exceptions=True)
+        if len(payloads) == 1:
+            # The common case: one result, awaited here (a gather costs a task and a future more).
+            try:
+                await self._send("results", self.results_topic, key, payloads[0], headers, stop=stop)
+                sent: list[object] = [None]
+            except Exception as exc:  # noqa: BLE001 - sorted below, as gather's return_exceptions does
+                sent = [exc]
+        else:
+            sent = await asyncio.gather(*(self._send("results", self.results_topic, key, p, headers, stop=stop)
+                                          for p in payloads), return_exceptions=True)
         for outcome in sent:
             if isinstance(outcome, BaseException) and not isinstance(outcome, _REFUSED):
                 raise outcome

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 
 from imgstream.analysis.engine import Engine
@@ -54,6 +55,11 @@ async def run_worker(config: WorkerConfig, early: EarlyStop | None = None, traci
             return EXIT_STARTUP_FAILED
         if worker.stopping.is_set():
             return 0
+        # What startup made (modules, models: some 220,000 objects) lives as long as the worker: frozen,
+        # out of the collector's sight, a full collection walks only what requests made. Unfrozen, each
+        # of W4's full collections took 0.1 s of the event loop (a pause; 6% of its CPU over 10,000 requests).
+        gc.collect()
+        gc.freeze()
         await worker.run()
     finally:
         await engine.close()

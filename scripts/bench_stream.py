@@ -34,6 +34,7 @@ its spans exported over OTLP/HTTP to a receiver this process runs on loopback (s
 so the worker pays for making, encoding and sending every span; the report gives traced/untraced.
 OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG, when set here, sample the traced run (e.g.
 parentbased_traceidratio and 0.01).
+    python scripts/bench_stream.py --workloads W4 --profile-worker prof/   # + py-spy on the worker (as root)
 
 Progress goes to stderr and the table to stdout. The exit status is 1 when a stream run lost
 results (or timed out) or a worker exited non-zero.
@@ -49,6 +50,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -391,6 +394,101 @@ class FirstConsume(threading.Thread):
             self.halt.wait(METRICS_POLL_S)
 
 
+class WorkerProfiler:
+    """`py-spy record` attached to the worker from /readyz to the end of its backlog: where its CPU goes.
+
+    Attached once the worker is ready (models loaded, broker reached), before its group join ends and
+    it consumes, so the samples cover the backlog and not the imports or model loading; stopped
+    (SIGINT, py-spy then writes its file) when the last backlog result arrived, before the light load.
+
+    `--gil`: a sample is taken only of the thread holding the GIL, i.e. running Python. py-spy's other
+    test of a busy thread (its state is R) also counts a thread that is runnable but waiting for a
+    core: on 2 cores shared with the broker and the benchmark, a socket write that wakes its peer
+    leaves the writer preempted in send(), and that test put a quarter of the loop's samples there,
+    where `perf` (on-CPU samples only) found 2% of its CPU in the kernel's send path. The worker is
+    paused for each sample (py-spy's default): exact stacks. `--nonblocking` reads them while it runs:
+    on W4 a third of the reads then fail or come back torn, more often in frames that change fast,
+    which moved a tenth of the loop's samples into the generic categories. `--threads
+    --full-filenames`: each sample's thread and module paths, for scripts/profile_summary.py, which
+    also reads each thread's own CPU seconds from the meta file (schedstat, read at start and stop)
+    to turn samples into CPU time.
+    """
+
+    def __init__(self, directory: Path, workload: str, rate: int, fmt: str, nonblocking: bool = False) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.rate = rate
+        self.format = fmt
+        self.nonblocking = nonblocking
+        self.path = directory / f"{workload}.{'txt' if fmt == 'raw' else 'speedscope.json'}"
+        self.log_path = directory / f"{workload}.py-spy.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pid = 0
+        self.threads_at_start: dict[int, tuple[float, float]] = {}
+        self.threads: dict[int, dict[str, float]] = {}
+
+    @staticmethod
+    def executable() -> str:
+        """py-spy next to this interpreter (the venv's), else on PATH."""
+        beside = Path(sys.executable).parent / "py-spy"
+        found = str(beside) if beside.exists() else shutil.which("py-spy")
+        if found is None:
+            raise RuntimeError("--profile-worker needs py-spy (pip install py-spy) and ptrace rights (root, or "
+                               "kernel.yama.ptrace_scope=0)")
+        return found
+
+    def start(self, pid: int) -> None:
+        command = [self.executable(), "record", "--pid", str(pid), "--rate", str(self.rate), "--format",
+                   self.format, "--threads", "--full-filenames", "--gil", "--output", str(self.path)]
+        if self.nonblocking:
+            command.append("--nonblocking")
+        self.pid = pid
+        self.threads_at_start = thread_times(pid)
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        log(f"py-spy attached to the worker (pid {pid}) at {self.rate} Hz: {self.path}")
+
+    def stop(self) -> Path | None:
+        """Stop sampling and wait for the file; None (with py-spy's log) if it wrote none."""
+        if self.proc is None:
+            return None
+        end = thread_times(self.pid)
+        start = self.threads_at_start
+        # Each thread's own CPU and run-queue wait while sampled (threads started meanwhile from zero).
+        self.threads = {tid: {"cpu_s": round(cpu - start.get(tid, (0.0, 0.0))[0], 4),
+                              "runqueue_wait_s": round(wait - start.get(tid, (0.0, 0.0))[1], 4)}
+                        for tid, (cpu, wait) in end.items()}
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if not self.path.exists():
+            log(f"py-spy wrote no profile; its log: {self.log_path.read_text(errors='replace')[-2000:]}")
+            return None
+        return self.path
+
+
+def thread_times(pid: int) -> dict[int, tuple[float, float]]:
+    """Per thread of `pid` (Linux): (seconds on a core, seconds runnable but waiting for one), from
+    /proc/<pid>/task/<tid>/schedstat; empty where there is no such file."""
+    out: dict[int, tuple[float, float]] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                on_cpu, waiting, *_ = f.read().split()
+        except (OSError, ValueError):
+            continue
+        out[int(tid)] = (int(on_cpu) / 1e9, int(waiting) / 1e9)
+    return out
+
+
 @dataclass
 class StreamRun:
     """What one workload's stream phase measured (timestamps in epoch ms, from the broker's records)."""
@@ -420,6 +518,7 @@ class StreamRun:
     error: str | None = None
     worker_log: str = ""
     worker_env: dict[str, str] = field(default_factory=dict)
+    profile: dict[str, Any] | None = None
 
     @property
     def results_expected(self) -> int:
@@ -510,6 +609,7 @@ async def run_stream(ctx: Context, workload: Workload, images: RequestImages, n:
     await collector.start()
     published: dict[str, int] = {}
     halt = threading.Event()
+    profiler: WorkerProfiler | None = None
     producer = AIOKafkaProducer(bootstrap_servers=ctx.bootstrap, acks="all", linger_ms=20)
     await producer.start()
     try:
@@ -527,7 +627,15 @@ async def run_stream(ctx: Context, workload: Workload, images: RequestImages, n:
         watch = FirstConsume(worker.http_port, {"worker": worker.pid, "broker": ctx.broker_pid,
                                                 "bench": os.getpid()}, halt)
         watch.start()
-        run.startup_s = await asyncio.to_thread(worker.wait_ready, args.startup_timeout)
+        launched = time.monotonic()
+        if args.profile_worker is not None:
+            profiler = WorkerProfiler(args.profile_worker, workload.name, args.profile_rate, args.profile_format,
+                                      args.profile_nonblocking)
+            await asyncio.to_thread(_wait_until, worker.ready, worker, args.startup_timeout)
+            assert worker.pid is not None
+            profiler.start(worker.pid)
+        await asyncio.to_thread(worker.wait_ready, args.startup_timeout)
+        run.startup_s = time.monotonic() - launched
         while not watch.found.is_set():
             if worker.exited() is not None:
                 raise WorkerFailed(f"the worker exited with status {worker.exited()}; log ends:\n{worker.log_tail()}")
@@ -540,6 +648,13 @@ async def run_stream(ctx: Context, workload: Workload, images: RequestImages, n:
         complete = await wait_for_results(collector, "b", run.results_expected, worker, args.timeout,
                                           f"{workload.name} backlog")
         run.cpu_s = cpu_since(watch.cpu_at_t0, watch.pids)
+        if profiler is not None:
+            path = await asyncio.to_thread(profiler.stop)
+            run.profile = {"path": str(path) if path else None, "rate_hz": profiler.rate,
+                           "format": profiler.format, "nonblocking": profiler.nonblocking, "requests": n,
+                           "pid": profiler.pid,
+                           "threads": profiler.threads,
+                           "worker_cpu_s": run.cpu_s.get("worker"), "other_cpu_s": run.cpu_s.get("other")}
         read_batch_metrics(run, worker.http_port)
         if complete:
             await light_load(ctx, run, workload, images, producer, topics.requests, tasks, published, collector,
@@ -554,11 +669,32 @@ async def run_stream(ctx: Context, workload: Workload, images: RequestImages, n:
         log(f"{workload.name}: {exc}")
     finally:
         halt.set()
+        if profiler is not None:
+            profiler.stop()
         worker.kill()
         await producer.stop()
         await collector.stop()
     tally(run, workload, collector, published)
+    if run.profile is not None and run.profile["path"]:
+        # The profile's own numbers beside it, for scripts/profile_summary.py (per request, CPU check).
+        window = run.window_s
+        meta = {**run.profile, "workload": workload.name, "window_s": window,
+                "requests_per_s": run.images_per_s, "results_received": run.results_received,
+                "command": " ".join(sys.argv)}
+        Path(run.profile["path"]).with_suffix(".meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        run.profile = meta
     return run
+
+
+def _wait_until(ready: Any, worker: WorkerProcess, timeout_s: float) -> None:
+    """Block until `ready()`; WorkerFailed if the worker exits or the time runs out first."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if worker.exited() is not None:
+            raise WorkerFailed(f"the worker exited with status {worker.exited()}; log ends:\n{worker.log_tail()}")
+        if time.monotonic() > deadline:
+            raise WorkerFailed(f"the worker was not ready within {timeout_s:.0f}s; log ends:\n{worker.log_tail()}")
+        time.sleep(0.02)
 
 
 async def light_load(ctx: Context, run: StreamRun, workload: Workload, images: RequestImages,
@@ -1008,6 +1144,7 @@ def stream_summary(run: StreamRun) -> dict[str, Any]:
         "error": run.error,
         "worker_log": run.worker_log,
         "worker_env": run.worker_env,
+        "profile": run.profile,
     }
 
 
@@ -1319,6 +1456,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="run each stream a second time with tracing on (spans exported over OTLP/HTTP to a "
                         "receiver on loopback) and report traced/untraced")
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
+    parser.add_argument("--profile-worker", type=Path, metavar="DIR",
+                        help="record the worker under py-spy during each backlog (from /readyz to the last "
+                             "result) into DIR/<workload>.txt (collapsed stacks, one thread each) and "
+                             "<workload>.meta.json; summarise with scripts/profile_summary.py. Needs ptrace rights")
+    parser.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second (default 250)")
+    parser.add_argument("--profile-format", choices=("raw", "speedscope"), default="raw",
+                        help="raw (collapsed stacks, default; what profile_summary.py reads best) or speedscope")
+    parser.add_argument("--profile-nonblocking", action="store_true",
+                        help="py-spy --nonblocking: the worker is not paused for each sample (less overhead), but "
+                             "a third of the samples fail or come torn on W4, which favours frames that change slowly")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the worker logs even when all went well")
     args = parser.parse_args(argv)
     names = [name.strip().upper() for name in args.workloads.split(",") if name.strip()]
@@ -1339,6 +1486,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.light_rate <= 0:
         parser.error("--light-rate must be positive")
+    if args.profile_rate < 1:
+        parser.error("--profile-rate must be at least 1")
+    if args.profile_worker is not None:
+        try:
+            WorkerProfiler.executable()
+        except RuntimeError as exc:
+            parser.error(str(exc))
     return args
 
 
@@ -1353,6 +1507,14 @@ def main(argv: list[str] | None = None) -> int:
     report["wall_s"] = round(time.monotonic() - started, 1)
     print(render(report))
     print(f"\nwall time {report['wall_s']:.0f}s")
+    for name, workload in report["workloads"].items():
+        profile = workload["stream"].get("profile")
+        if profile and profile.get("path"):
+            import profile_summary
+
+            samples, meta = profile_summary.load(Path(profile["path"]), str(Path(__file__).resolve().parent.parent))
+            print(f"\n{name}: where the worker's CPU went ({profile['path']}):")
+            print(profile_summary.render(profile_summary.summarise(samples, meta), markdown=False))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         log(f"JSON written to {args.json}")

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Literal
 
+import prometheus_client
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
@@ -77,6 +78,38 @@ class LiveCollector(Collector):
         for labels, value in samples:
             family.add_metric([labels.get(n, "") for n in names], float(value))
         return family
+
+
+class _RememberedLabels:
+    """`labels()` remembered by the values asked for: a metric updated on every request costs a dict
+    lookup there, not prometheus-client's name checks, sort and lock each time."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        self._children: dict[tuple, object] = {}
+
+    def labels(self, *labelvalues: object, **labelkwargs: object):  # type: ignore[no-untyped-def]
+        key = (labelvalues, tuple(labelkwargs.items()))
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = super().labels(*labelvalues, **labelkwargs)  # type: ignore[misc]
+        return child
+
+    def remove(self, *labelvalues: object) -> None:
+        self._children.clear()
+        super().remove(*labelvalues)  # type: ignore[misc]
+
+    def clear(self) -> None:
+        self._children.clear()
+        super().clear()  # type: ignore[misc]
+
+
+class Counter(_RememberedLabels, prometheus_client.Counter):
+    """prometheus-client's Counter with remembered labels."""
+
+
+class Histogram(_RememberedLabels, prometheus_client.Histogram):
+    """prometheus-client's Histogram with remembered labels."""
 
 
 def _bound(value: float) -> str:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
-
-from imgstream.service.metrics import LATENCY_BUCKETS_MS, Metrics
+from imgstream.service.metrics import LATENCY_BUCKETS_MS, Counter, Histogram, Metrics
 
 
 class SinkMetrics(Metrics):

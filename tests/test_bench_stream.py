@@ -132,3 +132,25 @@ def test_the_decode_only_workload_counts_unsupported_operation_as_ok(bench_strea
     assert not w4.ok("error", "image_fetch_failed")
     assert bench_stream.WORKLOADS["W5"].ok("success", None)
     assert not bench_stream.WORKLOADS["W5"].ok("skipped", "no_face_found")
+
+
+def test_profile_options_and_per_thread_cpu(bench_stream, tmp_path, monkeypatch):
+    import os
+    import threading
+
+    # Without py-spy the option is a usage error, said before anything runs.
+    monkeypatch.setattr(bench_stream.shutil, "which", lambda name: None)
+    monkeypatch.setattr(bench_stream.sys, "executable", str(tmp_path / "python"))
+    with pytest.raises(SystemExit):
+        bench_stream.parse_args(["--workloads", "W4", "--profile-worker", str(tmp_path)])
+    monkeypatch.undo()
+    with pytest.raises(SystemExit):
+        bench_stream.parse_args(["--profile-rate", "0"])
+
+    times = bench_stream.thread_times(os.getpid())
+    if not Path(f"/proc/{os.getpid()}/task").exists():
+        assert times == {}
+        return
+    assert threading.get_native_id() in times
+    cpu, waiting = times[threading.get_native_id()]
+    assert cpu > 0 and waiting >= 0, times

@@ -20,8 +20,10 @@ from PIL import Image
 from yarl import URL
 
 import imgstream.consumer.addresses as addresses_module
+import imgstream.consumer.blob_readers as blob_readers_module
 from imgstream.analysis.imaging import ImageError, decode_image
 from imgstream.consumer.addresses import GuardedResolver, address_block_reason
+from imgstream.consumer.blob_readers import FileBlobReader
 from imgstream.consumer.fetch import FetchedImage, ImageFetcher, TransientFetchError, parse_retry_after
 from imgstream.consumer.politeness import origin
 from imgstream.schemas.config import DecodeConfig, FetchConfig, WorkerConfig
@@ -622,6 +624,62 @@ async def test_a_fifo_in_a_blob_root_is_refused_without_blocking(tmp_path: Path)
         except OSError:
             pass  # ENXIO: no reader holds it open, as it should be
     assert err.code == "image_fetch_failed" and "not a regular file" in err.message
+
+
+def _outcome(read, *args):
+    try:
+        return read(*args)
+    except ImageError as exc:
+        return (exc.code, exc.message)
+
+
+def test_the_quick_file_route_reads_and_refuses_what_the_full_route_does(tmp_path: Path) -> None:
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    (root / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    (root / "a.png").write_bytes(PNG)
+    (root / "sub" / "b.png").write_bytes(PNG[::-1])
+    (root / ".hidden.png").write_bytes(PNG)
+    (root / "big.bin").write_bytes(b"\0" * 2001)
+    (elsewhere / "c.png").write_bytes(PNG)
+    (root / "inside-link.png").symlink_to(root / "sub" / "b.png")
+    (root / "outside-link.png").symlink_to(elsewhere / "c.png")
+    (root / "dir-link").symlink_to(elsewhere)
+    (root / "null.png").symlink_to(os.devnull)
+    os.mkfifo(root / "pipe.png")
+    reader = FileBlobReader([str(root)])
+    references = [f"file://{root}/{name}" for name in (
+        "a.png", "sub/b.png", ".hidden.png", "big.bin", "inside-link.png", "outside-link.png", "dir-link/c.png",
+        "null.png", "pipe.png", "sub", "sub/", "missing.png", "a.png/", "sub/../a.png", "%61.png")]
+    references += [f"file://{elsewhere}/c.png", f"file:///{root}/a.png", f"file://localhost{root}/a.png",
+                   f"file://{root}/" + "segment/" * 60 + ".."]  # the route's pattern must not backtrack on it
+
+    for reference in references:
+        full = _outcome(lambda r: blob_readers_module._read_regular_file(reader._checked_path(r), r, 2000), reference)
+        assert _outcome(reader._read, reference, 2000) == full, reference
+    assert reader._read(f"file://{root}/inside-link.png", 2000) == PNG[::-1]
+
+
+@pytest.mark.skipif(not blob_readers_module._QUICK_ROUTE, reason="the quick route needs O_PATH and /proc/self/fd (Linux)")
+def test_a_plain_file_reference_takes_the_quick_route(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "a.png").write_bytes(PNG)
+    reader = FileBlobReader([str(tmp_path)])
+
+    def no_realpath(self: FileBlobReader, reference: str) -> Path:
+        raise AssertionError(f"the full route was taken for {reference}")
+
+    monkeypatch.setattr(FileBlobReader, "_checked_path", no_realpath)
+    assert reader._read((tmp_path / "a.png").as_uri(), 2000) == PNG
+    with pytest.raises(AssertionError):  # a name the quick route leaves to the full one
+        reader._read(f"file://{tmp_path}/%61.png", 2000)
+
+
+def test_the_quick_file_route_reads_past_short_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = bytes(range(256)) * 40
+    (tmp_path / "a.bin").write_bytes(data)
+    real_read = os.read
+    monkeypatch.setattr(os, "read", lambda fd, n: real_read(fd, min(n, 1000)))  # as some file systems answer
+    assert FileBlobReader([str(tmp_path)])._read((tmp_path / "a.bin").as_uri(), len(data)) == data
 
 
 async def test_unconfigured_blob_scheme_fails() -> None:

@@ -36,7 +36,7 @@ def _error(environ: dict[str, str]) -> str:
 def test_an_unknown_variable_is_named_with_the_closest_valid_one(variable, named, suggested):
     message = _error({variable: "5"})
     assert f"unknown setting {named} ({variable})" in message, message
-    assert f"did you mean" in message and suggested in message, message
+    assert "did you mean" in message and suggested in message, message
 
 
 def test_an_unknown_batched_model_is_refused():

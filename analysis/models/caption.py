@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-import PIL.Image
 import torch
 from transformers import (
     AutoModelForImageTextToText,
