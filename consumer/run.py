@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 
@@ -11,8 +10,10 @@ from imgstream.consumer.metrics import WorkerMetrics
 from imgstream.consumer.worker import Worker
 from imgstream.kafka_clients import KafkaSetupError, check_login
 from imgstream.schemas.config import WorkerConfig
+from imgstream.service import loops
 from imgstream.service.health import build_app, start_server
 from imgstream.service.logs import setup_logging
+from imgstream.service.loops import LoopUnavailable, loop_factory
 from imgstream.service.signals import EarlyStop
 from imgstream.service.tracing import NO_TRACING, Tracing, start_tracing
 
@@ -71,8 +72,13 @@ async def run_worker(config: WorkerConfig, early: EarlyStop | None = None, traci
 
 def main(config: WorkerConfig, early: EarlyStop | None = None) -> int:
     setup_logging(config.log_level, config.log_format)
+    try:
+        loop_factory(config.event_loop)  # event_loop=uvloop without uvloop: say so before loading anything
+    except LoopUnavailable as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_STARTUP_FAILED
     tracing = start_tracing(config.tracing, "imgstream-worker")
     try:
-        return asyncio.run(run_worker(config, early, tracing))
+        return loops.run(run_worker(config, early, tracing), config.event_loop)
     finally:
         tracing.shutdown()  # exports the spans still buffered

@@ -530,6 +530,10 @@ class WorkerConfig(Settings):
                            "each with its own event loop, models and HTTP port (http_port + i). Raise it when one "
                            "process's event loop is the limit (its CPU near 100% while the devices idle); on GPUs "
                            "run the CUDA MPS daemon so the processes share each GPU (docs/DEPLOY.md).")
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        default="auto", description="The event loop: uvloop (libuv; less of the event loop's CPU per request, "
+        "docs/BENCHMARKS.md) or Python's own asyncio loop; auto takes uvloop where it is "
+        "installed (the worker extra installs it on Linux and macOS).")
     http_port: int | None = Field(default=None, description="Port of /healthz, /readyz, /operations, "
                                       "/metrics; unset: no HTTP server. Set it wherever Prometheus scrapes.")
     http_host: str = Field(default="127.0.0.1", description="Address the HTTP port binds to: loopback by "
