@@ -78,6 +78,7 @@ from benchlib import (  # noqa: E402
     cpu_seconds,
     embedded_broker_pid,
     fit_longest,
+    free_ports,
     fresh_topics,
     jpeg_bytes,
     load_average,
@@ -351,7 +352,9 @@ def phase_of(rid: str) -> str:
 
 def cpu_now(pids: dict[str, int | None]) -> dict[str, float | None]:
     """CPU seconds so far of each named process, and of the whole machine under "machine"."""
-    return {**{name: cpu_seconds(pid) for name, pid in pids.items()}, "machine": machine_busy_seconds()}
+    # The worker's with its child processes: with --processes N, the supervisor's workers.
+    return {**{name: cpu_seconds(pid, children=name == "worker") for name, pid in pids.items()},
+            "machine": machine_busy_seconds()}
 
 
 def cpu_since(start: dict[str, float | None], pids: dict[str, int | None]) -> dict[str, float | None]:
@@ -366,11 +369,14 @@ def cpu_since(start: dict[str, float | None], pids: dict[str, int | None]) -> di
 
 
 class FirstConsume(threading.Thread):
-    """Polls the worker's /metrics every 20 ms until it has consumed a request: t0, and CPU times then."""
+    """Polls the worker's /metrics every 20 ms until it has consumed a request: t0, and CPU times then.
 
-    def __init__(self, port: int, pids: dict[str, int | None], halt: threading.Event) -> None:
+    With several worker processes (one port each), t0 is when the last of them consumed its first: from
+    then on all of them work (the group's rebalances as each joined are over)."""
+
+    def __init__(self, ports: list[int], pids: dict[str, int | None], halt: threading.Event) -> None:
         super().__init__(name="first-consume", daemon=True)
-        self.port = port
+        self.ports = ports
         self.pids = pids
         self.halt = halt
         self.found = threading.Event()
@@ -382,9 +388,9 @@ class FirstConsume(threading.Thread):
         previous: float | None = None
         while not self.halt.is_set():
             asked = time.time()
-            snapshot = scrape_metrics(self.port, timeout_s=1.0)
-            if snapshot is not None:
-                if snapshot.total("imgstream_requests_consumed_total") > 0:
+            snapshots = [scrape_metrics(port, timeout_s=1.0) for port in self.ports]
+            if all(snapshot is not None for snapshot in snapshots):
+                if all(snapshot.total("imgstream_requests_consumed_total") > 0 for snapshot in snapshots):
                     self.cpu_at_t0 = cpu_now(self.pids)
                     self.t0 = asked
                     self.resolution_s = None if previous is None else asked - previous
@@ -519,6 +525,14 @@ class StreamRun:
     worker_log: str = ""
     worker_env: dict[str, str] = field(default_factory=dict)
     profile: dict[str, Any] | None = None
+    processes: int = 1  # worker processes (--processes)
+    after_t0: int = 0  # backlog results the broker stamped at or after t0
+
+    @property
+    def measured_requests(self) -> int:
+        """The requests the window's rate counts: all of them with one worker process; with several, those
+        answered from t0 on (before it, the first processes worked while the others still joined)."""
+        return self.requests if self.processes == 1 else self.after_t0 // max(1, self.tasks)
 
     @property
     def results_expected(self) -> int:
@@ -537,7 +551,8 @@ class StreamRun:
     @property
     def images_per_s(self) -> float | None:
         window = self.window_s
-        return self.requests / window if window and self.results_received == self.results_expected else None
+        complete = self.results_received == self.results_expected
+        return self.measured_requests / window if window and complete else None
 
 
 @dataclass
@@ -581,13 +596,14 @@ async def wait_for_results(collector: ResultCollector, phase: str, expected: int
 
 
 async def run_stream(ctx: Context, workload: Workload, images: RequestImages, n: int,
-                     traced: bool = False) -> StreamRun:
+                     traced: bool = False, processes: int = 1) -> StreamRun:
     """Backlog of n requests, a fresh worker from its first consume to the last result, then light load.
 
-    `traced`: the worker runs with tracing on, exporting to `ctx.otlp`."""
+    `traced`: the worker runs with tracing on, exporting to `ctx.otlp`. `processes`: `imgstream worker
+    --processes N`, measured from the moment every one of its processes has consumed."""
     args = ctx.args
     tasks = [dict(task) for task in workload.tasks]
-    run = StreamRun(requests=n, tasks=len(tasks))
+    run = StreamRun(requests=n, tasks=len(tasks), processes=processes)
     topics = fresh_topics(f"bench-{workload.name.lower()}")
     await create_topics(ctx.bootstrap, topics, partitions=args.partitions)
     env = worker_env(
@@ -597,12 +613,14 @@ async def run_stream(ctx: Context, workload: Workload, images: RequestImages, n:
         max_in_flight_image_bytes=args.max_in_flight_image_bytes, batching=args.batching,
     )
     env = {k: v for k, v in env.items() if not k.startswith("OTEL_")}
+    env.update(dict(setting.split("=", 1) for setting in args.worker_env))
     if traced:  # this process's OTEL_TRACES_SAMPLER(_ARG), if set, samples the traced run
         env.update({k: v for k, v in os.environ.items() if k.startswith("OTEL_TRACES_SAMPLER")})
         env.update({"IMGSTREAM_TRACING": "on", "OTEL_EXPORTER_OTLP_ENDPOINT": ctx.otlp.endpoint,
                     "OTEL_SERVICE_NAME": "imgstream-worker-bench"})
-    worker = WorkerProcess(env, find_free_port(),
-                           ctx.workdir / f"worker-{workload.name}{'-traced' if traced else ''}.log")
+    suffix = ("-traced" if traced else "") + (f"-{processes}-processes" if processes > 1 else "")
+    worker = WorkerProcess(env, free_ports(processes), ctx.workdir / f"worker-{workload.name}{suffix}.log",
+                           processes=processes)
     run.worker_log = str(worker.log_path)
     run.worker_env = {k: v for k, v in env.items() if k.startswith("IMGSTREAM_") and "__TOPICS__" not in k}
     collector = ResultCollector(ctx.bootstrap, topics.results)
@@ -624,11 +642,11 @@ async def run_stream(ctx: Context, workload: Workload, images: RequestImages, n:
             f"(models {list(workload.models)}, log {worker.log_path})")
 
         worker.start()
-        watch = FirstConsume(worker.http_port, {"worker": worker.pid, "broker": ctx.broker_pid,
+        watch = FirstConsume(worker.http_ports, {"worker": worker.pid, "broker": ctx.broker_pid,
                                                 "bench": os.getpid()}, halt)
         watch.start()
         launched = time.monotonic()
-        if args.profile_worker is not None:
+        if args.profile_worker is not None and processes == 1:
             profiler = WorkerProfiler(args.profile_worker, workload.name, args.profile_rate, args.profile_format,
                                       args.profile_nonblocking)
             await asyncio.to_thread(_wait_until, worker.ready, worker, args.startup_timeout)
@@ -755,6 +773,7 @@ def tally(run: StreamRun, workload: Workload, collector: ResultCollector, publis
         end = result.timestamp_ms if end is None else max(end, result.timestamp_ms)
         if run.t0_ms is not None:
             run.latencies_ms.append(result.timestamp_ms - max(sent, run.t0_ms))
+            run.after_t0 += result.timestamp_ms >= run.t0_ms
     run.end_ms = end
     if run.t0_ms is not None:
         run.published_before_t0 = sum(1 for rid, sent in published.items() if phase_of(rid) == "b" and sent < run.t0_ms)
@@ -1109,7 +1128,7 @@ def _round(value: float | None, digits: int = 2) -> float | None:
 def stream_summary(run: StreamRun) -> dict[str, Any]:
     """The stream's figures, under the keys other tools read (plus the profiler evidence)."""
     window = run.window_s
-    images = run.requests if run.results_received == run.results_expected else None
+    images = run.measured_requests if run.results_received == run.results_expected else None
     cpu = {name: _round(seconds) for name, seconds in run.cpu_s.items()}
     return {
         "images_per_s": _round(run.images_per_s),
@@ -1125,6 +1144,8 @@ def stream_summary(run: StreamRun) -> dict[str, Any]:
         "duplicates": run.duplicates,
         "requests": run.requests,
         "tasks_per_request": run.tasks,
+        "processes": run.processes,
+        "requests_in_window": run.measured_requests,
         "window_s": _round(window, 3),
         "t0_resolution_ms": _round(run.t0_resolution_ms, 1),
         "latency_from_t0_requests": run.published_before_t0,
@@ -1153,12 +1174,16 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def workload_summary(workload: Workload, stream: dict[str, Any], seed: dict[str, Any] | None,
-                     model_only: dict[str, Any] | None, traced: dict[str, Any] | None = None) -> dict[str, Any]:
+                     model_only: dict[str, Any] | None, traced: dict[str, Any] | None = None,
+                     multi: dict[str, Any] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"title": workload.title, "stream": stream,
                            "seed_style": seed or {"images_per_s": None}}
     if traced is not None:  # --tracing: the same stream with tracing on, and its throughput over the untraced one
         out["traced"] = traced
         out["traced_over_untraced"] = _ratio(traced["images_per_s"], stream["images_per_s"])
+    if multi is not None:  # --processes N: the same stream on N worker processes, over the one-process figure
+        out["processes"] = multi
+        out["processes_over_one"] = _ratio(multi["images_per_s"], stream["images_per_s"])
     if workload.model_only:
         out["model_only"] = model_only or {"images_per_s": None, "batch_size": None}
     out["stream_over_seed"] = _ratio(stream["images_per_s"], out["seed_style"]["images_per_s"])
@@ -1171,10 +1196,11 @@ def failures(report: dict[str, Any]) -> list[str]:
     """Why the run failed: lost results (backlog or light load), a worker that did not exit 0."""
     out = []
     for name, workload in report["workloads"].items():
-        traced = workload.get("traced")
-        if traced and (traced["results_received"] < traced["results_expected"] or traced["worker_exit_code"] != 0):
-            out.append(f"{name} traced: {traced['results_received']}/{traced['results_expected']} results, "
-                       f"worker exit status {traced['worker_exit_code']}")
+        for variant in ("traced", "processes"):
+            run = workload.get(variant)
+            if run and (run["results_received"] < run["results_expected"] or run["worker_exit_code"] != 0):
+                out.append(f"{name} {variant}: {run['results_received']}/{run['results_expected']} results, "
+                           f"worker exit status {run['worker_exit_code']}")
         stream = workload["stream"]
         if stream["results_received"] < stream["results_expected"]:
             out.append(f"{name}: {stream['results_received']}/{stream['results_expected']} backlog results")
@@ -1266,6 +1292,14 @@ def render(report: dict[str, Any]) -> str:
                        f"traced/untraced {_fmt(w['traced_over_untraced'], '.2f', 'x')}), p50 "
                        f"{_fmt(tr['p50_ms'], '.0f')} ms (untraced {_fmt(st['p50_ms'], '.0f')}), worker CPU ms/img "
                        f"{cpu[0]} (untraced {cpu[1]}), {tr.get('spans_exported')} spans exported")
+    for name, w in report["workloads"].items():
+        if "processes" in w:
+            mp, st = w["processes"], w["stream"]
+            cpu = [_fmt(run["cpu_ms_per_image"].get("worker"), ".2f") for run in (mp, st)]
+            out.append(f"{name} on {mp['processes']} worker processes: {_fmt(mp['images_per_s'])} img/s (one process "
+                       f"{_fmt(st['images_per_s'])}; {_fmt(w['processes_over_one'], '.2f', 'x')}), counted over the "
+                       f"{mp['requests_in_window']} requests answered once every process consumed, worker CPU ms/img "
+                       f"{cpu[0]} (one process {cpu[1]}), light p50 {_fmt(mp['light_p50_ms'], '.0f')} ms")
     out += ["", "CPU s are user+system seconds during the backlog window (t0 to the last result); other jobs' CPU s "
             "is what the rest of the machine used meanwhile (during each baseline for the last two): well above "
             "zero means the figures are disturbed."]
@@ -1377,7 +1411,14 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 traced["spans_exported"] = ctx.otlp.total() - before
                 log(f"{workload.name} traced stream: {_fmt(traced['images_per_s'], '.2f')} img/s, p50 "
                     f"{_fmt(traced['p50_ms'], '.0f')} ms, {traced['spans_exported']} spans exported")
-            report_workloads[workload.name] = workload_summary(workload, stream, seed, model_only, traced)
+            multi = None
+            if args.processes > 1:
+                multi = stream_summary(await run_stream(ctx, workload, images, sizes[workload.name],
+                                                        processes=args.processes))
+                log(f"{workload.name} stream, {args.processes} worker processes: "
+                    f"{_fmt(multi['images_per_s'], '.2f')} img/s over the {multi['requests_in_window']} requests "
+                    f"answered once all of them worked")
+            report_workloads[workload.name] = workload_summary(workload, stream, seed, model_only, traced, multi)
             images.remove_files()
             del server.sets[workload.name]
             if device.type == "cuda":
@@ -1402,6 +1443,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "max_in_flight_image_bytes": args.max_in_flight_image_bytes,
         "batching": args.batching,
         "tracing": args.tracing,
+        "worker_env": args.worker_env,
+        "processes": args.processes,
         "tracing_sampler": {k: v for k, v in os.environ.items() if k.startswith("OTEL_TRACES_SAMPLER")},
         "light_rate": args.light_rate,
         "light_requests": light_requests,
@@ -1440,6 +1483,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-in-flight", type=int, help="the worker's bound (default: 64 CPU, 1024 CUDA)")
     parser.add_argument("--max-in-flight-image-bytes", type=int,
                         help="the worker's image byte bound (default: the worker's on CPU, 4 GiB on CUDA)")
+    parser.add_argument("--processes", type=int, default=1, metavar="N",
+                        help="also run each stream on N worker processes (imgstream worker --processes N) and report "
+                        "its rate over the one-process run's, counted from when all N consume")
+    parser.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="a setting for the worker's environment, e.g. IMGSTREAM_EVENT_LOOP=asyncio (repeatable)")
     parser.add_argument("--batching", type=json.loads, metavar="JSON",
                         help='the worker\'s models.batching, e.g. \'{"clip": {"max_batch_size": 128}}\'')
     parser.add_argument("--light-rate", type=float, default=2.0,

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import platform
+import socket
 import struct
 import subprocess
 import sys
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from imgstream.producer.embedded_broker import find_free_port  # noqa: E402
 from imgstream.schemas.config import Topics  # noqa: E402
 
 # Real photos that ship inside scikit-image (no download): the five bench_engine has always used,
@@ -84,15 +86,22 @@ def machine_info(device: Any) -> dict[str, Any]:
     return info
 
 
-def cpu_seconds(pid: int | None) -> float | None:
-    """User plus system CPU seconds of one process, all its threads (None if it is gone)."""
+def cpu_seconds(pid: int | None, children: bool = False) -> float | None:
+    """User plus system CPU seconds of one process, all its threads (None if it is gone); with `children`,
+    plus those of its live child processes (`imgstream worker --processes N`: the workers)."""
     if pid is None:
         return None
     try:
-        times = psutil.Process(pid).cpu_times()
+        process = psutil.Process(pid)
+        times = [process.cpu_times()]
+        for child in process.children(recursive=True) if children else ():
+            try:
+                times.append(child.cpu_times())
+            except psutil.Error:
+                continue
     except psutil.Error:
         return None
-    return times.user + times.system
+    return sum(t.user + t.system for t in times)
 
 
 def machine_busy_seconds() -> float:
@@ -213,18 +222,46 @@ def worker_env(
     return env
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> int:
+    """The first of `count` consecutive TCP ports that were free on `host` a moment ago (a worker with
+    --processes N serves port P + i)."""
+    for _ in range(100):
+        base = find_free_port(host)
+        if base + count > 65536:
+            continue
+        sockets = []
+        try:
+            for port in range(base + 1, base + count):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sockets.append(sock)
+                sock.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no {count} consecutive free ports on {host}")
+
+
 class WorkerFailed(RuntimeError):
     """The worker subprocess exited or did not become ready."""
 
 
 class WorkerProcess:
-    """`python -m imgstream worker --http-port P` with its own log file."""
+    """`python -m imgstream worker --http-port P [--processes N]` with its own log file (worker i of N serves
+    port P + i)."""
 
-    def __init__(self, env: dict[str, str], http_port: int, log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], http_port: int, log_path: Path, processes: int = 1) -> None:
         self.env = env
         self.http_port = http_port
         self.log_path = log_path
+        self.processes = processes
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def http_ports(self) -> list[int]:
+        return [self.http_port + i for i in range(self.processes)]
 
     @property
     def pid(self) -> int | None:
@@ -232,6 +269,8 @@ class WorkerProcess:
 
     def start(self) -> WorkerProcess:
         command = [sys.executable, "-m", "imgstream", "worker", "--http-port", str(self.http_port)]
+        if self.processes > 1:
+            command += ["--processes", str(self.processes)]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         return self
@@ -250,12 +289,15 @@ class WorkerProcess:
         return self.log_text()[-chars:]
 
     def ready(self) -> bool:
-        """/readyz answers 200 (models loaded, broker reachable)."""
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/readyz", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
+        """/readyz answers 200 (models loaded, broker reachable), on every worker process's port."""
+        for port in self.http_ports:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
+                    if response.status != 200:
+                        return False
+            except OSError:
+                return False
+        return True
 
     def wait_ready(self, timeout_s: float = 300.0) -> float:
         """Block until /readyz is 200 and the log says its partitions are assigned; the seconds it took."""

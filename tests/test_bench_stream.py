@@ -154,3 +154,38 @@ def test_profile_options_and_per_thread_cpu(bench_stream, tmp_path, monkeypatch)
     assert threading.get_native_id() in times
     cpu, waiting = times[threading.get_native_id()]
     assert cpu > 0 and waiting >= 0, times
+
+
+def test_several_worker_processes_are_counted_from_when_all_of_them_consume(bench_stream):
+    """--processes N: the rate counts only results stamped from t0 on (when the last process consumed its
+    first request), over the same window; CPU per image divides by those requests too."""
+    run = bench_stream.StreamRun(requests=10, tasks=1, t0_ms=1_000_000.0, processes=2, worker_exit_code=0,
+                                 cpu_s={"worker": 1.6, "broker": 0.1, "bench": 0.1})
+
+    class Result:
+        def __init__(self, timestamp_ms: float) -> None:
+            self.timestamp_ms, self.status, self.error_code = timestamp_ms, "skipped", "unsupported_operation"
+
+    class Collector:
+        # two requests answered before t0 (one process alone), eight after it
+        results = {(f"r-b-{i}", "noop"): Result(999_900.0 + i * 50 if i < 2 else 1_000_000.0 + i * 250)
+                   for i in range(10)}
+        duplicates = 0
+        timestamp_types: set[int] = set()
+
+    published = {f"r-b-{i}": 999_000 for i in range(10)}
+    bench_stream.tally(run, bench_stream.WORKLOADS["W4"], Collector(), published)
+    summary = bench_stream.stream_summary(run)
+    one = fake_run(bench_stream, received=20)
+
+    assert run.after_t0 == 8
+    assert summary["requests_in_window"] == 8 and summary["processes"] == 2
+    assert summary["window_s"] == 2.25
+    assert summary["images_per_s"] == round(8 / 2.25, 2)
+    assert summary["cpu_ms_per_image"]["worker"] == 200.0  # 1.6 s over the 8 requests of the window
+    w4 = bench_stream.workload_summary(bench_stream.WORKLOADS["W4"], one, {"images_per_s": 4.0}, None, multi=summary)
+    assert w4["processes_over_one"] == round(summary["images_per_s"] / one["images_per_s"], 3)
+    assert bench_stream.failures({"workloads": {"W4": w4}}) == []
+    crashed = dict(summary, worker_exit_code=1)
+    w4 = bench_stream.workload_summary(bench_stream.WORKLOADS["W4"], one, {"images_per_s": 4.0}, None, multi=crashed)
+    assert bench_stream.failures({"workloads": {"W4": w4}}) == ["W4 processes: 10/10 results, worker exit status 1"]
