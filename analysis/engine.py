@@ -156,6 +156,8 @@ class Engine:
         if self.device_decode:
             self.scheduler.add("decode", self.config.batch("decode"),
                                {d.index: JpegDecoder(d.torch_device) for d in self.devices}, prepare_only=True)
+        # The CPU's JPEG decoder imports torchvision's image codecs: now, not inside the first request.
+        await self.off_loop(imaging.jpeg_decoder)
         for key in self.config.preload:
             await self._load(key)
         self.ready = True

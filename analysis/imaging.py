@@ -10,7 +10,8 @@ import hashlib
 import io
 import math
 from dataclasses import dataclass
-from typing import Final, Literal, Sequence
+from functools import partial
+from typing import Callable, Final, Literal, Sequence
 
 import numpy as np
 import torch
@@ -128,6 +129,10 @@ def decode_image(data: bytes, config: DecodeConfig, sha256: str | None = None) -
     fmt = sniff_format(data)
     if fmt is None:
         raise ImageError(UNDECODABLE, _describe_unknown(data))
+    if fmt == "jpeg":
+        decoded = _decode_jpeg_direct(data, config, sha256)
+        if decoded is not None:
+            return decoded
     image = _open_checked(data, fmt, config.max_pixels)
     try:
         # The pixels are copied out before the close: `rgb` may be `image` itself.
@@ -173,6 +178,48 @@ def read_jpeg_header(data: bytes, config: DecodeConfig) -> JpegHeader | None:
         except (SyntaxError, ValueError, TypeError, KeyError, IndexError, OSError):
             orientation = 1  # broken EXIF says nothing about the pixels, as on the CPU path
         return JpegHeader(image.width, image.height, orientation if 1 <= orientation <= 8 else 1, image.mode)
+
+
+def _decode_jpeg_direct(data: bytes, config: DecodeConfig, sha256: str | None) -> DecodedImage | None:
+    """A whole 8-bit RGB or greyscale JPEG decoded by libjpeg-turbo straight into a tensor (torchvision's
+    decoder, the one the GPU path falls back to), then turned upright: the same pixels as Pillow's route
+    in about 60% of its time for a thumbnail (Pillow parses the markers and hands the pixels over in
+    Python). None where Pillow's route must decide (anything `read_jpeg_header` refuses, a decoder
+    error, no torchvision decoder): it words the errors. Raises ImageError (too large)."""
+    decode = jpeg_decoder()
+    if decode is None:
+        return None
+    header = read_jpeg_header(data, config)
+    if header is None:
+        return None
+    try:
+        pixels = decode(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    except RuntimeError:
+        return None
+    pixels = apply_orientation(pixels, header.orientation)
+    _, height, width = pixels.shape
+    return DecodedImage(pixels, width, height, sha256 or hashlib.sha256(data).hexdigest(), "jpeg")
+
+
+_JPEG_DECODER: list[Callable[[torch.Tensor], torch.Tensor] | None] = []  # [decode], or [None]: none here
+
+
+def jpeg_decoder() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """torchvision's CPU JPEG decoder to RGB, or None; imported once (a second or two of CPU where
+    torchvision is not loaded yet: the engine asks while it starts, not at its first JPEG)."""
+    if not _JPEG_DECODER:
+        try:
+            import warnings
+
+            from torchvision.io import ImageReadMode, decode_jpeg
+        except ImportError:
+            _JPEG_DECODER.append(None)
+        else:
+            # torchvision 0.29 deprecates its image codecs (for TorchCodec) with a warning on every call.
+            warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision",
+                                    DeprecationWarning)
+            _JPEG_DECODER.append(partial(decode_jpeg, mode=ImageReadMode.RGB))
+    return _JPEG_DECODER[0]
 
 
 def apply_orientation(pixels: torch.Tensor, orientation: int) -> torch.Tensor:

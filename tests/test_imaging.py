@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from imgstream.analysis import imaging
 from imgstream.analysis.imaging import (
     DecodedImage,
     ImageError,
@@ -268,7 +269,7 @@ def test_jpeg_header_is_read_without_decoding_and_enforces_the_pixel_limit() -> 
     assert info.value.code == "image_too_large"
 
 
-def test_torchvision_decode_with_orientation_matches_the_pil_decode() -> None:
+def test_torchvision_decode_with_orientation_matches_the_pil_decode(monkeypatch: pytest.MonkeyPatch) -> None:
     from torchvision.io import ImageReadMode, decode_jpeg
 
     image = Image.fromarray(np.asarray(Image.effect_noise((64, 48), 60).convert("RGB")))
@@ -278,7 +279,80 @@ def test_torchvision_decode_with_orientation_matches_the_pil_decode() -> None:
     header = read_jpeg_header(data, CONFIG)
     on_device = apply_orientation(decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
                                               mode=ImageReadMode.RGB), header.orientation)
+    monkeypatch.setattr(imaging, "_JPEG_DECODER", [None])  # Pillow's route
     reference = decode_image(data, CONFIG).pixels
     assert on_device.shape == reference.shape == (3, 64, 48)
     # Two JPEG decoders (libjpeg-turbo in both, maybe other IDCTs): within a few levels.
     assert (on_device.int() - reference.int()).abs().max() <= 3
+
+
+# --- JPEGs on the CPU: libjpeg-turbo straight into a tensor, Pillow for the rest -------------------
+
+
+def _pillow_decode(data: bytes, monkeypatch: pytest.MonkeyPatch) -> DecodedImage:
+    with monkeypatch.context() as patch:
+        patch.setattr(imaging, "_JPEG_DECODER", [None])  # as where torchvision has no JPEG decoder
+        return decode_image(data, CONFIG)
+
+
+def _photo(size: int) -> Image.Image:
+    from skimage import data as skdata
+
+    image = Image.fromarray(skdata.astronaut())
+    image.thumbnail((size, size))
+    return image
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("kind", ["photo 64 px", "noise 4:4:4", "grey", "progressive 300 px"])
+def test_the_direct_jpeg_route_gives_pillows_pixels(kind: str, orientation: int,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    params: dict[str, object] = {"quality": 90, "exif": exif.tobytes()}
+    if kind == "photo 64 px":
+        image = _photo(64)
+    elif kind == "noise 4:4:4":
+        image, params["subsampling"] = Image.effect_noise((37, 21), 70).convert("RGB"), 0
+    elif kind == "grey":
+        image = Image.effect_noise((30, 17), 50)  # mode L: one channel, three in the result
+    else:
+        image, params["progressive"] = _photo(300), True
+    data = encode(image, "JPEG", **params)
+    assert imaging._decode_jpeg_direct(data, CONFIG, None) is not None, "the direct route took this JPEG"
+
+    direct, pillow = decode_image(data, CONFIG), _pillow_decode(data, monkeypatch)
+    assert (direct.width, direct.height, direct.format, direct.sha256) == \
+        (pillow.width, pillow.height, "jpeg", hashlib.sha256(data).hexdigest())
+    assert direct.pixels.shape == pillow.pixels.shape
+    # libjpeg-turbo in both (its integer IDCT is exact); a level of slack for other builds of it.
+    assert (direct.pixels.int() - pillow.pixels.int()).abs().max() <= 1
+
+
+def test_jpegs_the_direct_route_cannot_take_are_pillows(monkeypatch: pytest.MonkeyPatch) -> None:
+    photo = encode(_photo(64), "JPEG", quality=90)
+    bogus_marker = bytearray(encode(_photo(256), "JPEG", quality=90))
+    bogus_marker[len(bogus_marker) // 2:len(bogus_marker) // 2 + 40] = b"\xff" * 40  # torchvision: "Bogus marker"
+    refused = {
+        "truncated": photo[: len(photo) // 2],
+        "cmyk": encode(_photo(64).convert("CMYK"), "JPEG"),
+        "trailing bytes": photo + b"trailing junk",
+        "corrupt": bytes(bogus_marker),
+    }
+    for name, data in refused.items():
+        assert imaging._decode_jpeg_direct(data, CONFIG, None) is None, name
+        try:
+            expected: object = _pillow_decode(data, monkeypatch).pixels
+        except ImageError as exc:
+            expected = (exc.code, str(exc))
+        try:
+            got: object = decode_image(data, CONFIG).pixels
+        except ImageError as exc:
+            got = (exc.code, str(exc))
+        if isinstance(expected, torch.Tensor):
+            assert isinstance(got, torch.Tensor) and torch.equal(got, expected), name
+        else:
+            assert got == expected, name
+    with pytest.raises(ImageError) as info:  # the pixel limit holds before either decoder runs
+        decode_image(photo, DecodeConfig(max_pixels=63 * 64))
+    assert info.value.code == "image_too_large"
