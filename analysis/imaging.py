@@ -215,10 +215,16 @@ def jpeg_decoder() -> Callable[[torch.Tensor], torch.Tensor] | None:
         except ImportError:
             _JPEG_DECODER.append(None)
         else:
-            # torchvision 0.29 deprecates its image codecs (for TorchCodec) with a warning on every call.
-            warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision",
-                                    DeprecationWarning)
-            _JPEG_DECODER.append(partial(decode_jpeg, mode=ImageReadMode.RGB))
+            try:
+                # The op under decode_jpeg's wrapper: the wrapper's checks (a CPU tensor, a mode) hold here,
+                # and its bookkeeping (usage logging, a deprecation warning) took a quarter of a thumbnail's decode.
+                op, rgb = torch.ops.image.decode_jpeg.default, int(ImageReadMode.RGB.value)
+                _JPEG_DECODER.append(lambda encoded: op(encoded, rgb, False))
+            except (AttributeError, RuntimeError):
+                # torchvision 0.29 deprecates its image codecs (for TorchCodec) with a warning on every call.
+                warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision",
+                                        DeprecationWarning)
+                _JPEG_DECODER.append(partial(decode_jpeg, mode=ImageReadMode.RGB))
     return _JPEG_DECODER[0]
 
 
