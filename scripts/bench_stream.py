@@ -1212,6 +1212,10 @@ def failures(report: dict[str, Any]) -> list[str]:
     return out
 
 
+def _worker_cpu(run: dict[str, Any]) -> str:
+    return _fmt(run["cpu_ms_per_image"].get("worker"), ".2f")
+
+
 def _fmt(value: float | None, spec: str = ".1f", suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
@@ -1285,21 +1289,20 @@ def render(report: dict[str, Any]) -> str:
             out.append(f"{name} model-only parts: " + "; ".join(
                 f"{p['part']} x{p['per_image']} at batch {p['batch_size']}: {p['items_per_s']:.1f}/s" for p in parts))
     for name, w in report["workloads"].items():
+        st = w["stream"]
         if "traced" in w:
-            tr, st = w["traced"], w["stream"]
-            cpu = [_fmt(run["cpu_ms_per_image"].get("worker"), ".2f") for run in (tr, st)]
+            tr = w["traced"]
             out.append(f"{name} tracing on: {_fmt(tr['images_per_s'])} img/s (untraced {_fmt(st['images_per_s'])}; "
                        f"traced/untraced {_fmt(w['traced_over_untraced'], '.2f', 'x')}), p50 "
                        f"{_fmt(tr['p50_ms'], '.0f')} ms (untraced {_fmt(st['p50_ms'], '.0f')}), worker CPU ms/img "
-                       f"{cpu[0]} (untraced {cpu[1]}), {tr.get('spans_exported')} spans exported")
-    for name, w in report["workloads"].items():
+                       f"{_worker_cpu(tr)} (untraced {_worker_cpu(st)}), {tr.get('spans_exported')} spans exported")
         if "processes" in w:
-            mp, st = w["processes"], w["stream"]
-            cpu = [_fmt(run["cpu_ms_per_image"].get("worker"), ".2f") for run in (mp, st)]
+            mp = w["processes"]
             out.append(f"{name} on {mp['processes']} worker processes: {_fmt(mp['images_per_s'])} img/s (one process "
                        f"{_fmt(st['images_per_s'])}; {_fmt(w['processes_over_one'], '.2f', 'x')}), counted over the "
                        f"{mp['requests_in_window']} requests answered once every process consumed, worker CPU ms/img "
-                       f"{cpu[0]} (one process {cpu[1]}), light p50 {_fmt(mp['light_p50_ms'], '.0f')} ms")
+                       f"{_worker_cpu(mp)} (one process {_worker_cpu(st)}), light p50 "
+                       f"{_fmt(mp['light_p50_ms'], '.0f')} ms")
     out += ["", "CPU s are user+system seconds during the backlog window (t0 to the last result); other jobs' CPU s "
             "is what the rest of the machine used meanwhile (during each baseline for the last two): well above "
             "zero means the figures are disturbed."]
