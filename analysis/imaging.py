@@ -183,7 +183,7 @@ def read_jpeg_header(data: bytes, config: DecodeConfig) -> JpegHeader | None:
 def _decode_jpeg_direct(data: bytes, config: DecodeConfig, sha256: str | None) -> DecodedImage | None:
     """A whole 8-bit RGB or greyscale JPEG decoded by libjpeg-turbo straight into a tensor (torchvision's
     decoder, the one the GPU path falls back to), then turned upright: the same pixels as Pillow's route
-    in about 60% of its time for a thumbnail (Pillow parses the markers and hands the pixels over in
+    in two thirds of its time for a thumbnail (Pillow parses the markers and hands the pixels over in
     Python). None where Pillow's route must decide (anything `read_jpeg_header` refuses, a decoder
     error, no torchvision decoder): it words the errors. Raises ImageError (too large)."""
     decode = jpeg_decoder()
