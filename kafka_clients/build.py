@@ -79,6 +79,10 @@ async def open_producer(kafka: KafkaLike, role: str = "producer", **overrides: A
     """A started producer. With `enable_idempotence: auto`, a broker that cannot do it gets a plain one."""
     kafka = kafka_settings(kafka)
     args = producer_args(kafka, role, **overrides)
+    probing = args["enable_idempotence"] and kafka.producer.enable_idempotence == "auto"
+    sender_log = logging.getLogger("aiokafka.producer.sender")
+    if probing:  # a refusal is expected here and said below (INFO), not as aiokafka's ERROR line
+        sender_log.addFilter(_quiet_init_producer_id)
     try:
         return await _started(AIOKafkaProducer(**args), kafka, "produce",
                               _NO_IDEMPOTENCE if args["enable_idempotence"] else (), permission="Write")
@@ -91,6 +95,15 @@ async def open_producer(kafka: KafkaLike, role: str = "producer", **overrides: A
                  "(kafka.producer.enable_idempotence)", type(exc).__name__)
         return await _started(AIOKafkaProducer(**{**args, "enable_idempotence": False}), kafka, "produce",
                               permission="Write")
+    finally:
+        if probing:
+            sender_log.removeFilter(_quiet_init_producer_id)
+
+
+def _quiet_init_producer_id(record: logging.LogRecord) -> bool:
+    """Drops aiokafka's "Unexpected error during InitProducerIdRequest" while open_producer probes whether
+    the broker takes an idempotent producer (enable_idempotence: auto)."""
+    return not record.getMessage().startswith("Unexpected error during InitProducerIdRequest")
 
 
 async def open_consumer(kafka: KafkaLike, *topics: str, role: str = "consumer", group_id: str | None = None,

@@ -7,6 +7,7 @@ cluster with an authorizer and without auto-created topics would.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import time
@@ -122,3 +123,23 @@ async def test_check_says_what_the_broker_reports(setup):
     # The setup made one partition each: check compares them with what `topics create` would make.
     assert text.count("differs from its settings: partitions 1 (settings: 12)") == 4, text
     assert f"ok    topic {topics.dlq}: 1 partitions, settings as planned" in text, text
+
+
+async def test_a_broker_without_idempotence_gets_a_plain_producer_and_one_info_line(broker, caplog):
+    """enable_idempotence auto (the default) on a broker that refuses InitProducerId (the embedded one):
+    the producer works without it, and the log says so once at INFO, without aiokafka's ERROR line."""
+    from imgstream.kafka_clients import open_producer
+    from imgstream.schemas.config import KafkaConfig
+
+    caplog.set_level(logging.INFO)
+    producer = await open_producer(KafkaConfig(bootstrap=broker))
+    try:
+        await producer.send_and_wait(f"idem-{uuid.uuid4().hex[:8]}", b"x")
+    finally:
+        await producer.stop()
+    said = [(r.name, r.levelno, r.getMessage()) for r in caplog.records]
+    assert [s for s in said if "refused an idempotent producer" in s[2]] == [
+        ("imgstream.kafka", logging.INFO, ("the broker refused an idempotent producer (UnknownError); producing "
+                                           "without idempotence (kafka.producer.enable_idempotence)"))], said
+    assert not [s for s in said if s[1] >= logging.ERROR], said
+    assert not logging.getLogger("aiokafka.producer.sender").filters  # the probe's filter is gone again
