@@ -100,8 +100,9 @@ RULES: tuple[Rule, ...] = (
     Rule("result building", r"(^|/)consumer/publish\.py$", r"fit_result|failed_result|Fitted\..*"),
     Rule("produce", r"(^|/)consumer/publish\.py$"),
     Rule("acknowledgement and offset tracking", r"(^|/)consumer/offsets\.py$"),
-    Rule("metrics", r"(^|/)consumer/(metrics|health)\.py$"),
-    Rule("logging", r"(^|/)consumer/logs\.py$"),
+    Rule("metrics", r"(^|/)(consumer|service)/(metrics|health)\.py$"),
+    Rule("logging", r"(^|/)(consumer|service)/logs\.py$"),
+    Rule("blob read", r"(^|/)consumer/(blob_readers|s3_reader)\.py$"),
     Rule("blob read", r"(^|/)consumer/(fetch|s3blobs)\.py$",
          r"ImageFetcher\._read_blob|FileBlobReader\..*|S3BlobReader\..*|_read_regular_file"),
     Rule("fetch, shared (deadline, dispatch)", r"(^|/)consumer/fetch\.py$",
@@ -110,6 +111,9 @@ RULES: tuple[Rule, ...] = (
     Rule("scheduling", r"(^|/)(analysis/(batcher|reuse)|consumer/image_budget)\.py$"),
     Rule("scheduling", r"(^|/)consumer/deferred\.py$"),
     Rule("decode", r"(^|/)analysis/imaging\.py$"),
+    # torchvision's image codecs decode; torch's op dispatch belongs to whoever called the op.
+    Rule("decode", r"^torchvision/io/"),
+    Rule("models (preprocessing and inference; none on W4)", r"^torch/(_ops\.py|jit/)", generic=True),
     Rule("models (preprocessing and inference; none on W4)",
          r"(^|/)analysis/(models/|preprocess\.py|devices\.py|area_resample\.py|classifiers\.py|vectors\.py)"
          r"|^(torch|torchvision|open_clip|transformers|timm|facenet_pytorch|sklearn)/"),
@@ -118,6 +122,18 @@ RULES: tuple[Rule, ...] = (
     Rule("result building", r"(^|/)analysis/engine\.py$", r"_RequestRun\._timings|_TaskClock\..*"),
     Rule("planning", r"(^|/)analysis/engine\.py$", r"Engine\.run|_RequestRun\..*|_score"),
     Rule("planning", r"(^|/)schemas/operations\.py$"),
+    # The worker's rooms (consumer/worker.py wires them; the rules after these name its methods
+    # before the rooms were split out of it, for profiles of older commits).
+    Rule("request glue (worker's own lines)", r"(^|/)consumer/handling\.py$",
+         r"RequestHandler\.(process|handle|analyse)|lane_of"),
+    Rule("produce", r"(^|/)consumer/handling\.py$", r"RequestHandler\.(publish|dead_letter|defer)"),
+    Rule("result building", r"(^|/)consumer/handling\.py$", r"RequestHandler\.fit_all"),
+    Rule("request glue (worker's own lines)", r"(^|/)consumer/(intake|lifecycle)\.py$",
+         r"Intake\._request|Lifecycle\..*"),
+    Rule("consume and parse", r"(^|/)consumer/intake\.py$"),
+    Rule("acknowledgement and offset tracking", r"(^|/)consumer/checkpoint\.py$"),
+    Rule("logging", r"(^|/)consumer/report\.py$", r"report_periodically"),
+    Rule("metrics", r"(^|/)consumer/report\.py$"),
     Rule("acknowledgement and offset tracking", _WORKER, r"Worker\.(commit|release|assigned)"),
     Rule("produce", _WORKER, r"Worker\.(_publish|_dead_letter|_defer)"),
     Rule("result building", _WORKER, r"Worker\.(_fit|_fit_all)"),
@@ -162,7 +178,7 @@ def module_of(path: str, root: str | None) -> str:
         return found.group(1)
     if root and path.startswith(root):
         return path[len(root):].lstrip("/")
-    for top in ("consumer", "analysis", "schemas", "producer", "kafka_clients", "blobs", "imgstream"):
+    for top in ("consumer", "analysis", "schemas", "producer", "kafka_clients", "blobs", "service", "imgstream"):
         index = path.rfind(f"/{top}/")
         if index >= 0:
             return path[index + 1:]
