@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 
 from imgstream.schemas.config import Topics
+
+
+@contextlib.asynccontextmanager
+async def running(worker: Any) -> AsyncIterator[Any]:
+    """An in-process `Worker` running while the block runs; stopped (drained, committed) after it."""
+    task = asyncio.create_task(worker.run())
+    try:
+        yield worker
+    finally:
+        worker.request_stop("test finished")
+        await asyncio.wait_for(task, 60)
+
 
 # Tansu holds every JoinGroup for about half the session timeout (5 s at aiokafka's default
 # of 10 s), and a group's first generation is 0, for which aiokafka sends no LeaveGroup on

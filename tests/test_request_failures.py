@@ -24,7 +24,7 @@ from imgstream.schemas.codec import decode_result
 from imgstream.schemas.config import FetchConfig, KafkaConfig, WorkerConfig
 from imgstream.schemas.events import DeadLetter
 from tests.engine_helpers import photo
-from tests.kafka_helpers import consume_all
+from tests.kafka_helpers import consume_all, running
 from tests.worker_procs import produce_paced, request_bytes
 
 FACE = {"target": "prominent_face", "face_context": "whole_image"}
@@ -43,13 +43,8 @@ async def running_worker(broker, topics, engine, **overrides):
         "drain_timeout_s": 10,
         **overrides,
     }
-    worker = Worker(WorkerConfig(**values), engine)
-    running = asyncio.create_task(worker.run())
-    try:
+    async with running(Worker(WorkerConfig(**values), engine)) as worker:
         yield worker
-    finally:
-        worker.request_stop("test finished")
-        await asyncio.wait_for(running, 60)
 
 
 async def committed_offsets(broker: str, group: str, topic: str) -> int:

@@ -18,7 +18,7 @@ from imgstream.producer.embedded_broker import find_free_port
 from imgstream.schemas.config import BlobConfig, FetchConfig, KafkaConfig, WorkerConfig
 from imgstream.schemas.events import AnalysisRequest, ResultEvent
 from tests.engine_helpers import photo
-from tests.kafka_helpers import consume_all, produce
+from tests.kafka_helpers import consume_all, produce, running
 from tests.test_producer_cli import imgstream
 from tests.test_request_failures import running_worker
 
@@ -56,11 +56,8 @@ async def s3_worker(broker, topics, engine, s3_endpoint, bucket):
         kafka=KafkaConfig(bootstrap=broker, group=f"g-{uuid.uuid4().hex[:8]}", topics=topics, session_timeout_ms=3000),
         fetch=FetchConfig(max_bytes=2_000_000, s3_buckets=[bucket]), blobs=BlobConfig(s3_endpoint_url=s3_endpoint),
     )
-    worker = Worker(config, engine)
-    task = asyncio.create_task(worker.run())
-    yield worker
-    worker.request_stop("test finished")
-    await asyncio.wait_for(task, 60)
+    async with running(Worker(config, engine)) as worker:
+        yield worker
 
 
 async def test_submit_uploads_to_s3_and_the_worker_reads_it(broker, topics, s3_worker, s3_endpoint, bucket, tmp_path):

@@ -34,7 +34,7 @@ from imgstream.service.logs import setup_logging, use_trace_ids
 from imgstream.service.otel import OtelTracing, otlp_provider, redact_url
 from imgstream.sink.pgvector import PgVectorSink
 from tests.engine_helpers import photo
-from tests.kafka_helpers import consume_all, produce
+from tests.kafka_helpers import consume_all, produce, running
 from tests.test_sink import db, embedding_result, sink_configs  # noqa: F401 - `db` is a fixture
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,16 +90,6 @@ def worker_config(broker, topics, tmp_path, **fetch) -> WorkerConfig:
                           backoff_s=0.1, **fetch),
         blobs={"dir": str(tmp_path / "blobs")}, drain_timeout_s=10, report_interval_s=0,
     )
-
-
-@contextlib.asynccontextmanager
-async def running(worker: Worker):
-    task = asyncio.create_task(worker.run())
-    try:
-        yield worker
-    finally:
-        worker.request_stop("test finished")
-        await asyncio.wait_for(task, 60)
 
 
 def image_file(tmp_path: Path, name: str, size: int = 224) -> Path:

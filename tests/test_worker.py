@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 
 import orjson
@@ -14,7 +13,7 @@ from imgstream.schemas.codec import decode_result
 from imgstream.schemas.config import FetchConfig, KafkaConfig, WorkerConfig
 from imgstream.schemas.events import AnalysisRequest, DeadLetter
 from tests.engine_helpers import photo
-from tests.kafka_helpers import consume_all, produce
+from tests.kafka_helpers import consume_all, produce, running
 
 ASTRONAUT_FACE = (170, 40, 290, 200)
 
@@ -37,11 +36,8 @@ async def worker(broker, topics, engine, tmp_path):
         blobs={"dir": str(tmp_path / "blobs")},
         drain_timeout_s=10,
     )
-    worker = Worker(config, engine)
-    task = asyncio.create_task(worker.run())
-    yield worker
-    worker.request_stop("test finished")
-    await asyncio.wait_for(task, 60)
+    async with running(Worker(config, engine)) as worker:
+        yield worker
 
 
 def _request(request_id: str, image: dict, *tasks: tuple[str, str, dict]) -> AnalysisRequest:
