@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from imgstream.analysis import jpeg_header
+from imgstream.analysis.jpeg_header import JpegHeader
 from imgstream.schemas.config import DecodeConfig
 
 ImageErrorCode = Literal["image_fetch_failed", "image_too_large", "image_undecodable"]
@@ -141,16 +143,6 @@ def decode_image(data: bytes, config: DecodeConfig, sha256: str | None = None) -
         image.close()
 
 
-@dataclass(frozen=True)
-class JpegHeader:
-    """What a JPEG's header says, read without decoding its pixels (for a decoder on the GPU)."""
-
-    width: int  # as stored, before the EXIF orientation
-    height: int
-    orientation: int  # EXIF orientation 1..8 (1: as stored)
-    mode: str
-
-
 def read_jpeg_header(data: bytes, config: DecodeConfig) -> JpegHeader | None:
     """The header of a JPEG a GPU decoder can take (8-bit RGB or greyscale), or None for anything else.
 
@@ -164,6 +156,13 @@ def read_jpeg_header(data: bytes, config: DecodeConfig) -> JpegHeader | None:
         # No end-of-image marker: truncated, or trailing bytes after it. nvJPEG may decode a cut
         # file without complaint; Pillow refuses a truncated one and reads past trailing bytes.
         return None
+    limit = config.max_pixels if Image.MAX_IMAGE_PIXELS is None else min(config.max_pixels, Image.MAX_IMAGE_PIXELS)
+    header = jpeg_header.scan(data, limit)  # the common well-formed file, without Pillow's parse
+    return header if header is not None else pillow_jpeg_header(data, config)
+
+
+def pillow_jpeg_header(data: bytes, config: DecodeConfig) -> JpegHeader | None:
+    """`read_jpeg_header` by Pillow's parser: the answer for every file `jpeg_header.scan` leaves to it."""
     try:
         image = _open_checked(data, "jpeg", config.max_pixels)
     except ImageError as exc:
