@@ -13,6 +13,7 @@ from aiokafka.client import AIOKafkaClient
 
 from imgstream.kafka_clients.diagnose import diagnose
 from imgstream.kafka_clients.errors import BrokerUnreachable, KafkaSetupError, explain_runtime_error
+from imgstream.kafka_clients.partitioner import KeyPartitioner
 from imgstream.kafka_clients.security import connection_args
 from imgstream.schemas.config import KafkaConfig
 
@@ -39,7 +40,8 @@ def producer_args(kafka: KafkaLike, role: str, **overrides: Any) -> dict[str, An
     tuning = kafka.producer.model_dump()
     tuning["compression_type"] = None if tuning["compression_type"] == "none" else tuning["compression_type"]
     tuning["enable_idempotence"] = tuning["enable_idempotence"] in (True, "auto") and tuning["acks"] == "all"
-    return {**_common_args(kafka, role), **tuning, "max_request_size": kafka.max_message_bytes, **overrides}
+    return {**_common_args(kafka, role), **tuning, "max_request_size": kafka.max_message_bytes,
+            "partitioner": KeyPartitioner(), **overrides}
 
 
 def consumer_args(kafka: KafkaLike, role: str, group_id: str | None, **overrides: Any) -> dict[str, Any]:
