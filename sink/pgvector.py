@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaError
@@ -158,10 +159,8 @@ class PgVectorSink:
         deadline = time.monotonic() + seconds
         while not self.stopping.is_set() and (left := deadline - time.monotonic()) > 0:
             self._pause_all()  # every round: partitions assigned by a rebalance arrive unpaused
-            fetched = await self.consumer.getmany(timeout_ms=max(1, min(POLL_MS, int(left * 1000))))
-            for tp, records in fetched.items():  # fetched before the pause took hold: kept for the next batch
-                for record in records:
-                    self.batch.take(tp, record)
+            # Records fetched before the pause took hold are kept for the next batch.
+            self._take(await self.consumer.getmany(timeout_ms=max(1, min(POLL_MS, int(left * 1000)))))
 
     def _pause_all(self) -> None:
         assert self.consumer is not None
@@ -271,8 +270,15 @@ class PgVectorSink:
                 timeout_ms = max(1, min(POLL_MS, int(left_s * 1000)))
             else:
                 timeout_ms = POLL_MS
-            fetched = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max(1, limit - batch.records))
-            for tp, records in fetched.items():
+            self._take(await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max(1, limit - batch.records)))
+
+    def _take(self, fetched: dict[TopicPartition, list[Any]]) -> None:
+        """Records from getmany into the batch. A revoke during the wait may have written that batch (`release`)
+        and begun a new one: they go to the one current now; a partition no longer ours is its next owner's."""
+        assert self.consumer is not None
+        batch, owned = self.batch, self.consumer.assignment()
+        for tp, records in fetched.items():
+            if tp in owned:
                 for record in records:
                     batch.take(tp, record)
 

@@ -330,3 +330,28 @@ async def test_without_a_dsn_the_embedded_database_starts_and_says_where(broker,
         _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr[-3000:]
     assert (data_dir / "PG_VERSION").exists()
+
+
+async def test_records_read_while_a_revoke_writes_the_batch_are_written_with_the_next_one(broker, topics, db):
+    """A rebalance's revoke writes the batch being read (`release`) while the sink waits for records: what
+    that wait returns belongs to the new batch. Taken into the old one, it was neither written nor kept,
+    and the next batch's commit went past it (a rebalance test lost 50 rows this way)."""
+    kafka, config = sink_configs(broker, topics, db, batch_max_records=100_000, batch_max_ms=600_000)
+    events = [embedding_result(i) for i in range(250)]
+    sink = PgVectorSink(kafka, config, db)
+    running = asyncio.create_task(sink.run())
+    try:
+        await produce(broker, topics.results, records(events[:50]))
+        deadline = time.monotonic() + 30
+        while sink.batch.records < 50:  # read and held: the batch is neither full nor due
+            assert time.monotonic() < deadline and not running.done(), sink.stats
+            await asyncio.sleep(0.05)
+        for start in range(50, 250, 40):  # each time: the revoke's write, and records arriving meanwhile
+            await asyncio.gather(sink.release(set()), produce(broker, topics.results, records(events[start:start + 40])))
+            await asyncio.sleep(0.3)
+        sink.request_stop("test")
+        await asyncio.wait_for(running, 30)
+    finally:
+        sink.request_stop("test")
+        await asyncio.wait_for(running, 30)
+    assert count(db, CLIP_TABLE) == len(events)
