@@ -19,6 +19,7 @@ from aiokafka.errors import (
 )
 
 from imgstream.blobs import BlobStore, open_blob_store
+from imgstream.consumer.batches import PartitionBatches
 from imgstream.kafka_clients import PublishForbidden, explain_runtime_error
 from imgstream.schemas.codec import encode
 from imgstream.schemas.config import BlobConfig
@@ -111,13 +112,22 @@ class Publisher:
     """
 
     def __init__(self, producer: AIOKafkaProducer, results_topic: str, dlq_topic: str,
-                 max_message_bytes: int | None = None, *, retry_topic: str | None = None) -> None:
+                 max_message_bytes: int | None = None, *, retry_topic: str | None = None,
+                 batch_linger_s: float | None = None) -> None:
         self.producer = producer
         self.results_topic = results_topic
         self.dlq_topic = dlq_topic
         self.retry_topic = retry_topic
         self.max_message_bytes = max_message_bytes
         self.outcomes: Counter[tuple[str, str]] = Counter()
+        # Results go out in batches per partition (consumer/batches.py) unless batch_linger_s is None.
+        self.batches = (PartitionBatches(producer, results_topic, batch_linger_s, max_message_bytes)
+                        if batch_linger_s is not None else None)
+
+    async def close(self) -> None:
+        """Send the results still in open batches (before the producer stops)."""
+        if self.batches is not None:
+            await self.batches.close()
 
     def failure_samples(self) -> list[tuple[dict[str, str], float]]:
         """`outcomes` as labelled samples for imgstream_publish_failures_total."""
@@ -180,16 +190,30 @@ class Publisher:
         Raises PublishAbandoned if the worker began stopping while some could not be sent.
         """
         key = request_id.encode()
-        if len(payloads) == 1:
-            # The common case: one result, awaited here (a gather costs a task and a future more).
+        alone = list(range(len(payloads)))
+        sent: list[object] = [None] * len(payloads)
+        if self.batches is not None:
+            waiters = [self.batches.add(key, p, headers) for p in payloads]
+            alone = []
+            for i, waiter in enumerate(waiters):
+                if waiter is None:
+                    alone.append(i)
+                    continue
+                try:
+                    await waiter
+                except Exception:  # noqa: BLE001 - the batch failed: the record goes alone, through the retries
+                    alone.append(i)
+        if len(alone) == 1:
+            # One result, awaited here (a gather costs a task and a future more).
             try:
-                await self._send("results", self.results_topic, key, payloads[0], headers, stop=stop)
-                sent: list[object] = [None]
+                await self._send("results", self.results_topic, key, payloads[alone[0]], headers, stop=stop)
             except Exception as exc:  # noqa: BLE001 - sorted below, as gather's return_exceptions does
-                sent = [exc]
-        else:
-            sent = await asyncio.gather(*(self._send("results", self.results_topic, key, p, headers, stop=stop)
-                                          for p in payloads), return_exceptions=True)
+                sent[alone[0]] = exc
+        elif alone:
+            outcomes = await asyncio.gather(*(self._send("results", self.results_topic, key, payloads[i], headers,
+                                                         stop=stop) for i in alone), return_exceptions=True)
+            for i, outcome in zip(alone, outcomes):
+                sent[i] = outcome
         for outcome in sent:
             if isinstance(outcome, BaseException) and not isinstance(outcome, _REFUSED):
                 raise outcome

@@ -162,7 +162,7 @@ class Worker:
         self.producer, self.consumer = clients
         self.checkpoint.consumer = self.intake.consumer = self.consumer
         self.handler.publisher = Publisher(self.producer, k.topics.results, k.topics.dlq, k.max_message_bytes,
-                                           retry_topic=k.topics.retry)
+                                           retry_topic=k.topics.retry, batch_linger_s=k.producer.linger_ms / 1000)
         self.connected = self.broker_reachable = True
         log.info("connected to %s (%s) as group %s; consuming %s, %s and %s", k.bootstrap,
                  k.security_protocol, k.group, k.topics.requests, k.topics.replay, k.topics.retry)
@@ -219,6 +219,8 @@ class Worker:
         if self.consumer is not None:
             await _quietly(asyncio.wait_for(self.consumer.stop(), CLOSE_TIMEOUT_S))
         if self.producer is not None:
+            if self.handler.publisher is not None:
+                await _quietly(asyncio.wait_for(self.handler.publisher.close(), CLOSE_TIMEOUT_S))
             await _quietly(asyncio.wait_for(self.producer.stop(), CLOSE_TIMEOUT_S))
         self.connected = self.broker_reachable = False
         log.info("worker stopped")
