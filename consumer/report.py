@@ -77,6 +77,12 @@ def register_gauges(worker: Worker) -> None:
     m.add_live_counter("imgstream_publish_failures_total",
                        "Publishes that failed, by kind (results, dlq) and outcome (retried; abandoned at "
                        "shutdown; refused for good).", lambda: _publish_failures(worker))
+    m.add_live_counter("imgstream_result_batches_total",
+                       "Batches of results the broker acknowledged (one per partition and linger).",
+                       lambda: _result_batches(worker, "batches_sent"))
+    m.add_live_counter("imgstream_result_batch_records_total",
+                       "Results in those batches (divide by imgstream_result_batches_total for the mean size).",
+                       lambda: _result_batches(worker, "records_sent"))
     m.add_live_counter("imgstream_device_busy_seconds_total",
                        "Seconds each device (cpu, cuda:N) spent running batches; its rate is the "
                        "device's utilisation.",
@@ -117,3 +123,8 @@ def _host_waits(worker: Worker) -> list[tuple[dict[str, str], float]]:
 
 def _publish_failures(worker: Worker) -> list[tuple[dict[str, str], float]]:
     return worker.publisher.failure_samples() if worker.publisher else []
+
+
+def _result_batches(worker: Worker, field: str) -> list[tuple[dict[str, str], float]]:
+    batches = worker.publisher.batches if worker.publisher else None
+    return [({}, getattr(batches, field))] if batches is not None else []

@@ -87,6 +87,9 @@ async def test_health_operations_and_metrics_of_a_running_worker(broker, topics,
     assert sample(samples, "imgstream_results_total", status="success", error_code="") == 6
     assert sample(samples, "imgstream_results_total", status="error", error_code="image_fetch_failed") == 2
     assert sample(samples, "imgstream_dlq_records_total", reason="not_json") == 1
+    # Every result went out in a batch (per partition and linger): 8 results, in at most 8 batches.
+    assert sample(samples, "imgstream_result_batch_records_total") == 8
+    assert 1 <= sample(samples, "imgstream_result_batches_total") <= 8
     assert sample(samples, "imgstream_requests_in_flight") == 0
     assert sample(samples, "imgstream_image_bytes_in_flight") == 0
     assert sample(samples, "imgstream_broker_reachable") == 1
