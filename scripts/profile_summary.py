@@ -98,7 +98,8 @@ RULES: tuple[Rule, ...] = (
     Rule("consume and parse", r"(^|/)schemas/codec\.py$", r"decode_request.*|_summarise"),
     Rule("JSON encoding", r"(^|/)schemas/codec\.py$", r"encode.*|_fields"),
     Rule("result building", r"(^|/)consumer/publish\.py$", r"fit_result|failed_result|Fitted\..*"),
-    Rule("produce", r"(^|/)consumer/publish\.py$"),
+    Rule("produce", r"(^|/)consumer/(publish|batches)\.py$"),
+    Rule("produce", r"(^|/)kafka_clients/partitioner\.py$"),
     Rule("acknowledgement and offset tracking", r"(^|/)consumer/offsets\.py$"),
     Rule("metrics", r"(^|/)(consumer|service)/(metrics|health)\.py$"),
     Rule("logging", r"(^|/)(consumer|service)/logs\.py$"),
@@ -110,7 +111,7 @@ RULES: tuple[Rule, ...] = (
     Rule("http fetch", r"(^|/)consumer/(fetch|politeness)\.py$"),
     Rule("scheduling", r"(^|/)(analysis/(batcher|reuse)|consumer/image_budget)\.py$"),
     Rule("scheduling", r"(^|/)consumer/deferred\.py$"),
-    Rule("decode", r"(^|/)analysis/imaging\.py$"),
+    Rule("decode", r"(^|/)analysis/(imaging|jpeg_header)\.py$"),
     # torchvision's image codecs decode; torch's op dispatch belongs to whoever called the op.
     Rule("decode", r"^torchvision/io/"),
     Rule("models (preprocessing and inference; none on W4)", r"^torch/(_ops\.py|jit/)", generic=True),

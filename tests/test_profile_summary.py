@@ -79,6 +79,12 @@ CASES = [
     (stack(f"RequestHandler.handle ({REPO}/imgstream/consumer/handling.py:110)",
            f"RequestHandler.fit_all ({REPO}/imgstream/consumer/handling.py:160)"), "result building"),
     (stack(f"Checkpoint.commit ({REPO}/imgstream/consumer/checkpoint.py:90)"), "acknowledgement and offset tracking"),
+    # result batches close on the loop's timer, under no request's frame; the key's hash is produce too
+    (stack(f"PartitionBatches._flush ({REPO}/imgstream/consumer/batches.py:95)",
+           f"PartitionBatches._close ({REPO}/imgstream/consumer/batches.py:101)"), "produce"),
+    (stack(f"murmur2 ({REPO}/imgstream/kafka_clients/partitioner.py:30)"), "produce"),
+    (stack(f"RequestHandler.analyse ({REPO}/imgstream/consumer/handling.py:240)",
+           f"scan ({REPO}/imgstream/analysis/jpeg_header.py:60)"), "decode"),
     (stack(f"RequestHandler.process ({REPO}/imgstream/consumer/handling.py:60)",
            f"_RememberedLabels.labels ({REPO}/imgstream/service/metrics.py:40)"), "metrics"),
     (stack(f"report_periodically ({REPO}/imgstream/consumer/report.py:30)",
