@@ -195,14 +195,20 @@ class Publisher:
         if self.batches is not None:
             waiters = [self.batches.add(key, p, headers) for p in payloads]
             alone = []
-            for i, waiter in enumerate(waiters):
-                if waiter is None:
-                    alone.append(i)
-                    continue
-                try:
-                    await waiter
-                except Exception:  # noqa: BLE001 - the batch failed: the record goes alone, through the retries
-                    alone.append(i)
+            try:
+                for i, waiter in enumerate(waiters):
+                    if waiter is None:
+                        alone.append(i)
+                        continue
+                    try:
+                        await waiter
+                    except Exception:  # noqa: BLE001 - the batch failed: the record goes alone, through the retries
+                        alone.append(i)
+            except asyncio.CancelledError:  # no one will look at the others' outcomes
+                for waiter in waiters:
+                    if waiter is not None:
+                        waiter.cancel()
+                raise
         if len(alone) == 1:
             # One result, awaited here (a gather costs a task and a future more).
             try:

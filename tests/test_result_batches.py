@@ -73,3 +73,16 @@ async def test_closing_sends_what_is_open(broker, topics, publisher):
     assert waiter.done() and waiter.exception() is None
     (record,) = await consume_all(broker, topics.results, 1)
     assert (record.key, record.value, list(record.headers)) == (b"late", b'{"late": true}', [("trace", b"t")])
+
+
+async def test_a_cancelled_publish_leaves_no_outcome_unread(publisher):
+    """A request abandoned while its results wait (a hard stop) takes every one of its waiters with it."""
+    publisher.batches.linger_s = 60.0
+    publishing = asyncio.create_task(publisher.results("gone", payloads(0, 3)))
+    await asyncio.sleep(0.05)
+    (batch,) = publisher.batches._open.values()
+    assert len(batch.waiters) == 3
+    publishing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await publishing
+    assert all(waiter.cancelled() for waiter in batch.waiters)
