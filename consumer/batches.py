@@ -70,15 +70,11 @@ class PartitionBatches:
             if count is None:
                 return None
         partition = (murmur2(key) & 0x7FFFFFFF) % count
-        batch = self._open.get(partition)
-        if batch is None:
-            batch = self._open[partition] = _Open(self.producer.create_batch())
-            self._arm()
+        batch = self._open.get(partition) or self._start(partition)
         try:
             if batch.builder.append(key=key, value=value, timestamp=None, headers=headers or []) is None:
                 self._close(partition)  # full: out it goes, and the record starts the next one
-                batch = self._open[partition] = _Open(self.producer.create_batch())
-                self._arm()
+                batch = self._start(partition)
                 if batch.builder.append(key=key, value=value, timestamp=None, headers=headers or []) is None:
                     return None
         except Exception:  # noqa: BLE001 - a record the builder refuses (its types): `send` says why
@@ -97,9 +93,12 @@ class PartitionBatches:
         partitions = self.producer.client.cluster.partitions_for_topic(self.topic)
         return len(partitions) if partitions else None
 
-    def _arm(self) -> None:
+    def _start(self, partition: int) -> _Open:
+        """A new open batch for `partition`, sent within a linger."""
+        batch = self._open[partition] = _Open(self.producer.create_batch())
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.linger_s, self._flush)
+        return batch
 
     def _flush(self) -> None:
         self._timer = None

@@ -190,25 +190,8 @@ class Publisher:
         Raises PublishAbandoned if the worker began stopping while some could not be sent.
         """
         key = request_id.encode()
-        alone = list(range(len(payloads)))
         sent: list[object] = [None] * len(payloads)
-        if self.batches is not None:
-            waiters = [self.batches.add(key, p, headers) for p in payloads]
-            alone = []
-            try:
-                for i, waiter in enumerate(waiters):
-                    if waiter is None:
-                        alone.append(i)
-                        continue
-                    try:
-                        await waiter
-                    except Exception:  # noqa: BLE001 - the batch failed: the record goes alone, through the retries
-                        alone.append(i)
-            except asyncio.CancelledError:  # no one will look at the others' outcomes
-                for waiter in waiters:
-                    if waiter is not None:
-                        waiter.cancel()
-                raise
+        alone = await self._batched(key, payloads, headers) if self.batches is not None else list(range(len(payloads)))
         if len(alone) == 1:
             # One result, awaited here (a gather costs a task and a future more).
             try:
@@ -224,6 +207,28 @@ class Publisher:
             if isinstance(outcome, BaseException) and not isinstance(outcome, _REFUSED):
                 raise outcome
         return {i: outcome for i, outcome in enumerate(sent) if isinstance(outcome, _REFUSED)}
+
+    async def _batched(self, key: bytes, payloads: list[bytes], headers: list[tuple[str, bytes]] | None) -> list[int]:
+        """Send the payloads in the partition's batches; the indices of those left to go alone (no batch
+        took them, or their batch failed: the retrying path classifies why)."""
+        assert self.batches is not None
+        waiters = [self.batches.add(key, p, headers) for p in payloads]
+        alone = []
+        try:
+            for i, waiter in enumerate(waiters):
+                if waiter is None:
+                    alone.append(i)
+                    continue
+                try:
+                    await waiter
+                except Exception:  # noqa: BLE001 - the batch failed: the record goes alone, through the retries
+                    alone.append(i)
+        except asyncio.CancelledError:  # no one will look at the others' outcomes
+            for waiter in waiters:
+                if waiter is not None:
+                    waiter.cancel()
+            raise
+        return alone
 
     async def defer(self, request_id: str, value: bytes, headers: list[tuple[str, bytes]],
                     stop: asyncio.Event | None = None) -> None:

@@ -347,10 +347,9 @@ async def test_records_read_while_a_revoke_writes_the_batch_are_written_with_the
             assert time.monotonic() < deadline and not running.done(), sink.stats
             await asyncio.sleep(0.05)
         for start in range(50, 250, 40):  # each time: the revoke's write, and records arriving meanwhile
-            await asyncio.gather(sink.release(set()), produce(broker, topics.results, records(events[start:start + 40])))
+            arriving = records(events[start:start + 40])
+            await asyncio.gather(sink.release(set()), produce(broker, topics.results, arriving))
             await asyncio.sleep(0.3)
-        sink.request_stop("test")
-        await asyncio.wait_for(running, 30)
     finally:
         sink.request_stop("test")
         await asyncio.wait_for(running, 30)
