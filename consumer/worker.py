@@ -124,7 +124,10 @@ class Worker:
         """Consume until `request_stop`; then drain, commit and close."""
         async with ImageFetcher(self.config.fetch, tracing=self.tracing) as fetcher:
             blobs = self.config.blobs
-            fetcher.register_blob_reader("file", FileBlobReader(self.config.file_blob_roots()))
+            files = FileBlobReader(self.config.file_blob_roots(), reads=self.config.fetch.blob_reads)
+            log.info("file:// blobs are read %s (fetch.blob_reads: %s)",
+                     "on the event loop" if files.inline else "in a thread pool", self.config.fetch.blob_reads)
+            fetcher.register_blob_reader("file", files)
             fetcher.register_blob_reader("s3", S3BlobReader(blobs.s3_endpoint_url, blobs.s3_region,
                                                             self.config.s3_blob_scopes()))
             self.handler.fetcher = fetcher

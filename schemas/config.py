@@ -283,6 +283,13 @@ class FetchConfig(Settings):
         description="Directories that file:// blob references may point into (symlinks resolved). Unset: the "
         "blob store directory (blobs.dir). An empty list refuses every file:// reference.",
     )
+    blob_reads: Literal["auto", "inline", "thread"] = Field(
+        default="auto",
+        description="Where file:// blobs are read. thread: in a thread pool, for storage that can stall (NFS, "
+        "FUSE). inline: files up to 1 MiB on the event loop itself (tens of microseconds, against 100 or more "
+        "for the hop to a thread), larger ones in the pool. auto: inline when every blob root lies on a local "
+        "file system (/proc/self/mountinfo), thread otherwise.",
+    )
     max_concurrent: int = Field(default=32, gt=0, description="Image requests (and blob reads) at once per "
                                 "worker, all hosts together. Raise it for slow image hosts (high fetch latency "
                                 "while the models idle).")

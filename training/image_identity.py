@@ -73,7 +73,7 @@ async def identify_images(config: WorkerConfig, images: dict[str, str], store: F
     from imgstream.analysis.imaging import ImageError  # torch comes with these: only when there are images to read
     from imgstream.consumer.blob_readers import FileBlobReader
 
-    reader = FileBlobReader(config.file_blob_roots())
+    reader = FileBlobReader(config.file_blob_roots(), reads=config.fetch.blob_reads)
     max_bytes, max_pixels = config.fetch.max_bytes, config.decode.max_pixels
     slots = asyncio.Semaphore(IN_FLIGHT)
     bar = Progress("hashing images", len(sources), progress, unit="img")
