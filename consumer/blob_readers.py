@@ -18,7 +18,12 @@ from imgstream.analysis.imaging import FETCH_FAILED, TOO_LARGE, ImageError
 
 
 class BlobReader(Protocol):
-    """Reads one blob reference (e.g. file:///a.jpg, s3://bucket/key) of a scheme it owns."""
+    """Reads one blob reference (e.g. file:///a.jpg, s3://bucket/key) of a scheme it owns.
+
+    A reader that can answer some references at once, without waiting on anything, may also have
+    `read_now(reference, max_bytes) -> bytes | None` (None: ask `read`); the fetcher then skips the
+    deadline and the concurrency slot for them.
+    """
 
     async def read(self, reference: str, max_bytes: int) -> bytes:
         """The blob's bytes; ImageError(image_too_large) past `max_bytes`, image_fetch_failed otherwise."""
@@ -44,11 +49,15 @@ class FileBlobReader:
         self._prefixes = tuple(str(root).rstrip("/") + "/" for root in self._roots)
         self.inline = _QUICK_ROUTE and (reads == "inline" or (reads == "auto" and _roots_are_local(self._roots)))
 
+    def read_now(self, reference: str, max_bytes: int) -> bytes | None:
+        """The bytes, read on the calling thread, when this reader reads inline and `reference` is a
+        plain one to a small regular file inside the roots; None when `read` must decide."""
+        return self._read_quickly(reference, min(max_bytes, INLINE_READ_BYTES)) if self.inline else None
+
     async def read(self, reference: str, max_bytes: int) -> bytes:
-        if self.inline:
-            data = self._read_quickly(reference, min(max_bytes, INLINE_READ_BYTES))
-            if data is not None:
-                return data
+        data = self.read_now(reference, max_bytes)
+        if data is not None:
+            return data
         # File systems (NFS, FUSE) can block, and resolving the path is a syscall per component:
         # both stay off the event loop. (No context copy as asyncio.to_thread makes: nothing here logs.)
         return await asyncio.get_running_loop().run_in_executor(None, self._read, reference, max_bytes)

@@ -145,6 +145,10 @@ class ImageFetcher:
 
     async def _fetch(self, ref: ImageRef) -> FetchedImage:
         started = time.perf_counter()
+        if ref.blob is not None:
+            data = self._read_blob_now(ref.blob)
+            if data is not None:  # a local file read at once: nothing to wait for, so no deadline or slot
+                return FetchedImage(data, ref.blob, (time.perf_counter() - started) * 1000.0, 1)
         progress = _Progress()
         deadline = asyncio.timeout(self._config.total_timeout_s)
         try:
@@ -163,6 +167,11 @@ class ImageFetcher:
         assert ref.blob is not None
         progress.attempts = 1
         return await self._read_blob(ref.blob), ref.blob
+
+    def _read_blob_now(self, reference: str) -> bytes | None:
+        reader = self._blob_readers.get(reference.partition("://")[0].lower())
+        read_now = getattr(reader, "read_now", None)
+        return read_now(reference, self._config.max_bytes) if read_now is not None else None
 
     async def _read_blob(self, reference: str) -> bytes:
         scheme = reference.partition("://")[0].lower()

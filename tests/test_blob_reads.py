@@ -130,3 +130,25 @@ def test_auto_reads_inline_only_on_local_file_systems(tmp_path: Path, monkeypatc
     assert FileBlobReader(["/srv/blobs"], reads="inline").inline  # the operator's word wins
     table.unlink()  # no mount table: not known to be local
     assert not FileBlobReader(["/srv/blobs"]).inline
+
+
+@needs_quick_route
+async def test_the_fetcher_reads_an_inline_blob_at_once(tmp_path: Path) -> None:
+    from imgstream.consumer.fetch import ImageFetcher
+    from imgstream.schemas.config import FetchConfig
+    from imgstream.schemas.events import ImageRef
+
+    (tmp_path / "a.jpg").write_bytes(b"\xff\xd8" + b"x" * 500)
+    pool = CountingPool()
+    asyncio.get_running_loop().set_default_executor(pool)
+    for reads, pool_reads in (("inline", 0), ("thread", 1)):
+        async with ImageFetcher(FetchConfig(blob_roots=[str(tmp_path)], blob_reads=reads)) as fetcher:
+            before = pool.submitted
+            fetched = await fetcher.fetch(ImageRef(blob=(tmp_path / "a.jpg").as_uri()))
+            assert (fetched.data, fetched.final_url, fetched.attempts) == (
+                b"\xff\xd8" + b"x" * 500, (tmp_path / "a.jpg").as_uri(), 1)
+            assert pool.submitted - before == pool_reads, reads
+            # What the inline read leaves (here a missing file) still ends as the pool's error.
+            with pytest.raises(ImageError, match="not found"):
+                await fetcher.fetch(ImageRef(blob=(tmp_path / "missing.jpg").as_uri()))
+            assert pool.submitted - before == pool_reads + 1, reads
