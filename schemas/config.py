@@ -290,7 +290,7 @@ class FetchConfig(Settings):
         "for the hop to a thread), larger ones in the pool. auto: inline when every blob root lies on a local "
         "file system (/proc/self/mountinfo), thread otherwise.",
     )
-    max_concurrent: int = Field(default=32, gt=0, description="Image requests (and blob reads) at once per "
+    max_concurrent: int = Field(default=32, gt=0, description="Image requests (and blob reads in the thread pool) at once per "
                                 "worker, all hosts together. Raise it for slow image hosts (high fetch latency "
                                 "while the models idle).")
     per_host_concurrent: int = Field(default=4, gt=0, description="Fetches at once to one host (scheme, name and "
