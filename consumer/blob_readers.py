@@ -11,10 +11,11 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Final, Iterable, Literal, Protocol, Sequence
+from typing import Final, Iterable, Protocol, Sequence
 from urllib.parse import unquote, urlsplit
 
 from imgstream.analysis.imaging import FETCH_FAILED, TOO_LARGE, ImageError
+from imgstream.schemas.config import BlobReads
 
 
 class BlobReader(Protocol):
@@ -28,9 +29,6 @@ class BlobReader(Protocol):
     async def read(self, reference: str, max_bytes: int) -> bytes:
         """The blob's bytes; ImageError(image_too_large) past `max_bytes`, image_fetch_failed otherwise."""
         ...
-
-
-BlobReads = Literal["auto", "inline", "thread"]
 
 
 class FileBlobReader:
@@ -173,7 +171,8 @@ def roots_on_local_file_systems(roots: Iterable[Path], mount_table: Sequence[tup
         return path == point or path.startswith(point.rstrip("/") + "/")
 
     for root in map(str, roots):
-        own = [(point, kind) for point, kind in mount_table if inside(root, point)]  # the last one mounted wins
+        own = [(point, kind) for point, kind in mount_table if inside(root, point)]
+        # The deepest mount point holds the root; of two on one point, the later one (it hides the first).
         if not own or max(reversed(own), key=lambda mount: len(mount[0]))[1] not in LOCAL_FILE_SYSTEMS:
             return False
         if any(inside(point, root) and kind not in LOCAL_FILE_SYSTEMS for point, kind in mount_table):

@@ -97,7 +97,8 @@ class ImageFetcher:
         self._config = config
         self.tracing = tracing
         self._blob_readers: dict[str, BlobReader] = (
-            dict(blob_readers) if blob_readers is not None else {"file": FileBlobReader(config.blob_roots or (), reads=config.blob_reads)}
+            dict(blob_readers) if blob_readers is not None
+            else {"file": FileBlobReader(config.blob_roots or (), reads=config.blob_reads)}
         )
         # Held per request (one GET, one blob read), not across backoff sleeps.
         self._semaphore = asyncio.Semaphore(config.max_concurrent)

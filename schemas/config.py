@@ -103,6 +103,8 @@ class TopicSettingsByTopic(Settings):
 
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+# Where file:// blobs are read (fetch.blob_reads; consumer/blob_readers.py).
+BlobReads = Literal["auto", "inline", "thread"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"]
 Compression = Literal["none", "gzip", "snappy", "lz4", "zstd"]
 
@@ -283,16 +285,16 @@ class FetchConfig(Settings):
         description="Directories that file:// blob references may point into (symlinks resolved). Unset: the "
         "blob store directory (blobs.dir). An empty list refuses every file:// reference.",
     )
-    blob_reads: Literal["auto", "inline", "thread"] = Field(
+    blob_reads: BlobReads = Field(
         default="auto",
         description="Where file:// blobs are read. thread: in a thread pool, for storage that can stall (NFS, "
         "FUSE). inline: files up to 1 MiB on the event loop itself (tens of microseconds, against 100 or more "
         "for the hop to a thread), larger ones in the pool. auto: inline when every blob root lies on a local "
         "file system (/proc/self/mountinfo), thread otherwise.",
     )
-    max_concurrent: int = Field(default=32, gt=0, description="Image requests (and blob reads in the thread pool) at once per "
-                                "worker, all hosts together. Raise it for slow image hosts (high fetch latency "
-                                "while the models idle).")
+    max_concurrent: int = Field(default=32, gt=0, description="Image requests (and blob reads in the thread "
+                                "pool) at once per worker, all hosts together. Raise it for slow image hosts (high "
+                                "fetch latency while the models idle).")
     per_host_concurrent: int = Field(default=4, gt=0, description="Fetches at once to one host (scheme, name and "
                                      "port) per worker; more wait within the fetch deadline. Raise it only for "
                                      "hosts you run (a CDN of your own, an internal store).")
