@@ -52,7 +52,11 @@ def test_mountinfo_is_read_with_its_optional_fields_and_escapes() -> None:
 ])
 def test_roots_are_local_only_when_every_mount_they_reach_is(roots: list[str], local: bool) -> None:
     assert roots_on_local_file_systems(map(Path, roots), mounts(MOUNTINFO)) is local
-    assert roots_on_local_file_systems([Path("/anything")], []) is False  # no mount found: not known to be local
+
+
+def test_a_root_under_no_known_mount_is_not_known_to_be_local() -> None:
+    assert roots_on_local_file_systems([Path("/anything")], []) is False
+    assert roots_on_local_file_systems([Path("/anything")], [("/other", "ext4")]) is False
 
 
 class CountingPool(ThreadPoolExecutor):
