@@ -169,14 +169,17 @@ class ImageFetcher:
         progress.attempts = 1
         return await self._read_blob(ref.blob), ref.blob
 
+    def _blob_reader(self, reference: str) -> tuple[str, BlobReader | None]:
+        """The scheme of a blob reference, and its reader (None: not configured here)."""
+        scheme = reference.partition("://")[0].lower()
+        return scheme, self._blob_readers.get(scheme)
+
     def _read_blob_now(self, reference: str) -> bytes | None:
-        reader = self._blob_readers.get(reference.partition("://")[0].lower())
-        read_now = getattr(reader, "read_now", None)
+        read_now = getattr(self._blob_reader(reference)[1], "read_now", None)
         return read_now(reference, self._config.max_bytes) if read_now is not None else None
 
     async def _read_blob(self, reference: str) -> bytes:
-        scheme = reference.partition("://")[0].lower()
-        reader = self._blob_readers.get(scheme)
+        scheme, reader = self._blob_reader(reference)
         if reader is None:
             raise ImageError(FETCH_FAILED, f"blob scheme {scheme!r} is not configured on this worker")
         async with self._semaphore:
