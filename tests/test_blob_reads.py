@@ -156,3 +156,21 @@ async def test_the_fetcher_reads_an_inline_blob_at_once(tmp_path: Path) -> None:
             with pytest.raises(ImageError, match="not found"):
                 await fetcher.fetch(ImageRef(blob=(tmp_path / "missing.jpg").as_uri()))
             assert pool.submitted - before == pool_reads + 1, reads
+
+
+@needs_quick_route
+def test_the_blob_read_benchmark_compares_both_routes(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_blob_reads.py"
+    out = tmp_path / "reads.json"
+    done = subprocess.run([sys.executable, str(script), "--files", "30", "--rounds", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "thread / inline CPU per read:" in done.stdout
+    report = json.loads(out.read_text())
+    assert set(report["routes"]) == {"thread", "inline"}
+    assert all(route["median_cpu_us_per_read"] > 0 for route in report["routes"].values())
+    assert report["thread_over_inline"] > 0
