@@ -189,3 +189,65 @@ def test_several_worker_processes_are_counted_from_when_all_of_them_consume(benc
     crashed = dict(summary, worker_exit_code=1)
     w4 = bench_stream.workload_summary(bench_stream.WORKLOADS["W4"], one, {"images_per_s": 4.0}, None, multi=crashed)
     assert bench_stream.failures({"workloads": {"W4": w4}}) == ["W4 processes: 10/10 results, worker exit status 1"]
+
+
+def test_the_image_server_answers_as_http_1_1_clients_expect(bench_stream, jpeg):
+    """The benchmark's own HTTP server: kept-alive GETs (aiohttp, as the worker fetches), one connection
+    per GET (requests, as the seed-style loop fetches), HEAD, HTTP/1.0, pipelining, and refusals."""
+    import asyncio
+    import socket
+
+    import aiohttp
+    import requests
+
+    class Images:
+        def bytes_of(self, index: int) -> bytes:
+            return bench_stream.unique_jpeg(jpeg, str(index).encode())
+
+    def raw(payload: bytes) -> bytes:
+        with socket.create_connection((bench_stream.HOST, server.port), timeout=5) as sock:
+            sock.sendall(payload)
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+    server = bench_stream.ImageServer().start()
+    try:
+        server.sets["W4"] = Images()
+
+        async def kept_alive() -> list[tuple[int, bytes]]:
+            async with aiohttp.ClientSession() as session:
+                out = []
+                for i in range(3):
+                    async with session.get(server.url(f"W4/{i}.jpg")) as response:
+                        out.append((response.status, await response.read()))
+                assert len(session.connector._conns) == 1  # one connection, reused
+                return out
+
+        assert asyncio.run(kept_alive()) == [(200, Images().bytes_of(i)) for i in range(3)]
+
+        response = requests.get(server.url("W4/7.jpg"), timeout=5)
+        assert response.status_code == 200 and response.content == Images().bytes_of(7)
+        assert response.headers["Content-Type"] == "image/jpeg"
+        head = requests.head(server.url("W4/7.jpg"), timeout=5)
+        assert head.status_code == 200 and head.content == b""
+        assert int(head.headers["Content-Length"]) == len(Images().bytes_of(7))
+        assert requests.get(server.url("W9/7.jpg"), timeout=5).status_code == 404
+        assert requests.get(server.url("W4/x.jpg"), timeout=5).status_code == 404
+        assert requests.get(server.url("W4/7.png"), timeout=5).status_code == 404
+        assert requests.post(server.url("W4/7.jpg"), timeout=5).status_code == 405
+
+        # HTTP/1.0 without keep-alive: the server closes after its answer (raw() reads to EOF).
+        answer = raw(b"GET /W4/3.jpg HTTP/1.0\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(Images().bytes_of(3))
+        # Two requests in one write: two answers, in order; the second asked to close.
+        answer = raw(b"GET /W4/1.jpg HTTP/1.1\r\nHost: x\r\n\r\nGET /W4/2.jpg HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert answer.count(b"HTTP/1.1 200 OK") == 2
+        assert answer.index(Images().bytes_of(1)) < answer.index(Images().bytes_of(2))
+        assert raw(b"nonsense\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+        assert raw(b"GET /W4/1.jpg HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello").startswith(b"HTTP/1.1 400 ")
+        assert raw(b"GET /" + b"a" * 20_000).startswith(b"HTTP/1.1 431 ")
+        assert server.served == 3 + 1 + 1 + 1 + 2  # the 200s (HEAD included)
+    finally:
+        server.stop()
