@@ -227,17 +227,18 @@ class RequestImages:
 
 
 class ImageServer:
-    """A minimal HTTP/1.1 server on 127.0.0.1, in a thread with its own (uv)loop, serving request images from memory.
+    """An HTTP server on 127.0.0.1, in a thread with its own event loop, serving request images from memory.
 
-    It runs on the cores it helps measure. aiohttp's server, here before, cost 100 to 160 us of CPU per
-    GET in W4's backlog: this process's CPU was 0.08 to 0.12 ms per W4 request, most of it serving,
-    about a third of the worker's own cost. With this one it is 0.03 to 0.04 ms (three alternating
-    pairs, docs/BENCHMARKS.md). It reads the request line and the one header it needs (Connection),
-    keeps connections alive as HTTP/1.1 does, and answers 404, 405, 400 or 431 to anything but a GET
-    or HEAD of `/<set>/<index>.jpg` without a body. The seed-style loop fetches through it too, one new
-    connection per GET as the seed did; that costs the server less as well (about 130 us against 300
-    to 440), so the seed-style side got faster too.
+    Two kinds (`--image-server`). `aiohttp`, the default, is the server every run of record used: on
+    the default asyncio loop, the seed-style loop's baseline depends on it. It runs on the cores it
+    helps measure, though: in W4's backlog it cost 100 to 160 us of CPU per GET, so this process took
+    0.08 to 0.12 ms per W4 request, about a third of the worker's own cost. `minimal` (MinimalImageServer)
+    answers a GET in a fifth of that: this process then took 0.03 to 0.04 ms per W4 request. It also
+    answers a new connection faster (about 130 us of CPU against 300 to 440), and the seed-style loop,
+    which opens one per GET as the seed did, got faster with it; docs/BENCHMARKS.md has both effects.
     """
+
+    kind = "aiohttp"
 
     def __init__(self) -> None:
         self.sets: dict[str, RequestImages] = {}
@@ -247,6 +248,10 @@ class ImageServer:
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
         self._error: BaseException | None = None
+
+    @staticmethod
+    def of_kind(kind: str) -> ImageServer:
+        return MinimalImageServer() if kind == MinimalImageServer.kind else ImageServer()
 
     def url(self, path: str) -> str:
         return f"http://{HOST}:{self.port}/{path}"
@@ -263,26 +268,45 @@ class ImageServer:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
 
-    def _serve(self) -> None:
-        try:
-            import uvloop
+    def _new_loop(self) -> asyncio.AbstractEventLoop:
+        return asyncio.new_event_loop()
 
-            loop = uvloop.new_event_loop()
-        except ImportError:  # uvloop is a worker dependency except on Windows
-            loop = asyncio.new_event_loop()
+    async def _listen(self) -> Any:
+        """Start serving; what `_close` takes to stop."""
+        from aiohttp import web
+
+        app = web.Application()
+        app.router.add_get("/{set}/{index}.jpg", self._image)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, HOST, self.port).start()
+        return runner
+
+    async def _close(self, handle: Any) -> None:
+        await handle.cleanup()
+
+    def _serve(self) -> None:
+        loop = self._new_loop()
         asyncio.set_event_loop(loop)
         self._loop = loop
         try:
-            server = loop.run_until_complete(loop.create_server(lambda: _ImageProtocol(self), HOST, self.port))
+            handle = loop.run_until_complete(self._listen())
         except BaseException as exc:  # noqa: BLE001 - reported by start()
             self._error = exc
             self._started.set()
             return
         self._started.set()
         loop.run_forever()
-        server.close()
-        loop.run_until_complete(server.wait_closed())
+        loop.run_until_complete(self._close(handle))
         loop.close()
+
+    async def _image(self, request: Any) -> Any:
+        from aiohttp import web
+
+        status, body = self.respond(b"GET", request.path.encode())
+        if status != b"200 OK":
+            raise web.HTTPNotFound()
+        return web.Response(body=body, content_type="image/jpeg")
 
     def respond(self, method: bytes, target: bytes) -> tuple[bytes, bytes]:
         """The status line's tail and the body for one request."""
@@ -297,6 +321,33 @@ class ImageServer:
             return b"404 Not Found", b""
         self.served += 1
         return b"200 OK", images.bytes_of(int(index))
+
+
+class MinimalImageServer(ImageServer):
+    """`--image-server minimal`: HTTP/1.1 by hand on uvloop, the least CPU per GET that still speaks it.
+
+    It reads the request line and the one header it needs (Connection), keeps connections alive as
+    HTTP/1.1 does, answers requests in order (pipelined ones too), and answers 404, 405, 400 or 431 to
+    anything but a GET or HEAD of `/<set>/<index>.jpg` without a body.
+    """
+
+    kind = "minimal"
+
+    def _new_loop(self) -> asyncio.AbstractEventLoop:
+        try:
+            import uvloop
+
+            return uvloop.new_event_loop()
+        except ImportError:  # uvloop is a worker dependency except on Windows
+            return asyncio.new_event_loop()
+
+    async def _listen(self) -> Any:
+        assert self._loop is not None
+        return await self._loop.create_server(lambda: _ImageProtocol(self), HOST, self.port)
+
+    async def _close(self, handle: Any) -> None:
+        handle.close()
+        await handle.wait_closed()
 
 
 class _ImageProtocol(asyncio.Protocol):
@@ -1435,7 +1486,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         ctx = Context(args=args, profile=profile, bootstrap=bootstrap,
                       broker_pid=embedded_broker_pid() if embedded is not None else None, workdir=workdir,
                       run_id=uuid.uuid4().hex[:8], light_requests=light_requests, light_max_s=light_max_s)
-        server = ImageServer().start()
+        server = ImageServer.of_kind(args.image_server).start()
         if args.tracing:
             from otlp_receiver import OtlpReceiver  # needs the otel extra (opentelemetry-proto)
 
@@ -1517,6 +1568,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "worker_env": args.worker_env,
         "processes": args.processes,
         "tracing_sampler": {k: v for k, v in os.environ.items() if k.startswith("OTEL_TRACES_SAMPLER")},
+        "image_server": args.image_server,
         "light_rate": args.light_rate,
         "light_requests": light_requests,
         "light_max_s": light_max_s,
@@ -1557,6 +1609,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--processes", type=int, default=1, metavar="N",
                         help="also run each stream on N worker processes (imgstream worker --processes N) and report "
                         "its rate over the one-process run's, counted from when all N consume")
+    parser.add_argument("--image-server", choices=("aiohttp", "minimal"), default="aiohttp",
+                        help="the http images' server in this process: aiohttp (default; every run of record "
+                             "used it) or minimal (a fifth of its CPU per GET, and faster to the seed-style "
+                             "loop: see ImageServer)")
     parser.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
                         help="a setting for the worker's environment, e.g. IMGSTREAM_EVENT_LOOP=asyncio (repeatable)")
     parser.add_argument("--batching", type=json.loads, metavar="JSON",

@@ -191,8 +191,9 @@ def test_several_worker_processes_are_counted_from_when_all_of_them_consume(benc
     assert bench_stream.failures({"workloads": {"W4": w4}}) == ["W4 processes: 10/10 results, worker exit status 1"]
 
 
-def test_the_image_server_answers_as_http_1_1_clients_expect(bench_stream, jpeg):
-    """The benchmark's own HTTP server: kept-alive GETs (aiohttp, as the worker fetches), one connection
+@pytest.mark.parametrize("kind", ["aiohttp", "minimal"])
+def test_the_image_server_answers_as_http_1_1_clients_expect(bench_stream, jpeg, kind):
+    """The benchmark's own HTTP servers: kept-alive GETs (aiohttp, as the worker fetches), one connection
     per GET (requests, as the seed-style loop fetches), HEAD, HTTP/1.0, pipelining, and refusals."""
     import asyncio
     import socket
@@ -212,7 +213,8 @@ def test_the_image_server_answers_as_http_1_1_clients_expect(bench_stream, jpeg)
                 chunks.append(chunk)
         return b"".join(chunks)
 
-    server = bench_stream.ImageServer().start()
+    server = bench_stream.ImageServer.of_kind(kind).start()
+    assert server.kind == kind
     try:
         server.sets["W4"] = Images()
 
@@ -237,6 +239,9 @@ def test_the_image_server_answers_as_http_1_1_clients_expect(bench_stream, jpeg)
         assert requests.get(server.url("W4/x.jpg"), timeout=5).status_code == 404
         assert requests.get(server.url("W4/7.png"), timeout=5).status_code == 404
         assert requests.post(server.url("W4/7.jpg"), timeout=5).status_code == 405
+        if kind == "aiohttp":  # the rest pins the minimal server's own HTTP handling
+            assert server.served == 3 + 1 + 1
+            return
 
         # HTTP/1.0 without keep-alive: the server closes after its answer (raw() reads to EOF).
         answer = raw(b"GET /W4/3.jpg HTTP/1.0\r\n\r\n")
@@ -249,5 +254,7 @@ def test_the_image_server_answers_as_http_1_1_clients_expect(bench_stream, jpeg)
         assert raw(b"GET /W4/1.jpg HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello").startswith(b"HTTP/1.1 400 ")
         assert raw(b"GET /" + b"a" * 20_000).startswith(b"HTTP/1.1 431 ")
         assert server.served == 3 + 1 + 1 + 1 + 2  # the 200s (HEAD included)
+        assert bench_stream.parse_args(["--image-server", "minimal"]).image_server == "minimal"
+        assert bench_stream.parse_args([]).image_server == "aiohttp"
     finally:
         server.stop()
