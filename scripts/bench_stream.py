@@ -229,13 +229,13 @@ class RequestImages:
 class ImageServer:
     """An HTTP server on 127.0.0.1, in a thread with its own event loop, serving request images from memory.
 
-    Two kinds (`--image-server`). `aiohttp`, the default, is the server every run of record used: on
-    the default asyncio loop, the seed-style loop's baseline depends on it. It runs on the cores it
-    helps measure, though: in W4's backlog it cost 100 to 160 us of CPU per GET, so this process took
-    0.08 to 0.12 ms per W4 request, about a third of the worker's own cost. `minimal` (MinimalImageServer)
-    answers a GET in a fifth of that: this process then took 0.03 to 0.04 ms per W4 request. It also
-    answers a new connection faster (about 130 us of CPU against 300 to 440), and the seed-style loop,
-    which opens one per GET as the seed did, got faster with it; docs/BENCHMARKS.md has both effects.
+    Two kinds (`--image-server`). `aiohttp`, the default, is the server issue 21's targets and all but
+    one run of record used, and the seed-style loop's rate depends on it. It runs on the cores it
+    helps measure, though: in W4's backlog this process took 0.08 to 0.12 ms of CPU per request
+    (about 120 to 200 us per GET), a quarter to a third of the worker's own cost. With `minimal`
+    (MinimalImageServer) it took 0.03 to 0.04 ms. The minimal server also answers a new connection
+    for less (about 130 us of CPU against 290 to 440), so the seed-style loop, which opens one per GET
+    as the seed did, gets faster with it. docs/BENCHMARKS.md (2026-12-07, morning) has both effects.
     """
 
     kind = "aiohttp"
