@@ -387,15 +387,17 @@ class _ImageProtocol(asyncio.Protocol):
                 self._write(b"400 Bad Request", b"", close=True, head_only=False)  # no GET here sends a body
                 return
             connection = headers.get(b"connection", b"")
-            close = connection == b"close" or (version == b"HTTP/1.0" and connection != b"keep-alive")
+            old = version == b"HTTP/1.0"  # closes after each answer unless it asked to keep alive
+            close = connection == b"close" or (old and connection != b"keep-alive")
             status, body = self.server.respond(method, target)
-            self._write(status, body, close=close, head_only=method == b"HEAD")
+            self._write(status, body, close=close, head_only=method == b"HEAD", keep_alive=old and not close)
 
-    def _write(self, status: bytes, body: bytes, close: bool, head_only: bool) -> None:
+    def _write(self, status: bytes, body: bytes, close: bool, head_only: bool, keep_alive: bool = False) -> None:
         assert self.transport is not None
         kind = b"image/jpeg" if status == b"200 OK" else b"text/plain"
+        connection = b"Connection: close\r\n" if close else b"Connection: keep-alive\r\n" if keep_alive else b""
         head = (b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n"
-                % (status, kind, len(body), b"Connection: close\r\n" if close else b""))
+                % (status, kind, len(body), connection))
         self.transport.write(head if head_only else head + body)
         if close:
             self.transport.close()
@@ -1610,9 +1612,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also run each stream on N worker processes (imgstream worker --processes N) and report "
                         "its rate over the one-process run's, counted from when all N consume")
     parser.add_argument("--image-server", choices=("aiohttp", "minimal"), default="aiohttp",
-                        help="the http images' server in this process: aiohttp (default; every run of record "
-                             "used it) or minimal (a fifth of its CPU per GET, and faster to the seed-style "
-                             "loop: see ImageServer)")
+                        help="the http images' server in this process: aiohttp (default; issue 21's targets were "
+                             "set against it) or minimal (a third of the benchmark's CPU on W4, and a faster "
+                             "seed-style side: see ImageServer)")
     parser.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
                         help="a setting for the worker's environment, e.g. IMGSTREAM_EVENT_LOOP=asyncio (repeatable)")
     parser.add_argument("--batching", type=json.loads, metavar="JSON",

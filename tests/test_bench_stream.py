@@ -246,6 +246,11 @@ def test_the_image_server_answers_as_http_1_1_clients_expect(bench_stream, jpeg,
         # HTTP/1.0 without keep-alive: the server closes after its answer (raw() reads to EOF).
         answer = raw(b"GET /W4/3.jpg HTTP/1.0\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(Images().bytes_of(3))
+        # HTTP/1.0 that asks to keep alive: told so, and a second request on the connection is answered.
+        answer = raw(b"GET /W4/4.jpg HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"
+                     b"GET /W4/5.jpg HTTP/1.0\r\n\r\n")
+        assert answer.count(b"HTTP/1.1 200 OK") == 2 and b"Connection: keep-alive\r\n" in answer
+        assert answer.endswith(Images().bytes_of(5))
         # Two requests in one write: two answers, in order; the second asked to close.
         answer = raw(b"GET /W4/1.jpg HTTP/1.1\r\nHost: x\r\n\r\nGET /W4/2.jpg HTTP/1.1\r\nConnection: close\r\n\r\n")
         assert answer.count(b"HTTP/1.1 200 OK") == 2
@@ -253,7 +258,7 @@ def test_the_image_server_answers_as_http_1_1_clients_expect(bench_stream, jpeg,
         assert raw(b"nonsense\r\n\r\n").startswith(b"HTTP/1.1 400 ")
         assert raw(b"GET /W4/1.jpg HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello").startswith(b"HTTP/1.1 400 ")
         assert raw(b"GET /" + b"a" * 20_000).startswith(b"HTTP/1.1 431 ")
-        assert server.served == 3 + 1 + 1 + 1 + 2  # the 200s (HEAD included)
+        assert server.served == 3 + 1 + 1 + 1 + 2 + 2  # the 200s (HEAD included)
         assert bench_stream.parse_args(["--image-server", "minimal"]).image_server == "minimal"
         assert bench_stream.parse_args([]).image_server == "aiohttp"
     finally:
