@@ -219,13 +219,20 @@ def test_the_image_server_answers_as_http_1_1_clients_expect(bench_stream, jpeg,
         server.sets["W4"] = Images()
 
         async def kept_alive() -> list[tuple[int, bytes]]:
-            async with aiohttp.ClientSession() as session:
+            opened = []
+            trace = aiohttp.TraceConfig()
+
+            async def on_create(*_args: object) -> None:
+                opened.append(1)
+
+            trace.on_connection_create_end.append(on_create)
+            async with aiohttp.ClientSession(trace_configs=[trace]) as session:
                 out = []
                 for i in range(3):
                     async with session.get(server.url(f"W4/{i}.jpg")) as response:
                         out.append((response.status, await response.read()))
-                assert len(session.connector._conns) == 1  # one connection, reused
-                return out
+            assert len(opened) == 1  # one connection, kept alive for all three
+            return out
 
         assert asyncio.run(kept_alive()) == [(200, Images().bytes_of(i)) for i in range(3)]
 
