@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from imgstream.consumer.blob_readers import FileBlobReader  # noqa: E402
+from imgstream.service.loops import run  # noqa: E402
 
 ROUTES = ("thread", "inline")
 
@@ -41,14 +42,6 @@ async def _read_all(reader: FileBlobReader, references: list[str], concurrency: 
     await asyncio.gather(*(one(reference) for reference in references))
     return ((time.process_time() - cpu) / len(references) * 1e6,
             (time.perf_counter() - wall) / len(references) * 1e6)
-
-
-def _run(coroutine):  # type: ignore[no-untyped-def]
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coroutine)
-    return uvloop.run(coroutine)
 
 
 def main() -> None:
@@ -69,11 +62,11 @@ def main() -> None:
         readers = {route: FileBlobReader([root], reads=route) for route in ROUTES}
         if not readers["inline"].inline:
             sys.exit("inline reads need Linux's O_PATH and /proc/self/fd: nothing to compare here")
-        _run(_read_all(readers["thread"], references[:200], args.concurrency))  # the pool's threads, the cache
+        run(_read_all(readers["thread"], references[:200], args.concurrency), "auto")  # the pool's threads, the cache
         figures: dict[str, list[tuple[float, float]]] = {route: [] for route in ROUTES}
         for round_ in range(args.rounds):
             for route in ROUTES:
-                figures[route].append(_run(_read_all(readers[route], references, args.concurrency)))
+                figures[route].append(run(_read_all(readers[route], references, args.concurrency), "auto"))
                 print(f"round {round_ + 1} {route}: {figures[route][-1][0]:.1f} us CPU per read", file=sys.stderr)
 
     summary = {route: {"cpu_us_per_read": [round(cpu, 1) for cpu, _ in runs],

@@ -92,6 +92,7 @@ from benchlib import (  # noqa: E402
 
 from imgstream.producer.embedded_broker import EmbeddedBroker, find_free_port  # noqa: E402
 from imgstream.producer.topics import create_topics  # noqa: E402
+from imgstream.service.loops import loop_factory  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -251,7 +252,7 @@ class ImageServer:
 
     @staticmethod
     def of_kind(kind: str) -> ImageServer:
-        return MinimalImageServer() if kind == MinimalImageServer.kind else ImageServer()
+        return IMAGE_SERVERS[kind]()
 
     def url(self, path: str) -> str:
         return f"http://{HOST}:{self.port}/{path}"
@@ -303,24 +304,18 @@ class ImageServer:
     async def _image(self, request: Any) -> Any:
         from aiohttp import web
 
-        status, body = self.respond(b"GET", request.path.encode())
-        if status != b"200 OK":
+        body = self.image(request.match_info["set"], request.match_info["index"])
+        if body is None:
             raise web.HTTPNotFound()
         return web.Response(body=body, content_type="image/jpeg")
 
-    def respond(self, method: bytes, target: bytes) -> tuple[bytes, bytes]:
-        """The status line's tail and the body for one request."""
-        if method not in (b"GET", b"HEAD"):
-            return b"405 Method Not Allowed", b""
-        parts = target.split(b"?", 1)[0].split(b"/")
-        if len(parts) != 3 or parts[0] or not parts[2].endswith(b".jpg"):
-            return b"404 Not Found", b""
-        images = self.sets.get(parts[1].decode("ascii", "replace"))
-        index = parts[2][:-4]
+    def image(self, name: str, index: str) -> bytes | None:
+        """Request image `index` of set `name` (counted as served); None: no such image."""
+        images = self.sets.get(name)
         if images is None or not index.isdigit():
-            return b"404 Not Found", b""
+            return None
         self.served += 1
-        return b"200 OK", images.bytes_of(int(index))
+        return images.bytes_of(int(index))
 
 
 class MinimalImageServer(ImageServer):
@@ -334,12 +329,7 @@ class MinimalImageServer(ImageServer):
     kind = "minimal"
 
     def _new_loop(self) -> asyncio.AbstractEventLoop:
-        try:
-            import uvloop
-
-            return uvloop.new_event_loop()
-        except ImportError:  # uvloop is a worker dependency except on Windows
-            return asyncio.new_event_loop()
+        return (loop_factory("auto") or asyncio.new_event_loop)()  # uvloop where installed, as the worker
 
     async def _listen(self) -> Any:
         assert self._loop is not None
@@ -349,13 +339,23 @@ class MinimalImageServer(ImageServer):
         handle.close()
         await handle.wait_closed()
 
+    def respond(self, method: bytes, target: bytes) -> tuple[bytes, bytes]:
+        """The status line's tail and the body for one request."""
+        if method not in (b"GET", b"HEAD"):
+            return b"405 Method Not Allowed", b""
+        parts = target.split(b"?", 1)[0].split(b"/")
+        if len(parts) != 3 or parts[0] or not parts[2].endswith(b".jpg"):
+            return b"404 Not Found", b""
+        body = self.image(parts[1].decode("ascii", "replace"), parts[2][:-4].decode("ascii", "replace"))
+        return (b"404 Not Found", b"") if body is None else (b"200 OK", body)
+
 
 class _ImageProtocol(asyncio.Protocol):
     """One connection to the ImageServer: requests parsed as they arrive, answered in order."""
 
     MAX_HEAD = 16 * 1024
 
-    def __init__(self, server: ImageServer) -> None:
+    def __init__(self, server: MinimalImageServer) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
@@ -401,6 +401,9 @@ class _ImageProtocol(asyncio.Protocol):
         self.transport.write(head if head_only else head + body)
         if close:
             self.transport.close()
+
+
+IMAGE_SERVERS: dict[str, type[ImageServer]] = {cls.kind: cls for cls in (ImageServer, MinimalImageServer)}
 
 
 # -- the stream -----------------------------------------------------------------------------
@@ -1611,7 +1614,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--processes", type=int, default=1, metavar="N",
                         help="also run each stream on N worker processes (imgstream worker --processes N) and report "
                         "its rate over the one-process run's, counted from when all N consume")
-    parser.add_argument("--image-server", choices=("aiohttp", "minimal"), default="aiohttp",
+    parser.add_argument("--image-server", choices=tuple(IMAGE_SERVERS), default=ImageServer.kind,
                         help="the http images' server in this process: aiohttp (default; issue 21's targets were "
                              "set against it) or minimal (a third of the benchmark's CPU on W4, and a faster "
                              "seed-style side: see ImageServer)")
